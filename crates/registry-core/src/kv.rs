@@ -1,0 +1,849 @@
+//! [`MetadataStore`] over any transactional ordered key-value engine.
+//!
+//! The registry's metadata rules (links, tags, reference counts, the referrers index,
+//! collection candidates) are written once here, against [`KvRead`] / [`KvWrite`]. An
+//! engine only has to run a closure inside one serialisable transaction: the in-memory
+//! store does it under a lock, the fs store inside a redb write transaction. Every
+//! [`MetadataStore`] write method is exactly one such transaction.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::names::{RepoName, Tag};
+use crate::store::{
+    BlobLink, BlobRecord, BlobState, DeletedManifest, LinkOutcome, ManifestRecord, MetaStats,
+    MetadataStore, NewManifest, PutManifestOutcome, Referrer, RepoRecord,
+};
+use crate::time::Timestamp;
+
+/// The tables of the metadata schema. Keys join their parts with a NUL byte, which no
+/// repository name, tag or digest can contain, so prefixes never collide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    /// digest → [`BlobRecord`]
+    Blobs,
+    /// repo, digest → [`BlobLink`]
+    BlobLinks,
+    /// digest, repo → () (which repositories link a blob)
+    BlobRepos,
+    /// repo, digest → [`ManifestRecord`]
+    Manifests,
+    /// repo, tag → digest
+    Tags,
+    /// repo, digest, tag → () (which tags point at a manifest)
+    ManifestTags,
+    /// repo, subject, digest → [`Referrer`]
+    Referrers,
+    /// repo → [`RepoRecord`]
+    Repos,
+    /// repo, digest → () (blob links no manifest references)
+    LinkCandidates,
+    /// digest → () (blob records with no links)
+    BlobCandidates,
+}
+
+impl Table {
+    /// Every table.
+    pub const ALL: [Table; 10] = [
+        Table::Blobs,
+        Table::BlobLinks,
+        Table::BlobRepos,
+        Table::Manifests,
+        Table::Tags,
+        Table::ManifestTags,
+        Table::Referrers,
+        Table::Repos,
+        Table::LinkCandidates,
+        Table::BlobCandidates,
+    ];
+
+    /// A stable name, for engines that name their tables.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Table::Blobs => "blobs",
+            Table::BlobLinks => "blob_links",
+            Table::BlobRepos => "blob_repos",
+            Table::Manifests => "manifests",
+            Table::Tags => "tags",
+            Table::ManifestTags => "manifest_tags",
+            Table::Referrers => "referrers",
+            Table::Repos => "repos",
+            Table::LinkCandidates => "link_candidates",
+            Table::BlobCandidates => "blob_candidates",
+        }
+    }
+
+    /// Position in [`Table::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A key-value pair returned by a scan.
+pub type KvPair = (Vec<u8>, Vec<u8>);
+
+/// Reads inside a transaction.
+pub trait KvRead {
+    /// The value under `key`.
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Entries whose key starts with `prefix` and sorts strictly after `after` (when
+    /// given), in ascending key order, at most `limit`.
+    fn scan(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KvPair>>;
+    /// Number of entries in a table.
+    fn count(&self, table: Table) -> Result<u64>;
+}
+
+/// Reads and writes inside a transaction.
+pub trait KvWrite: KvRead {
+    /// Stores `value` under `key`.
+    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()>;
+    /// Removes `key`; whether it was there.
+    fn delete(&mut self, table: Table, key: &[u8]) -> Result<bool>;
+}
+
+/// A transactional ordered key-value engine.
+pub trait KvEngine: Send + Sync + 'static {
+    /// Runs `f` on a consistent snapshot.
+    fn read<R, F>(&self, f: F) -> impl Future<Output = Result<R>> + Send
+    where
+        F: FnOnce(&dyn KvRead) -> Result<R> + Send + 'static,
+        R: Send + 'static;
+
+    /// Runs `f` in one serialisable write transaction, committed (durably, if the engine
+    /// is durable) when `f` returns `Ok` and rolled back when it returns `Err`.
+    fn write<R, F>(&self, f: F) -> impl Future<Output = Result<R>> + Send
+    where
+        F: FnOnce(&mut dyn KvWrite) -> Result<R> + Send + 'static,
+        R: Send + 'static;
+}
+
+/// A [`MetadataStore`] implemented over a [`KvEngine`].
+#[derive(Debug)]
+pub struct KvMetadata<E> {
+    engine: Arc<E>,
+}
+
+impl<E> Clone for KvMetadata<E> {
+    fn clone(&self) -> Self {
+        KvMetadata {
+            engine: self.engine.clone(),
+        }
+    }
+}
+
+impl<E: KvEngine> KvMetadata<E> {
+    /// Wraps an engine.
+    pub fn new(engine: E) -> Self {
+        KvMetadata {
+            engine: Arc::new(engine),
+        }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &E {
+        &self.engine
+    }
+}
+
+fn key(parts: &[&str]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p.as_bytes());
+    }
+    k
+}
+
+fn prefix(parts: &[&str]) -> Vec<u8> {
+    let mut k = key(parts);
+    k.push(0);
+    k
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(Error::storage)
+}
+
+fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| Error::storage(format!("corrupt metadata record: {e}")))
+}
+
+fn get<T: DeserializeOwned>(t: &dyn KvRead, table: Table, k: &[u8]) -> Result<Option<T>> {
+    t.get(table, k)?.map(|v| decode(&v)).transpose()
+}
+
+fn put<T: Serialize>(t: &mut dyn KvWrite, table: Table, k: &[u8], v: &T) -> Result<()> {
+    t.put(table, k, &encode(v)?)
+}
+
+/// The last NUL-separated part of a key, as text.
+fn last_part(k: &[u8]) -> Result<&str> {
+    let start = k.iter().rposition(|&b| b == 0).map_or(0, |i| i + 1);
+    std::str::from_utf8(&k[start..]).map_err(Error::storage)
+}
+
+fn parts(k: &[u8]) -> Result<Vec<&str>> {
+    k.split(|&b| b == 0)
+        .map(|p| std::str::from_utf8(p).map_err(Error::storage))
+        .collect()
+}
+
+fn parse_stored<T>(r: std::result::Result<T, crate::error::InvalidInput>) -> Result<T> {
+    r.map_err(|e| Error::storage(format!("corrupt metadata key: {e}")))
+}
+
+/// Adds one link to a blob record, creating it if needed. `None` if it is being deleted.
+fn add_blob_link(t: &mut dyn KvWrite, d: &Digest, size: u64, now: Timestamp) -> Result<Option<()>> {
+    let k = key(&[d.as_str()]);
+    let mut rec: BlobRecord = match get(t, Table::Blobs, &k)? {
+        Some(BlobRecord {
+            state: BlobState::Deleting,
+            ..
+        }) => return Ok(None),
+        Some(rec) => rec,
+        None => BlobRecord {
+            size,
+            links: 0,
+            state: BlobState::Live,
+            created_at: now,
+        },
+    };
+    if rec.links == 0 {
+        t.delete(Table::BlobCandidates, &k)?;
+    }
+    rec.links += 1;
+    put(t, Table::Blobs, &k, &rec)?;
+    Ok(Some(()))
+}
+
+/// Removes one link from a blob record; at zero links it becomes a collection candidate.
+fn release_blob_link(t: &mut dyn KvWrite, d: &Digest) -> Result<()> {
+    let k = key(&[d.as_str()]);
+    let Some(mut rec) = get::<BlobRecord>(t, Table::Blobs, &k)? else {
+        return Err(Error::storage(format!("blob record {d} missing while releasing a link")));
+    };
+    rec.links = rec.links.saturating_sub(1);
+    if rec.links == 0 {
+        t.put(Table::BlobCandidates, &k, b"")?;
+    }
+    put(t, Table::Blobs, &k, &rec)
+}
+
+fn adjust_repo(t: &mut dyn KvWrite, repo: &RepoName, blobs: i64, manifests: i64) -> Result<()> {
+    let k = key(&[repo.as_str()]);
+    let mut rec: RepoRecord = get(t, Table::Repos, &k)?.unwrap_or_default();
+    rec.blobs = rec.blobs.saturating_add_signed(blobs);
+    rec.manifests = rec.manifests.saturating_add_signed(manifests);
+    if rec.blobs == 0 && rec.manifests == 0 {
+        t.delete(Table::Repos, &k)?;
+        Ok(())
+    } else {
+        put(t, Table::Repos, &k, &rec)
+    }
+}
+
+fn link_blob_txn(
+    t: &mut dyn KvWrite,
+    repo: &RepoName,
+    d: &Digest,
+    size: u64,
+    now: Timestamp,
+) -> Result<LinkOutcome> {
+    let lk = key(&[repo.as_str(), d.as_str()]);
+    if let Some(mut link) = get::<BlobLink>(t, Table::BlobLinks, &lk)? {
+        // Refreshing protection must not revive a record the collector is deleting: the
+        // link keeps it live, so that cannot happen; check anyway for a clear error.
+        link.protected_at = link.protected_at.max(now);
+        put(t, Table::BlobLinks, &lk, &link)?;
+        return Ok(LinkOutcome::Linked { created: false });
+    }
+    if add_blob_link(t, d, size, now)?.is_none() {
+        return Ok(LinkOutcome::BlobDeleting);
+    }
+    let link = BlobLink {
+        size,
+        manifest_refs: 0,
+        protected_at: now,
+    };
+    put(t, Table::BlobLinks, &lk, &link)?;
+    t.put(Table::LinkCandidates, &lk, b"")?;
+    t.put(Table::BlobRepos, &key(&[d.as_str(), repo.as_str()]), b"")?;
+    adjust_repo(t, repo, 1, 0)?;
+    Ok(LinkOutcome::Linked { created: true })
+}
+
+fn remove_blob_link(t: &mut dyn KvWrite, repo: &RepoName, d: &Digest) -> Result<()> {
+    let lk = key(&[repo.as_str(), d.as_str()]);
+    t.delete(Table::BlobLinks, &lk)?;
+    t.delete(Table::LinkCandidates, &lk)?;
+    t.delete(Table::BlobRepos, &key(&[d.as_str(), repo.as_str()]))?;
+    release_blob_link(t, d)?;
+    adjust_repo(t, repo, -1, 0)
+}
+
+/// Points `tag` at `d` (whose record is `rec`, updated in place but not stored).
+/// Returns the previous target if the tag moved.
+fn point_tag(
+    t: &mut dyn KvWrite,
+    repo: &RepoName,
+    tag: &Tag,
+    d: &Digest,
+    rec: &mut ManifestRecord,
+) -> Result<Option<Option<Digest>>> {
+    let tk = key(&[repo.as_str(), tag.as_str()]);
+    let old: Option<Digest> = get(t, Table::Tags, &tk)?;
+    if old.as_ref() == Some(d) {
+        return Ok(None);
+    }
+    if let Some(old) = &old {
+        let mk = key(&[repo.as_str(), old.as_str()]);
+        if let Some(mut old_rec) = get::<ManifestRecord>(t, Table::Manifests, &mk)? {
+            old_rec.tags = old_rec.tags.saturating_sub(1);
+            put(t, Table::Manifests, &mk, &old_rec)?;
+        }
+        t.delete(
+            Table::ManifestTags,
+            &key(&[repo.as_str(), old.as_str(), tag.as_str()]),
+        )?;
+    }
+    put(t, Table::Tags, &tk, d)?;
+    t.put(
+        Table::ManifestTags,
+        &key(&[repo.as_str(), d.as_str(), tag.as_str()]),
+        b"",
+    )?;
+    rec.tags += 1;
+    Ok(Some(old))
+}
+
+#[async_trait]
+impl<E: KvEngine> MetadataStore for KvMetadata<E> {
+    async fn blob(&self, digest: &Digest) -> Result<Option<BlobRecord>> {
+        let k = key(&[digest.as_str()]);
+        self.engine.read(move |t| get(t, Table::Blobs, &k)).await
+    }
+
+    async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobLink>> {
+        let k = key(&[repo.as_str(), digest.as_str()]);
+        self.engine.read(move |t| get(t, Table::BlobLinks, &k)).await
+    }
+
+    async fn blob_repositories(
+        &self,
+        digest: &Digest,
+        after: Option<&RepoName>,
+        limit: usize,
+    ) -> Result<Vec<RepoName>> {
+        let p = prefix(&[digest.as_str()]);
+        let after = after.map(|a| key(&[digest.as_str(), a.as_str()]));
+        self.engine
+            .read(move |t| {
+                t.scan(Table::BlobRepos, &p, after.as_deref(), limit)?
+                    .iter()
+                    .map(|(k, _)| parse_stored(RepoName::parse(last_part(k)?)))
+                    .collect()
+            })
+            .await
+    }
+
+    async fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>> {
+        let k = key(&[repo.as_str(), digest.as_str()]);
+        self.engine.read(move |t| get(t, Table::Manifests, &k)).await
+    }
+
+    async fn tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
+        let k = key(&[repo.as_str(), tag.as_str()]);
+        self.engine.read(move |t| get(t, Table::Tags, &k)).await
+    }
+
+    async fn repository(&self, repo: &RepoName) -> Result<Option<RepoRecord>> {
+        let k = key(&[repo.as_str()]);
+        self.engine.read(move |t| get(t, Table::Repos, &k)).await
+    }
+
+    async fn list_tags(
+        &self,
+        repo: &RepoName,
+        after: Option<&Tag>,
+        limit: usize,
+    ) -> Result<Vec<(Tag, Digest)>> {
+        let p = prefix(&[repo.as_str()]);
+        let after = after.map(|a| key(&[repo.as_str(), a.as_str()]));
+        self.engine
+            .read(move |t| {
+                t.scan(Table::Tags, &p, after.as_deref(), limit)?
+                    .iter()
+                    .map(|(k, v)| Ok((parse_stored(Tag::parse(last_part(k)?))?, decode(v)?)))
+                    .collect()
+            })
+            .await
+    }
+
+    async fn list_manifests(
+        &self,
+        repo: &RepoName,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<ManifestRecord>> {
+        let p = prefix(&[repo.as_str()]);
+        let after = after.map(|a| key(&[repo.as_str(), a.as_str()]));
+        self.engine
+            .read(move |t| {
+                t.scan(Table::Manifests, &p, after.as_deref(), limit)?
+                    .iter()
+                    .map(|(_, v)| decode(v))
+                    .collect()
+            })
+            .await
+    }
+
+    async fn list_repositories(
+        &self,
+        after: Option<&RepoName>,
+        limit: usize,
+    ) -> Result<Vec<RepoName>> {
+        let after = after.map(|a| key(&[a.as_str()]));
+        self.engine
+            .read(move |t| {
+                t.scan(Table::Repos, b"", after.as_deref(), limit)?
+                    .iter()
+                    .map(|(k, _)| {
+                        parse_stored(RepoName::parse(
+                            std::str::from_utf8(k).map_err(Error::storage)?,
+                        ))
+                    })
+                    .collect()
+            })
+            .await
+    }
+
+    async fn list_referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<Referrer>> {
+        let p = prefix(&[repo.as_str(), subject.as_str()]);
+        let after = after.map(|a| key(&[repo.as_str(), subject.as_str(), a.as_str()]));
+        self.engine
+            .read(move |t| {
+                t.scan(Table::Referrers, &p, after.as_deref(), limit)?
+                    .iter()
+                    .map(|(_, v)| decode(v))
+                    .collect()
+            })
+            .await
+    }
+
+    async fn unreferenced_blob_links(
+        &self,
+        after: Option<(&RepoName, &Digest)>,
+        limit: usize,
+    ) -> Result<Vec<(RepoName, Digest, BlobLink)>> {
+        let after = after.map(|(r, d)| key(&[r.as_str(), d.as_str()]));
+        self.engine
+            .read(move |t| {
+                let mut out = Vec::new();
+                for (k, _) in t.scan(Table::LinkCandidates, b"", after.as_deref(), limit)? {
+                    let p = parts(&k)?;
+                    let [repo, digest] = p[..] else {
+                        return Err(Error::storage("corrupt link candidate key"));
+                    };
+                    if let Some(link) = get(t, Table::BlobLinks, &k)? {
+                        out.push((
+                            parse_stored(RepoName::parse(repo))?,
+                            parse_stored(Digest::parse(digest))?,
+                            link,
+                        ));
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn unlinked_blobs(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<(Digest, BlobRecord)>> {
+        let after = after.map(|d| key(&[d.as_str()]));
+        self.engine
+            .read(move |t| {
+                let mut out = Vec::new();
+                for (k, _) in t.scan(Table::BlobCandidates, b"", after.as_deref(), limit)? {
+                    if let Some(rec) = get(t, Table::Blobs, &k)? {
+                        let d = std::str::from_utf8(&k).map_err(Error::storage)?;
+                        out.push((parse_stored(Digest::parse(d))?, rec));
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn stats(&self) -> Result<MetaStats> {
+        self.engine
+            .read(|t| {
+                let mut deleting = 0;
+                let mut after: Option<Vec<u8>> = None;
+                loop {
+                    let page = t.scan(Table::BlobCandidates, b"", after.as_deref(), 1024)?;
+                    for (k, _) in &page {
+                        if let Some(BlobRecord {
+                            state: BlobState::Deleting,
+                            ..
+                        }) = get(t, Table::Blobs, k)?
+                        {
+                            deleting += 1;
+                        }
+                    }
+                    match page.last() {
+                        Some((k, _)) if page.len() == 1024 => after = Some(k.clone()),
+                        _ => break,
+                    }
+                }
+                Ok(MetaStats {
+                    blobs: t.count(Table::Blobs)?,
+                    deleting,
+                    blob_links: t.count(Table::BlobLinks)?,
+                    manifests: t.count(Table::Manifests)?,
+                    tags: t.count(Table::Tags)?,
+                    referrers: t.count(Table::Referrers)?,
+                    repositories: t.count(Table::Repos)?,
+                })
+            })
+            .await
+    }
+
+    async fn link_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        now: Timestamp,
+    ) -> Result<LinkOutcome> {
+        let (repo, d) = (repo.clone(), digest.clone());
+        self.engine
+            .write(move |t| link_blob_txn(t, &repo, &d, size, now))
+            .await
+    }
+
+    async fn mount_blob(
+        &self,
+        from: &RepoName,
+        to: &RepoName,
+        digest: &Digest,
+        now: Timestamp,
+    ) -> Result<Option<LinkOutcome>> {
+        let (from, to, d) = (from.clone(), to.clone(), digest.clone());
+        self.engine
+            .write(move |t| {
+                let Some(src) =
+                    get::<BlobLink>(t, Table::BlobLinks, &key(&[from.as_str(), d.as_str()]))?
+                else {
+                    return Ok(None);
+                };
+                link_blob_txn(t, &to, &d, src.size, now).map(Some)
+            })
+            .await
+    }
+
+    async fn touch_blob_link(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let k = key(&[repo.as_str(), digest.as_str()]);
+        self.engine
+            .write(move |t| {
+                let Some(mut link) = get::<BlobLink>(t, Table::BlobLinks, &k)? else {
+                    return Ok(false);
+                };
+                if link.protected_at < now {
+                    link.protected_at = now;
+                    put(t, Table::BlobLinks, &k, &link)?;
+                }
+                Ok(true)
+            })
+            .await
+    }
+
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        let (repo, d) = (repo.clone(), digest.clone());
+        self.engine
+            .write(move |t| {
+                let lk = key(&[repo.as_str(), d.as_str()]);
+                let Some(link) = get::<BlobLink>(t, Table::BlobLinks, &lk)? else {
+                    return Ok(false);
+                };
+                if link.manifest_refs > 0 {
+                    return Err(Error::InUse {
+                        digest: d.clone(),
+                        reason: format!(
+                            "{} manifest(s) in {repo} reference this blob; delete them first",
+                            link.manifest_refs
+                        ),
+                    });
+                }
+                remove_blob_link(t, &repo, &d)?;
+                Ok(true)
+            })
+            .await
+    }
+
+    async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        manifest: NewManifest,
+        now: Timestamp,
+    ) -> Result<Option<PutManifestOutcome>> {
+        let repo = repo.clone();
+        self.engine
+            .write(move |t| {
+                let NewManifest {
+                    record,
+                    referrer,
+                    tags,
+                } = manifest;
+                let d = record.digest.clone();
+                if let Some(BlobRecord {
+                    state: BlobState::Deleting,
+                    ..
+                }) = get(t, Table::Blobs, &key(&[d.as_str()]))?
+                {
+                    return Ok(None);
+                }
+                let mk = key(&[repo.as_str(), d.as_str()]);
+                let existing: Option<ManifestRecord> = get(t, Table::Manifests, &mk)?;
+                let created = existing.is_none();
+                let mut rec = match existing {
+                    Some(rec) => rec,
+                    None => {
+                        for b in &record.blobs {
+                            let lk = key(&[repo.as_str(), b.as_str()]);
+                            let Some(mut link) = get::<BlobLink>(t, Table::BlobLinks, &lk)? else {
+                                return Err(Error::ManifestBlobUnknown { digest: b.clone() });
+                            };
+                            if link.manifest_refs == 0 {
+                                t.delete(Table::LinkCandidates, &lk)?;
+                            }
+                            link.manifest_refs += 1;
+                            put(t, Table::BlobLinks, &lk, &link)?;
+                        }
+                        for c in &record.children {
+                            let ck = key(&[repo.as_str(), c.as_str()]);
+                            let Some(mut child) = get::<ManifestRecord>(t, Table::Manifests, &ck)?
+                            else {
+                                return Err(Error::ManifestBlobUnknown { digest: c.clone() });
+                            };
+                            child.parents += 1;
+                            put(t, Table::Manifests, &ck, &child)?;
+                        }
+                        add_blob_link(t, &d, record.size, now)?
+                            .ok_or_else(|| Error::storage("blob record changed state mid-transaction"))?;
+                        if let (Some(subject), Some(descriptor)) = (&record.subject, referrer) {
+                            put(
+                                t,
+                                Table::Referrers,
+                                &key(&[repo.as_str(), subject.as_str(), d.as_str()]),
+                                &Referrer {
+                                    digest: d.clone(),
+                                    descriptor,
+                                },
+                            )?;
+                        }
+                        adjust_repo(t, &repo, 0, 1)?;
+                        ManifestRecord {
+                            tags: 0,
+                            parents: 0,
+                            pushed_at: now,
+                            ..record
+                        }
+                    }
+                };
+                let mut moved_tags = Vec::new();
+                for tag in tags {
+                    if let Some(old) = point_tag(t, &repo, &tag, &d, &mut rec)? {
+                        moved_tags.push((tag, old));
+                    }
+                }
+                put(t, Table::Manifests, &mk, &rec)?;
+                Ok(Some(PutManifestOutcome {
+                    created,
+                    moved_tags,
+                }))
+            })
+            .await
+    }
+
+    async fn set_tag(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> Result<Option<Digest>> {
+        let (repo, tag, d) = (repo.clone(), tag.clone(), digest.clone());
+        self.engine
+            .write(move |t| {
+                let mk = key(&[repo.as_str(), d.as_str()]);
+                let Some(mut rec) = get::<ManifestRecord>(t, Table::Manifests, &mk)? else {
+                    return Err(Error::ManifestUnknown {
+                        reference: d.to_string(),
+                    });
+                };
+                match point_tag(t, &repo, &tag, &d, &mut rec)? {
+                    Some(old) => {
+                        put(t, Table::Manifests, &mk, &rec)?;
+                        Ok(old)
+                    }
+                    None => Ok(Some(d)),
+                }
+            })
+            .await
+    }
+
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
+        let (repo, tag) = (repo.clone(), tag.clone());
+        self.engine
+            .write(move |t| {
+                let tk = key(&[repo.as_str(), tag.as_str()]);
+                let Some(d) = get::<Digest>(t, Table::Tags, &tk)? else {
+                    return Ok(None);
+                };
+                t.delete(Table::Tags, &tk)?;
+                t.delete(
+                    Table::ManifestTags,
+                    &key(&[repo.as_str(), d.as_str(), tag.as_str()]),
+                )?;
+                let mk = key(&[repo.as_str(), d.as_str()]);
+                if let Some(mut rec) = get::<ManifestRecord>(t, Table::Manifests, &mk)? {
+                    rec.tags = rec.tags.saturating_sub(1);
+                    put(t, Table::Manifests, &mk, &rec)?;
+                }
+                Ok(Some(d))
+            })
+            .await
+    }
+
+    async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<DeletedManifest>> {
+        let (repo, d) = (repo.clone(), digest.clone());
+        self.engine
+            .write(move |t| {
+                let mk = key(&[repo.as_str(), d.as_str()]);
+                let Some(rec) = get::<ManifestRecord>(t, Table::Manifests, &mk)? else {
+                    return Ok(None);
+                };
+                if rec.parents > 0 {
+                    return Err(Error::InUse {
+                        digest: d.clone(),
+                        reason: format!(
+                            "{} index manifest(s) in {repo} list this manifest; delete them first",
+                            rec.parents
+                        ),
+                    });
+                }
+                let mut tags = Vec::new();
+                let tp = prefix(&[repo.as_str(), d.as_str()]);
+                for (k, _) in t.scan(Table::ManifestTags, &tp, None, usize::MAX)? {
+                    let tag = parse_stored(Tag::parse(last_part(&k)?))?;
+                    t.delete(Table::ManifestTags, &k)?;
+                    t.delete(Table::Tags, &key(&[repo.as_str(), tag.as_str()]))?;
+                    tags.push(tag);
+                }
+                for b in &rec.blobs {
+                    let lk = key(&[repo.as_str(), b.as_str()]);
+                    if let Some(mut link) = get::<BlobLink>(t, Table::BlobLinks, &lk)? {
+                        link.manifest_refs = link.manifest_refs.saturating_sub(1);
+                        if link.manifest_refs == 0 {
+                            t.put(Table::LinkCandidates, &lk, b"")?;
+                        }
+                        put(t, Table::BlobLinks, &lk, &link)?;
+                    }
+                }
+                for c in &rec.children {
+                    let ck = key(&[repo.as_str(), c.as_str()]);
+                    if let Some(mut child) = get::<ManifestRecord>(t, Table::Manifests, &ck)? {
+                        child.parents = child.parents.saturating_sub(1);
+                        put(t, Table::Manifests, &ck, &child)?;
+                    }
+                }
+                if let Some(subject) = &rec.subject {
+                    t.delete(
+                        Table::Referrers,
+                        &key(&[repo.as_str(), subject.as_str(), d.as_str()]),
+                    )?;
+                }
+                t.delete(Table::Manifests, &mk)?;
+                release_blob_link(t, &d)?;
+                adjust_repo(t, &repo, 0, -1)?;
+                Ok(Some(DeletedManifest { record: rec, tags }))
+            })
+            .await
+    }
+
+    async fn collect_blob_link(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        cutoff: Timestamp,
+    ) -> Result<bool> {
+        let (repo, d) = (repo.clone(), digest.clone());
+        self.engine
+            .write(move |t| {
+                let lk = key(&[repo.as_str(), d.as_str()]);
+                match get::<BlobLink>(t, Table::BlobLinks, &lk)? {
+                    Some(link) if link.manifest_refs == 0 && link.protected_at <= cutoff => {
+                        remove_blob_link(t, &repo, &d)?;
+                        Ok(true)
+                    }
+                    _ => Ok(false),
+                }
+            })
+            .await
+    }
+
+    async fn begin_blob_deletion(&self, digest: &Digest) -> Result<Option<BlobRecord>> {
+        let k = key(&[digest.as_str()]);
+        self.engine
+            .write(move |t| match get::<BlobRecord>(t, Table::Blobs, &k)? {
+                Some(rec) if rec.state == BlobState::Deleting => Ok(Some(rec)),
+                Some(mut rec) if rec.links == 0 => {
+                    rec.state = BlobState::Deleting;
+                    put(t, Table::Blobs, &k, &rec)?;
+                    Ok(Some(rec))
+                }
+                _ => Ok(None),
+            })
+            .await
+    }
+
+    async fn finish_blob_deletion(&self, digest: &Digest) -> Result<bool> {
+        let k = key(&[digest.as_str()]);
+        self.engine
+            .write(move |t| match get::<BlobRecord>(t, Table::Blobs, &k)? {
+                Some(rec) if rec.state == BlobState::Deleting => {
+                    t.delete(Table::Blobs, &k)?;
+                    t.delete(Table::BlobCandidates, &k)?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            })
+            .await
+    }
+}

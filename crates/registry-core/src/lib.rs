@@ -1,0 +1,77 @@
+//! # registry-core
+//!
+//! The heart of an embeddable OCI registry: validated names and digests, manifest
+//! inspection, the storage contract ([`BlobStore`], [`MetadataStore`]), the [`Registry`]
+//! that implements the OCI distribution semantics over any storage, and the in-memory
+//! store that is the embedded default.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use futures::stream::{self, StreamExt};
+//! use registry_core::{Digest, Reference, Registry, RepoName, Tag, PutManifestOptions};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), registry_core::Error> {
+//! let registry = Registry::in_memory(); // ready in microseconds, no port, no task
+//! let repo = RepoName::parse("demo/app")?;
+//!
+//! // Push a config blob and a layer, then a manifest referencing them.
+//! let config = Bytes::from_static(b"{}");
+//! let layer = Bytes::from_static(b"hello, layer");
+//! for blob in [&config, &layer] {
+//!     let body = stream::iter([Ok(blob.clone())]).boxed();
+//!     registry.put_blob(&repo, &Digest::sha256(blob), Some(blob.len() as u64), body).await?;
+//! }
+//! let manifest = format!(
+//!     r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",
+//!        "config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},
+//!        "layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
+//!     Digest::sha256(&config), config.len(), Digest::sha256(&layer), layer.len(),
+//! );
+//! let tag = Reference::Tag(Tag::parse("v1")?);
+//! let pushed = registry
+//!     .put_manifest(&repo, &tag, "application/vnd.oci.image.manifest.v1+json",
+//!                   Bytes::from(manifest.clone()), PutManifestOptions::default())
+//!     .await?;
+//!
+//! // Pull it back by tag: the exact bytes, verified against their digest.
+//! let pulled = registry.get_manifest(&repo, &tag).await?;
+//! assert_eq!(pulled.meta.digest, pushed.digest);
+//! assert_eq!(pulled.bytes, manifest.as_bytes());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Storage adapters implement [`BlobStore`] and [`MetadataStore`] (usually through
+//! [`kv::KvMetadata`] over a transactional key-value engine) and prove themselves with
+//! the shared behaviour suite behind the `testkit` feature.
+
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod digest;
+pub mod error;
+pub mod events;
+pub mod kv;
+pub mod manifest;
+pub mod memory;
+pub mod names;
+pub mod registry;
+pub mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+pub mod time;
+
+pub use digest::{Algorithm, Digest, Hasher};
+pub use error::{Error, InvalidInput, Result};
+pub use events::Event;
+pub use manifest::{Descriptor, ManifestInfo, ManifestKind, media_type};
+pub use memory::{MemoryBlobStore, MemoryKv, MemoryStore};
+pub use names::{Reference, RepoName, Tag};
+pub use registry::{
+    AllowAll, BlobBody, BlobInfo, GcOptions, GcReport, ListOptions, Manifest, ManifestMeta, Page,
+    PutManifestOptions, PutManifestResult, RangeRequest, ReadAccess, Registry, RegistryBuilder,
+    RegistryConfig, UploadStatus,
+};
+pub use store::{BlobStore, ByteRange, ByteStream, MetadataStore, Storage, UploadId};
+pub use time::{Clock, ManualClock, SystemClock, Timestamp};

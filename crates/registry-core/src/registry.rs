@@ -1,0 +1,1264 @@
+//! [`Registry`]: the OCI registry semantics over any [`Storage`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::{self, StreamExt};
+use tokio::sync::broadcast;
+
+use crate::digest::{Algorithm, Digest, Hasher};
+use crate::error::{Error, Result};
+use crate::events::Event;
+use crate::manifest::{Descriptor, ManifestInfo};
+use crate::names::{Reference, RepoName, Tag};
+use crate::store::{
+    BlobStore, ByteRange, ByteStream, LinkOutcome, ManifestRecord, MetadataStore, NewManifest,
+    Storage, UploadId, UploadInfo,
+};
+use crate::time::{Clock, SystemClock, Timestamp};
+
+/// Default manifest size limit: 4 MiB, as the distribution spec suggests.
+pub const DEFAULT_MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
+/// Default protection window for uploaded, mounted or confirmed blobs.
+pub const DEFAULT_PROTECTION_WINDOW: Duration = Duration::from_secs(10 * 60);
+/// Default idle time after which an upload session expires.
+pub const DEFAULT_UPLOAD_EXPIRY: Duration = Duration::from_secs(60 * 60);
+/// Default (and maximum) page size for tag, catalog and referrer listings.
+pub const DEFAULT_MAX_PAGE_SIZE: usize = 10_000;
+
+/// How many times a commit retries when it races with the collector on the same blob.
+const COMMIT_ATTEMPTS: usize = 8;
+
+/// Configuration of a [`Registry`], built with [`Registry::builder`].
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Largest manifest accepted, in bytes.
+    pub max_manifest_size: u64,
+    /// Largest blob accepted, in bytes.
+    pub max_blob_size: u64,
+    /// How long an uploaded, mounted or confirmed blob is protected from collection.
+    pub protection_window: Duration,
+    /// Idle time after which an upload session is forgotten.
+    pub upload_expiry: Duration,
+    /// Largest page returned by listings (also the page size when none is asked for).
+    pub max_page_size: usize,
+    /// Hash full blob reads while streaming and fail the stream if the bytes do not
+    /// match their digest (protects against storage corrupted behind our back).
+    pub verify_reads: bool,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            max_manifest_size: DEFAULT_MAX_MANIFEST_SIZE,
+            max_blob_size: u64::MAX,
+            protection_window: DEFAULT_PROTECTION_WINDOW,
+            upload_expiry: DEFAULT_UPLOAD_EXPIRY,
+            max_page_size: DEFAULT_MAX_PAGE_SIZE,
+            verify_reads: true,
+        }
+    }
+}
+
+/// Builds a [`Registry`].
+#[derive(Debug)]
+pub struct RegistryBuilder {
+    storage: Storage,
+    config: RegistryConfig,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for dyn Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock({:?})", self.now())
+    }
+}
+
+impl RegistryBuilder {
+    /// Sets the manifest size limit (default 4 MiB).
+    pub fn with_max_manifest_size(mut self, bytes: u64) -> Self {
+        self.config.max_manifest_size = bytes;
+        self
+    }
+    /// Sets the blob size limit (default unlimited).
+    pub fn with_max_blob_size(mut self, bytes: u64) -> Self {
+        self.config.max_blob_size = bytes;
+        self
+    }
+    /// Sets the protection window (default 10 minutes; zero allowed).
+    pub fn with_protection_window(mut self, window: Duration) -> Self {
+        self.config.protection_window = window;
+        self
+    }
+    /// Sets the idle expiry of upload sessions (default 1 hour).
+    pub fn with_upload_expiry(mut self, expiry: Duration) -> Self {
+        self.config.upload_expiry = expiry;
+        self
+    }
+    /// Sets the largest page a listing returns (default 10,000).
+    pub fn with_max_page_size(mut self, n: usize) -> Self {
+        self.config.max_page_size = n.max(1);
+        self
+    }
+    /// Turns digest verification of full blob reads on or off (default on).
+    pub fn with_verify_reads(mut self, on: bool) -> Self {
+        self.config.verify_reads = on;
+        self
+    }
+    /// Uses another clock (tests use [`ManualClock`](crate::ManualClock)).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+    /// Replaces the whole configuration.
+    pub fn with_config(mut self, config: RegistryConfig) -> Self {
+        self.config = config;
+        self
+    }
+    /// Builds the registry. Cheap: no I/O, no task spawned.
+    pub fn build(self) -> Registry {
+        let (events, _) = broadcast::channel(1024);
+        Registry {
+            inner: Arc::new(Inner {
+                blobs: self.storage.blobs,
+                meta: self.storage.metadata,
+                config: self.config,
+                clock: self.clock,
+                events,
+                hashers: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+/// An OCI registry over some [`Storage`]. Cheap to clone; clones share everything.
+///
+/// Every method validates its input, keeps the invariants of `docs/design.md`, and
+/// reports failures as typed [`Error`]s.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    blobs: Arc<dyn BlobStore>,
+    meta: Arc<dyn MetadataStore>,
+    config: RegistryConfig,
+    clock: Arc<dyn Clock>,
+    events: broadcast::Sender<Event>,
+    /// Incremental hash state of upload sessions in this process. Lost on restart (the
+    /// upload is then re-hashed from storage when it finishes).
+    hashers: Mutex<HashMap<UploadId, Hasher>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An upload session's progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadStatus {
+    /// The session id (opaque to clients).
+    pub id: UploadId,
+    /// Bytes received so far; the next chunk must start here.
+    pub offset: u64,
+}
+
+/// A blob's identity and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// Digest.
+    pub digest: Digest,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A byte range as a client asks for it, before it is resolved against the blob size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeRequest {
+    /// `start-end`, inclusive.
+    FromTo(u64, u64),
+    /// `start-`
+    From(u64),
+    /// `-n`: the last `n` bytes.
+    Suffix(u64),
+}
+
+impl RangeRequest {
+    /// Resolves against a blob of `size` bytes (RFC 9110 rules: an end past the blob is
+    /// clamped; a start past it, or an empty suffix, is unsatisfiable).
+    pub fn resolve(self, size: u64) -> Result<ByteRange> {
+        let unsatisfiable = Error::RangeNotSatisfiable { size };
+        let (start, end) = match self {
+            RangeRequest::FromTo(s, e) if s <= e => (s, e.min(size.saturating_sub(1))),
+            RangeRequest::FromTo(..) => return Err(unsatisfiable),
+            RangeRequest::From(s) => (s, size.saturating_sub(1)),
+            RangeRequest::Suffix(0) => return Err(unsatisfiable),
+            RangeRequest::Suffix(n) => (size.saturating_sub(n), size.saturating_sub(1)),
+        };
+        if size == 0 || start >= size {
+            return Err(unsatisfiable);
+        }
+        Ok(ByteRange { start, end })
+    }
+}
+
+/// A blob being read.
+pub struct BlobBody {
+    /// Digest of the whole blob.
+    pub digest: Digest,
+    /// Size of the whole blob.
+    pub size: u64,
+    /// The range streamed, `None` for the whole blob.
+    pub range: Option<ByteRange>,
+    /// The bytes.
+    pub stream: ByteStream,
+}
+
+impl std::fmt::Debug for BlobBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobBody")
+            .field("digest", &self.digest)
+            .field("size", &self.size)
+            .field("range", &self.range)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A manifest's metadata, without its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestMeta {
+    /// Digest of the raw bytes.
+    pub digest: Digest,
+    /// Media type it was pushed with.
+    pub media_type: String,
+    /// Size of the raw bytes.
+    pub size: u64,
+}
+
+/// A manifest with its exact bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// Digest, media type and size.
+    pub meta: ManifestMeta,
+    /// The bytes exactly as pushed.
+    pub bytes: Bytes,
+}
+
+/// Knobs for [`Registry::put_manifest`].
+#[derive(Debug, Clone, Default)]
+pub struct PutManifestOptions {
+    /// More tags to point at the manifest in the same atomic change.
+    pub tags: Vec<Tag>,
+}
+
+/// The result of a manifest push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutManifestResult {
+    /// Digest of the bytes.
+    pub digest: Digest,
+    /// The subject, when the manifest is a referrer (`OCI-Subject`).
+    pub subject: Option<Digest>,
+    /// Every tag now pointing at the manifest from this push.
+    pub tags: Vec<Tag>,
+}
+
+/// Paging for listings: at most `n` items strictly after `last`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListOptions {
+    /// Page size (capped at the registry's maximum; `None` means the maximum).
+    pub n: Option<usize>,
+    /// Only items that sort strictly after this one.
+    pub last: Option<String>,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    /// The items, sorted.
+    pub items: Vec<T>,
+    /// When more items remain: the `last` to ask for the next page.
+    pub next: Option<String>,
+}
+
+/// Who may read which repository, for mounts (and later listings).
+pub trait ReadAccess: Send + Sync {
+    /// Whether the caller may read `repo`.
+    fn can_read(&self, repo: &RepoName) -> bool;
+}
+
+/// Everyone may read everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllowAll;
+
+impl ReadAccess for AllowAll {
+    fn can_read(&self, _: &RepoName) -> bool {
+        true
+    }
+}
+
+impl<F: Fn(&RepoName) -> bool + Send + Sync> ReadAccess for F {
+    fn can_read(&self, repo: &RepoName) -> bool {
+        self(repo)
+    }
+}
+
+/// Knobs for [`Registry::collect_garbage`].
+#[derive(Debug, Clone, Default)]
+pub struct GcOptions {
+    /// Protection window for this run (default: the registry's).
+    pub window: Option<Duration>,
+    /// Report what would be freed without freeing it.
+    pub dry_run: bool,
+}
+
+/// What a collection did (or, in a dry run, would do).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Unreferenced blob links removed.
+    pub links_removed: u64,
+    /// Blobs whose bytes were deleted.
+    pub blobs_deleted: u64,
+    /// Bytes freed.
+    pub bytes_freed: u64,
+    /// Blob links kept because they are still protected.
+    pub links_protected: u64,
+    /// Upload sessions expired.
+    pub uploads_expired: u64,
+    /// How long it took.
+    pub duration: Duration,
+}
+
+/// What to link once bytes are committed.
+enum LinkStep<'a> {
+    Blob { repo: &'a RepoName, size: u64 },
+    Manifest { repo: &'a RepoName, manifest: NewManifest },
+}
+
+/// A stream adapter failure, recorded so that the typed error survives the trip
+/// through the store (which only sees an `io::Error`).
+type FailureCell = Arc<Mutex<Option<Error>>>;
+
+impl Registry {
+    /// Starts building a registry over `storage`.
+    pub fn builder(storage: impl Into<Storage>) -> RegistryBuilder {
+        RegistryBuilder {
+            storage: storage.into(),
+            config: RegistryConfig::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// A registry over a fresh [`MemoryStore`](crate::MemoryStore) with defaults.
+    pub fn in_memory() -> Registry {
+        Registry::builder(crate::MemoryStore::new()).build()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RegistryConfig {
+        &self.inner.config
+    }
+
+    /// The storage, for adapters' own maintenance tools.
+    pub fn storage(&self) -> Storage {
+        Storage {
+            blobs: self.inner.blobs.clone(),
+            metadata: self.inner.meta.clone(),
+        }
+    }
+
+    /// Receives every [`Event`] from now on. A receiver that falls more than 1,024 events
+    /// behind loses the oldest ones (and is told so by `recv`).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    fn emit(&self, event: Event) {
+        tracing::debug!(?event, "registry event");
+        // No subscriber is not an error.
+        let _ = self.inner.events.send(event);
+    }
+
+    fn hashers(&self) -> std::sync::MutexGuard<'_, HashMap<UploadId, Hasher>> {
+        // The map holds plain values; a panic elsewhere cannot leave it inconsistent.
+        self.inner
+            .hashers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    // ----- uploads -----
+
+    /// Starts an upload session in `repo`, hashing with `algorithm` (the digest the
+    /// client will claim at the end normally uses it; another algorithm still works, at
+    /// the cost of re-reading the upload).
+    pub async fn start_upload(&self, repo: &RepoName, algorithm: Algorithm) -> Result<UploadStatus> {
+        let id = UploadId::random();
+        self.inner.blobs.create_upload(&id, repo, self.now()).await?;
+        self.hashers().insert(id.clone(), Hasher::new(algorithm));
+        Ok(UploadStatus { id, offset: 0 })
+    }
+
+    async fn session(&self, repo: &RepoName, id: &UploadId) -> Result<UploadInfo> {
+        let unknown = || Error::UploadUnknown { id: id.to_string() };
+        let info = self.inner.blobs.upload_info(id).await?.ok_or_else(unknown)?;
+        if &info.repo != repo {
+            return Err(unknown());
+        }
+        if self.now().since(info.updated_at) > self.inner.config.upload_expiry {
+            self.discard_upload(id).await?;
+            return Err(unknown());
+        }
+        Ok(info)
+    }
+
+    async fn discard_upload(&self, id: &UploadId) -> Result<bool> {
+        self.hashers().remove(id);
+        self.inner.blobs.delete_upload(id).await
+    }
+
+    /// The progress of an upload session.
+    pub async fn upload_status(&self, repo: &RepoName, id: &UploadId) -> Result<UploadStatus> {
+        let info = self.session(repo, id).await?;
+        Ok(UploadStatus {
+            id: id.clone(),
+            offset: info.len,
+        })
+    }
+
+    /// Appends a chunk. `offset`, when given, must equal the bytes received so far
+    /// ([`Error::UploadOffset`] otherwise); `declared_len`, when given, must equal the
+    /// chunk's length ([`Error::SizeMismatch`]). A failed append changes nothing.
+    pub async fn append_upload(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        offset: Option<u64>,
+        declared_len: Option<u64>,
+        data: ByteStream,
+    ) -> Result<UploadStatus> {
+        let info = self.session(repo, id).await?;
+        if let Some(o) = offset {
+            if o != info.len {
+                return Err(Error::UploadOffset {
+                    expected: info.len,
+                    got: o,
+                });
+            }
+        }
+        let hasher = self.hashers().remove(id).filter(|h| h.len() == info.len);
+        let hasher = Arc::new(Mutex::new(hasher));
+        let failure = FailureCell::default();
+        let stream = self.guard_stream(data, info.len, declared_len, hasher.clone(), failure.clone());
+        let result = self
+            .inner
+            .blobs
+            .append_upload(id, info.len, stream, self.now())
+            .await;
+        let new_len = match result {
+            Ok(len) => len,
+            Err(e) => return Err(take_failure(&failure).unwrap_or(e)),
+        };
+        let hasher = hasher.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = hasher.filter(|h| h.len() == new_len) {
+            self.hashers().insert(id.clone(), h);
+        }
+        Ok(UploadStatus {
+            id: id.clone(),
+            offset: new_len,
+        })
+    }
+
+    /// Wraps incoming bytes: enforces the declared length and the blob size limit, and
+    /// feeds the session's hasher as bytes pass.
+    fn guard_stream(
+        &self,
+        data: ByteStream,
+        already: u64,
+        declared_len: Option<u64>,
+        hasher: Arc<Mutex<Option<Hasher>>>,
+        failure: FailureCell,
+    ) -> ByteStream {
+        let limit = self.inner.config.max_blob_size;
+        let fail = move |e: Error| {
+            let msg = e.to_string();
+            *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            std::io::Error::other(msg)
+        };
+        // State: the body, bytes received, and whether the stream has ended.
+        stream::unfold((data, 0u64, false), move |(mut data, received, done)| {
+            let (hasher, fail) = (hasher.clone(), fail.clone());
+            async move {
+                if done {
+                    return None;
+                }
+                let chunk = match data.next().await {
+                    Some(Ok(chunk)) => chunk,
+                    Some(Err(e)) => return Some((Err(e), (data, received, true))),
+                    None => {
+                        return match declared_len {
+                            Some(expected) if expected != received => Some((
+                                Err(fail(Error::SizeMismatch {
+                                    expected,
+                                    actual: received,
+                                })),
+                                (data, received, true),
+                            )),
+                            _ => None,
+                        };
+                    }
+                };
+                let received = received + chunk.len() as u64;
+                if let Some(expected) = declared_len.filter(|&d| received > d) {
+                    let e = Error::SizeMismatch {
+                        expected,
+                        actual: received,
+                    };
+                    return Some((Err(fail(e)), (data, received, true)));
+                }
+                if already.saturating_add(received) > limit {
+                    let e = Error::TooLarge { what: "blob", limit };
+                    return Some((Err(fail(e)), (data, received, true)));
+                }
+                if let Some(h) = hasher.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                    h.update(&chunk);
+                }
+                Some((Ok(chunk), (data, received, false)))
+            }
+        })
+        .boxed()
+    }
+
+    /// Finishes an upload: appends `last_chunk` if given, checks that everything received
+    /// hashes to `digest`, and makes the blob visible in `repo`.
+    pub async fn finish_upload(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        digest: &Digest,
+        last_chunk: Option<(ByteStream, Option<u64>)>,
+    ) -> Result<BlobInfo> {
+        if let Some((data, declared_len)) = last_chunk {
+            self.append_upload(repo, id, None, declared_len, data).await?;
+        }
+        let info = self.session(repo, id).await?;
+        let hasher = self
+            .hashers()
+            .remove(id)
+            .filter(|h| h.len() == info.len && h.algorithm() == digest.algorithm());
+        let actual = match hasher {
+            Some(h) => h.finish(),
+            None => self.rehash_upload(id, digest.algorithm()).await?,
+        };
+        if &actual != digest {
+            self.discard_upload(id).await?;
+            return Err(Error::DigestMismatch {
+                expected: digest.clone(),
+                actual,
+            });
+        }
+        self.commit_and_link(
+            id,
+            digest,
+            LinkStep::Blob {
+                repo,
+                size: info.len,
+            },
+        )
+        .await?;
+        self.emit(Event::BlobStored {
+            repo: repo.clone(),
+            digest: digest.clone(),
+            size: info.len,
+        });
+        Ok(BlobInfo {
+            digest: digest.clone(),
+            size: info.len,
+        })
+    }
+
+    async fn rehash_upload(&self, id: &UploadId, algorithm: Algorithm) -> Result<Digest> {
+        let mut stream = self.inner.blobs.read_upload(id).await?;
+        let mut h = Hasher::new(algorithm);
+        while let Some(chunk) = stream.next().await {
+            h.update(&chunk.map_err(Error::storage)?);
+        }
+        Ok(h.finish())
+    }
+
+    /// Cancels an upload session and frees what it received.
+    pub async fn cancel_upload(&self, repo: &RepoName, id: &UploadId) -> Result<()> {
+        self.session(repo, id).await?;
+        self.discard_upload(id).await?;
+        Ok(())
+    }
+
+    /// Uploads a whole blob in one call (the single-request `POST ?digest=` upload).
+    pub async fn put_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        declared_len: Option<u64>,
+        data: ByteStream,
+    ) -> Result<BlobInfo> {
+        let status = self.start_upload(repo, digest.algorithm()).await?;
+        let result = self
+            .finish_upload(repo, &status.id, digest, Some((data, declared_len)))
+            .await;
+        if result.is_err() {
+            self.discard_upload(&status.id).await?;
+        }
+        result
+    }
+
+    /// Commits upload `id` as blob `digest` and links it, following the protocol of
+    /// `docs/design.md` (bytes first; help finish a concurrent collection of the same
+    /// digest; confirm the bytes after linking, since a link pins them).
+    async fn commit_and_link(&self, id: &UploadId, digest: &Digest, step: LinkStep<'_>) -> Result<()> {
+        let blobs = &self.inner.blobs;
+        let meta = &self.inner.meta;
+        let mut manifest = match &step {
+            LinkStep::Manifest { manifest, .. } => Some(manifest.clone()),
+            LinkStep::Blob { .. } => None,
+        };
+        let mut linked = None;
+        for _ in 0..COMMIT_ATTEMPTS {
+            self.finish_pending_deletion(digest).await?;
+            blobs.commit_upload(id, digest).await?;
+            let done = match &step {
+                LinkStep::Blob { repo, size } => {
+                    meta.link_blob(repo, digest, *size, self.now()).await? != LinkOutcome::BlobDeleting
+                }
+                LinkStep::Manifest { repo, .. } => {
+                    let m = manifest.clone().expect("set for manifest steps");
+                    match meta.put_manifest(repo, m, self.now()).await? {
+                        Some(outcome) => {
+                            linked = Some(outcome);
+                            true
+                        }
+                        None => false,
+                    }
+                }
+            };
+            if done {
+                // The link now pins the record; if a collection deleted the bytes between
+                // our commit and our link, commit them again (the upload is still there).
+                if blobs.stat(digest).await?.is_none() {
+                    blobs.commit_upload(id, digest).await?;
+                }
+                blobs.delete_upload(id).await?;
+                if let (Some(outcome), LinkStep::Manifest { repo, .. }) = (linked, &step) {
+                    for (tag, from) in outcome.moved_tags {
+                        self.emit(Event::TagMoved {
+                            repo: (*repo).clone(),
+                            tag,
+                            from,
+                            to: digest.clone(),
+                        });
+                    }
+                }
+                manifest.take();
+                return Ok(());
+            }
+        }
+        Err(Error::storage(format!(
+            "blob {digest} kept being collected while it was committed; retry the upload"
+        )))
+    }
+
+    /// If `digest`'s record is `Deleting`, finish that deletion (any process may).
+    async fn finish_pending_deletion(&self, digest: &Digest) -> Result<bool> {
+        match self.inner.meta.blob(digest).await? {
+            Some(rec) if rec.state == crate::store::BlobState::Deleting => {
+                self.delete_unlinked_blob(digest).await.map(|freed| freed.is_some())
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Deletes the bytes of a blob with no links, if the metadata agrees; returns the
+    /// size freed.
+    async fn delete_unlinked_blob(&self, digest: &Digest) -> Result<Option<u64>> {
+        let Some(rec) = self.inner.meta.begin_blob_deletion(digest).await? else {
+            return Ok(None);
+        };
+        self.inner.blobs.delete(digest).await?;
+        self.inner.meta.finish_blob_deletion(digest).await?;
+        Ok(Some(rec.size))
+    }
+
+    // ----- blobs -----
+
+    /// Links a blob that `repo` may not have yet: from `from` when given, otherwise from
+    /// any repository holding it that `access` allows reading. Returns whether the blob
+    /// is now in `repo`; `false` means the client should upload it instead.
+    pub async fn mount_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        from: Option<&RepoName>,
+        access: &dyn ReadAccess,
+    ) -> Result<bool> {
+        let source = match from {
+            Some(from) if access.can_read(from) => Some(from.clone()),
+            Some(_) => None,
+            None => self.readable_holder(digest, access).await?,
+        };
+        let Some(source) = source else {
+            return Ok(false);
+        };
+        let outcome = self
+            .inner
+            .meta
+            .mount_blob(&source, repo, digest, self.now())
+            .await?;
+        match outcome {
+            Some(LinkOutcome::Linked { .. }) => {
+                self.emit(Event::BlobMounted {
+                    repo: repo.clone(),
+                    from: source,
+                    digest: digest.clone(),
+                });
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn readable_holder(&self, digest: &Digest, access: &dyn ReadAccess) -> Result<Option<RepoName>> {
+        let mut after: Option<RepoName> = None;
+        loop {
+            let page = self
+                .inner
+                .meta
+                .blob_repositories(digest, after.as_ref(), 256)
+                .await?;
+            if let Some(found) = page.iter().find(|r| access.can_read(r)) {
+                return Ok(Some(found.clone()));
+            }
+            if page.len() < 256 {
+                return Ok(None);
+            }
+            after = page.last().cloned();
+        }
+    }
+
+    /// Size of a blob in `repo`; also refreshes its protection from collection, since a
+    /// client that sees it present will not upload it again.
+    pub async fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<BlobInfo> {
+        let size = self.blob_size_in(repo, digest).await?;
+        Ok(BlobInfo {
+            digest: digest.clone(),
+            size,
+        })
+    }
+
+    async fn blob_size_in(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+        let meta = &self.inner.meta;
+        if let Some(link) = meta.blob_link(repo, digest).await? {
+            let now = self.now();
+            // Refresh only when a good part of the window has passed: one write per
+            // window per blob, not one per request.
+            if now.since(link.protected_at) > self.inner.config.protection_window / 4 {
+                meta.touch_blob_link(repo, digest, now).await?;
+            }
+            return Ok(link.size);
+        }
+        // Manifests are blobs too, and clients may fetch them through the blobs endpoint.
+        if let Some(m) = meta.manifest(repo, digest).await? {
+            return Ok(m.size);
+        }
+        Err(Error::BlobUnknown {
+            digest: digest.clone(),
+        })
+    }
+
+    /// Streams a blob of `repo`, or part of it.
+    pub async fn get_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        range: Option<RangeRequest>,
+    ) -> Result<BlobBody> {
+        let size = self.blob_size_in(repo, digest).await?;
+        let range = range.map(|r| r.resolve(size)).transpose()?;
+        let Some(read) = self.inner.blobs.read(digest, range).await? else {
+            tracing::warn!(%digest, "blob has metadata but no bytes");
+            return Err(Error::BlobUnknown {
+                digest: digest.clone(),
+            });
+        };
+        let stream = if range.is_none() && self.inner.config.verify_reads {
+            verify_stream(read.stream, digest.clone())
+        } else {
+            read.stream
+        };
+        Ok(BlobBody {
+            digest: digest.clone(),
+            size: read.size,
+            range,
+            stream,
+        })
+    }
+
+    /// Removes `repo`'s link to a blob. Refused ([`Error::InUse`]) while manifests of
+    /// the repository reference it.
+    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        if !self.inner.meta.unlink_blob(repo, digest).await? {
+            return Err(Error::BlobUnknown {
+                digest: digest.clone(),
+            });
+        }
+        self.emit(Event::BlobDeleted {
+            repo: repo.clone(),
+            digest: digest.clone(),
+        });
+        Ok(())
+    }
+
+    // ----- manifests -----
+
+    /// Pushes a manifest: `bytes` exactly as received with its `Content-Type`. When
+    /// `reference` is a digest the bytes must hash to it; when it is a tag the tag
+    /// points at the manifest. Every referenced blob and child manifest must be in the
+    /// repository (the `subject` need not exist).
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: &str,
+        bytes: Bytes,
+        options: PutManifestOptions,
+    ) -> Result<PutManifestResult> {
+        let limit = self.inner.config.max_manifest_size;
+        if bytes.len() as u64 > limit {
+            return Err(Error::TooLarge {
+                what: "manifest",
+                limit,
+            });
+        }
+        let info = ManifestInfo::inspect(content_type, &bytes)?;
+        let digest = match reference {
+            Reference::Digest(d) => {
+                let actual = Digest::compute(d.algorithm(), &bytes);
+                if &actual != d {
+                    return Err(Error::DigestMismatch {
+                        expected: d.clone(),
+                        actual,
+                    });
+                }
+                actual
+            }
+            Reference::Tag(_) => Digest::sha256(&bytes),
+        };
+        let mut tags: Vec<Tag> = match reference {
+            Reference::Tag(t) => vec![t.clone()],
+            Reference::Digest(_) => Vec::new(),
+        };
+        for t in options.tags {
+            if !tags.contains(&t) {
+                tags.push(t);
+            }
+        }
+        let size = bytes.len() as u64;
+        let subject = info.subject.as_ref().map(|s| s.digest.clone());
+        let referrer = subject.as_ref().map(|_| Descriptor {
+            media_type: info.media_type.clone(),
+            digest: digest.clone(),
+            size,
+            artifact_type: info.effective_artifact_type().map(str::to_owned),
+            annotations: info.annotations.clone(),
+            urls: Vec::new(),
+        });
+        let manifest = NewManifest {
+            record: ManifestRecord {
+                digest: digest.clone(),
+                media_type: info.media_type.clone(),
+                size,
+                blobs: info.blob_references(),
+                children: info.manifest_references(),
+                subject: subject.clone(),
+                tags: 0,
+                parents: 0,
+                pushed_at: self.now(),
+            },
+            referrer,
+            tags: tags.clone(),
+        };
+        let id = UploadId::random();
+        let blobs = &self.inner.blobs;
+        blobs.create_upload(&id, repo, self.now()).await?;
+        let result = async {
+            blobs
+                .append_upload(&id, 0, stream::iter([Ok(bytes)]).boxed(), self.now())
+                .await?;
+            self.commit_and_link(&id, &digest, LinkStep::Manifest { repo, manifest })
+                .await
+        }
+        .await;
+        if result.is_err() {
+            blobs.delete_upload(&id).await?;
+        }
+        result?;
+        self.emit(Event::ManifestPut {
+            repo: repo.clone(),
+            digest: digest.clone(),
+            media_type: info.media_type,
+            subject: subject.clone(),
+        });
+        Ok(PutManifestResult {
+            digest,
+            subject,
+            tags,
+        })
+    }
+
+    async fn resolve(&self, repo: &RepoName, reference: &Reference) -> Result<ManifestRecord> {
+        let unknown = || Error::ManifestUnknown {
+            reference: reference.to_string(),
+        };
+        let digest = match reference {
+            Reference::Digest(d) => d.clone(),
+            Reference::Tag(t) => self.inner.meta.tag(repo, t).await?.ok_or_else(unknown)?,
+        };
+        self.inner
+            .meta
+            .manifest(repo, &digest)
+            .await?
+            .ok_or_else(unknown)
+    }
+
+    /// A manifest's digest, media type and size.
+    pub async fn stat_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<ManifestMeta> {
+        let rec = self.resolve(repo, reference).await?;
+        Ok(ManifestMeta {
+            digest: rec.digest,
+            media_type: rec.media_type,
+            size: rec.size,
+        })
+    }
+
+    /// A manifest with its exact bytes, verified against its digest.
+    pub async fn get_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<Manifest> {
+        let rec = self.resolve(repo, reference).await?;
+        let missing = || Error::ManifestUnknown {
+            reference: reference.to_string(),
+        };
+        let Some(read) = self.inner.blobs.read(&rec.digest, None).await? else {
+            tracing::warn!(digest = %rec.digest, "manifest has metadata but no bytes");
+            return Err(missing());
+        };
+        let mut buf = BytesMut::with_capacity(rec.size as usize);
+        let mut stream = read.stream;
+        while let Some(chunk) = stream.next().await {
+            buf.extend_from_slice(&chunk.map_err(Error::storage)?);
+        }
+        let bytes = buf.freeze();
+        if !rec.digest.verify(&bytes) {
+            tracing::error!(digest = %rec.digest, "stored manifest bytes do not match their digest");
+            return Err(Error::storage(format!(
+                "stored manifest {} is corrupt",
+                rec.digest
+            )));
+        }
+        Ok(Manifest {
+            meta: ManifestMeta {
+                digest: rec.digest,
+                media_type: rec.media_type,
+                size: rec.size,
+            },
+            bytes,
+        })
+    }
+
+    /// Deletes by tag (only the tag goes) or by digest (the manifest and every tag
+    /// pointing at it go). Refused ([`Error::InUse`]) for a manifest an index of the
+    /// repository still lists.
+    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+        let unknown = || Error::ManifestUnknown {
+            reference: reference.to_string(),
+        };
+        match reference {
+            Reference::Tag(tag) => {
+                let digest = self
+                    .inner
+                    .meta
+                    .delete_tag(repo, tag)
+                    .await?
+                    .ok_or_else(unknown)?;
+                self.emit(Event::TagDeleted {
+                    repo: repo.clone(),
+                    tag: tag.clone(),
+                    digest,
+                });
+            }
+            Reference::Digest(d) => {
+                let deleted = self
+                    .inner
+                    .meta
+                    .delete_manifest(repo, d)
+                    .await?
+                    .ok_or_else(unknown)?;
+                self.emit(Event::ManifestDeleted {
+                    repo: repo.clone(),
+                    digest: d.clone(),
+                    tags: deleted.tags,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Points `tag` at a manifest already in `repo`.
+    pub async fn tag_manifest(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> Result<()> {
+        let from = self.inner.meta.set_tag(repo, tag, digest).await?;
+        if from.as_ref() != Some(digest) {
+            self.emit(Event::TagMoved {
+                repo: repo.clone(),
+                tag: tag.clone(),
+                from,
+                to: digest.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    // ----- listings -----
+
+    fn page_size(&self, n: Option<usize>) -> usize {
+        let max = self.inner.config.max_page_size;
+        n.map_or(max, |n| n.min(max))
+    }
+
+    /// Tags of `repo`, sorted. [`Error::NameUnknown`] if the repository does not exist.
+    pub async fn list_tags(&self, repo: &RepoName, options: &ListOptions) -> Result<Page<Tag>> {
+        if self.inner.meta.repository(repo).await?.is_none() {
+            return Err(Error::NameUnknown { repo: repo.clone() });
+        }
+        let n = self.page_size(options.n);
+        if n == 0 {
+            return Ok(Page {
+                items: Vec::new(),
+                next: None,
+            });
+        }
+        let last = options.last.as_deref().map(Tag::parse).transpose()?;
+        let mut items: Vec<Tag> = self
+            .inner
+            .meta
+            .list_tags(repo, last.as_ref(), n + 1)
+            .await?
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
+        Ok(paginate(&mut items, n, |t| t.to_string()))
+    }
+
+    /// Repositories, sorted, filtered by `access`.
+    pub async fn list_repositories(
+        &self,
+        options: &ListOptions,
+        access: &dyn ReadAccess,
+    ) -> Result<Page<RepoName>> {
+        let n = self.page_size(options.n);
+        if n == 0 {
+            return Ok(Page {
+                items: Vec::new(),
+                next: None,
+            });
+        }
+        let mut after = options.last.as_deref().map(RepoName::parse).transpose()?;
+        let mut items = Vec::new();
+        loop {
+            let page = self
+                .inner
+                .meta
+                .list_repositories(after.as_ref(), n + 1)
+                .await?;
+            let exhausted = page.len() < n + 1;
+            after = page.last().cloned();
+            items.extend(page.into_iter().filter(|r| access.can_read(r)));
+            if items.len() > n || exhausted {
+                break;
+            }
+        }
+        Ok(paginate(&mut items, n, |r| r.to_string()))
+    }
+
+    /// Manifests in `repo` whose subject is `subject`, optionally only those of
+    /// `artifact_type`. An unknown subject simply has no referrers.
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+        options: &ListOptions,
+    ) -> Result<Page<Descriptor>> {
+        let n = self.page_size(options.n);
+        if n == 0 {
+            return Ok(Page {
+                items: Vec::new(),
+                next: None,
+            });
+        }
+        let mut after = options.last.as_deref().map(Digest::parse).transpose()?;
+        let mut items = Vec::new();
+        loop {
+            let page = self
+                .inner
+                .meta
+                .list_referrers(repo, subject, after.as_ref(), n + 1)
+                .await?;
+            let exhausted = page.len() < n + 1;
+            after = page.last().map(|r| r.digest.clone());
+            items.extend(
+                page.into_iter()
+                    .map(|r| r.descriptor)
+                    .filter(|d| artifact_type.is_none_or(|a| d.artifact_type.as_deref() == Some(a))),
+            );
+            if items.len() > n || exhausted {
+                break;
+            }
+        }
+        Ok(paginate(&mut items, n, |d| d.digest.to_string()))
+    }
+
+    // ----- collection -----
+
+    /// Reclaims space: removes blob links that no manifest references and whose
+    /// protection window has passed, then deletes the bytes of blobs left with no link,
+    /// and expires idle upload sessions. Each removal is one atomic check-and-delete, so
+    /// pushes and pulls go on meanwhile. See `docs/design.md`.
+    pub async fn collect_garbage(&self, options: &GcOptions) -> Result<GcReport> {
+        let started = Instant::now();
+        let window = options.window.unwrap_or(self.inner.config.protection_window);
+        let now = self.now();
+        let cutoff = now.saturating_sub(window);
+        let meta = &self.inner.meta;
+        let mut report = GcReport::default();
+
+        let mut after: Option<(RepoName, Digest)> = None;
+        loop {
+            let page = meta
+                .unreferenced_blob_links(after.as_ref().map(|(r, d)| (r, d)), 512)
+                .await?;
+            for (repo, digest, link) in &page {
+                if link.protected_at > cutoff {
+                    report.links_protected += 1;
+                } else if options.dry_run {
+                    report.links_removed += 1;
+                } else if meta.collect_blob_link(repo, digest, cutoff).await? {
+                    report.links_removed += 1;
+                    self.emit(Event::LinkCollected {
+                        repo: repo.clone(),
+                        digest: digest.clone(),
+                    });
+                }
+            }
+            if page.len() < 512 {
+                break;
+            }
+            after = page.last().map(|(r, d, _)| (r.clone(), d.clone()));
+        }
+
+        let mut after: Option<Digest> = None;
+        loop {
+            let page = meta.unlinked_blobs(after.as_ref(), 512).await?;
+            for (digest, rec) in &page {
+                if options.dry_run {
+                    report.blobs_deleted += 1;
+                    report.bytes_freed += rec.size;
+                } else if let Some(size) = self.delete_unlinked_blob(digest).await? {
+                    report.blobs_deleted += 1;
+                    report.bytes_freed += size;
+                    self.emit(Event::BlobCollected {
+                        digest: digest.clone(),
+                        size,
+                    });
+                }
+            }
+            if page.len() < 512 {
+                break;
+            }
+            after = page.last().map(|(d, _)| d.clone());
+        }
+
+        for upload in self.inner.blobs.list_uploads().await? {
+            if now.since(upload.updated_at) > self.inner.config.upload_expiry {
+                report.uploads_expired += 1;
+                if !options.dry_run {
+                    self.discard_upload(&upload.id).await?;
+                }
+            }
+        }
+        report.duration = started.elapsed();
+        Ok(report)
+    }
+}
+
+fn take_failure(cell: &FailureCell) -> Option<Error> {
+    cell.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
+fn paginate<T>(items: &mut Vec<T>, n: usize, key: impl Fn(&T) -> String) -> Page<T> {
+    let next = if items.len() > n {
+        items.truncate(n);
+        items.last().map(key)
+    } else {
+        None
+    };
+    Page {
+        items: std::mem::take(items),
+        next,
+    }
+}
+
+/// Hashes a full blob read as it streams; if the bytes do not match, the stream ends
+/// with an error instead of completing, so corrupt content is never served as valid.
+fn verify_stream(inner: ByteStream, digest: Digest) -> ByteStream {
+    let mut hasher = Some(Hasher::new(digest.algorithm()));
+    inner
+        .map(Some)
+        .chain(stream::once(async { None }))
+        .filter_map(move |item| {
+            let out = match item {
+                Some(Ok(chunk)) => {
+                    if let Some(h) = hasher.as_mut() {
+                        h.update(&chunk);
+                    }
+                    Some(Ok(chunk))
+                }
+                Some(Err(e)) => {
+                    hasher = None;
+                    Some(Err(e))
+                }
+                None => match hasher.take() {
+                    Some(h) => {
+                        let actual = h.finish();
+                        if actual == digest {
+                            None
+                        } else {
+                            tracing::error!(%digest, %actual, "stored blob does not match its digest");
+                            Some(Err(std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                format!("stored blob {digest} is corrupt"),
+                            )))
+                        }
+                    }
+                    None => None,
+                },
+            };
+            futures::future::ready(out)
+        })
+        .boxed()
+}

@@ -1,0 +1,459 @@
+//! The storage contract: content-addressed bytes ([`BlobStore`]) and atomic metadata
+//! operations ([`MetadataStore`]). `docs/design.md` states the invariants each
+//! implementation must keep; the `testkit` feature checks them.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::manifest::Descriptor;
+use crate::names::{RepoName, Tag};
+use crate::time::Timestamp;
+
+/// A stream of bytes moving into or out of storage.
+pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
+
+/// An opaque upload session id: 1 to 64 characters of `[A-Za-z0-9_-]`, safe to use in
+/// URLs, file names and object keys.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct UploadId(Box<str>);
+
+impl UploadId {
+    /// A new random id.
+    pub fn random() -> Self {
+        UploadId(uuid::Uuid::new_v4().simple().to_string().into())
+    }
+
+    /// Parses an id received from a client; `None` if it could not be one of ours.
+    pub fn parse(s: &str) -> Option<Self> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        ok.then(|| UploadId(s.into()))
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UploadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for UploadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UploadId({})", self.0)
+    }
+}
+
+/// An upload session as storage knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadInfo {
+    /// The session id.
+    pub id: UploadId,
+    /// The repository the upload was started in.
+    pub repo: RepoName,
+    /// Bytes received so far.
+    pub len: u64,
+    /// When the session was created.
+    pub started_at: Timestamp,
+    /// When bytes were last appended (or the session was created).
+    pub updated_at: Timestamp,
+}
+
+/// A resolved, inclusive byte range within a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    /// First byte offset.
+    pub start: u64,
+    /// Last byte offset, inclusive.
+    pub end: u64,
+}
+
+impl ByteRange {
+    /// Number of bytes in the range.
+    pub fn len(&self) -> u64 {
+        self.end - self.start + 1
+    }
+
+    /// Always false: a resolved range holds at least one byte.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// Bytes being read from storage.
+pub struct BlobRead {
+    /// The whole blob's size.
+    pub size: u64,
+    /// The range being streamed, `None` for the whole blob.
+    pub range: Option<ByteRange>,
+    /// The bytes.
+    pub stream: ByteStream,
+}
+
+impl fmt::Debug for BlobRead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlobRead")
+            .field("size", &self.size)
+            .field("range", &self.range)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`BlobStore::commit_upload`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// The upload's bytes became the blob.
+    Stored,
+    /// The blob was already present; the upload's bytes were not needed.
+    AlreadyPresent,
+}
+
+/// Content-addressed bytes, plus the upload sessions that produce them.
+///
+/// The store never interprets bytes and never checks digests: the
+/// [`Registry`](crate::Registry) hashes everything while it streams in and only commits
+/// an upload under the digest it computed. Contract (see `docs/design.md`):
+/// - a blob, once committed, is immutable and readable until `delete`;
+/// - `append_upload` is all-or-nothing: on error the upload keeps its previous length;
+/// - `commit_upload` makes the blob readable (atomically: never partially visible) and
+///   leaves the upload readable until `delete_upload`, so a commit can be repeated;
+/// - every method may be called concurrently, from several processes for shared stores.
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// The size of a committed blob, if present.
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>>;
+
+    /// Streams a committed blob, or the part of it in `range` (already resolved against
+    /// its size by the caller, who learnt it from metadata or `stat`).
+    async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<BlobRead>>;
+
+    /// Deletes a committed blob; `false` if it was not there.
+    async fn delete(&self, digest: &Digest) -> Result<bool>;
+
+    /// Every committed blob, in no particular order (for orphan detection).
+    async fn list(&self) -> Result<BoxStream<'static, Result<Digest>>>;
+
+    /// Creates an empty upload session.
+    async fn create_upload(&self, id: &UploadId, repo: &RepoName, now: Timestamp) -> Result<()>;
+
+    /// The state of an upload session.
+    async fn upload_info(&self, id: &UploadId) -> Result<Option<UploadInfo>>;
+
+    /// Appends `data` at `offset`, which must equal the current length
+    /// ([`Error::UploadOffset`] otherwise). All-or-nothing. Returns the new length.
+    async fn append_upload(
+        &self,
+        id: &UploadId,
+        offset: u64,
+        data: ByteStream,
+        now: Timestamp,
+    ) -> Result<u64>;
+
+    /// Streams everything uploaded so far (to re-hash a session whose hash state was lost,
+    /// for example after a restart).
+    async fn read_upload(&self, id: &UploadId) -> Result<ByteStream>;
+
+    /// Makes the upload's bytes readable as blob `digest`. See the trait docs.
+    async fn commit_upload(&self, id: &UploadId, digest: &Digest) -> Result<CommitOutcome>;
+
+    /// Discards an upload session; `false` if it did not exist.
+    async fn delete_upload(&self, id: &UploadId) -> Result<bool>;
+
+    /// Every open upload session (for expiry).
+    async fn list_uploads(&self) -> Result<Vec<UploadInfo>>;
+}
+
+/// Whether a blob record is live or being collected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobState {
+    /// Readable; may gain links.
+    Live,
+    /// The collector decided to delete the bytes; no link may be added until the
+    /// deletion finishes and the record is gone.
+    Deleting,
+}
+
+/// Registry-wide facts about one blob's bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRecord {
+    /// Size in bytes.
+    pub size: u64,
+    /// Number of repository links to these bytes: blob links plus manifest links.
+    pub links: u64,
+    /// Live or being deleted.
+    pub state: BlobState,
+    /// When the record was created.
+    pub created_at: Timestamp,
+}
+
+/// A repository's link to a blob (it was uploaded or mounted there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobLink {
+    /// Size of the blob.
+    pub size: u64,
+    /// Number of manifests in this repository that reference the blob.
+    pub manifest_refs: u64,
+    /// The link is protected from collection until `protected_at + window`, even with no
+    /// manifest referencing it: the time it was last uploaded, mounted or confirmed.
+    pub protected_at: Timestamp,
+}
+
+/// A manifest as it is linked into one repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRecord {
+    /// Digest of the raw bytes.
+    pub digest: Digest,
+    /// Media type it was pushed with, served back as `Content-Type`.
+    pub media_type: String,
+    /// Size of the raw bytes.
+    pub size: u64,
+    /// Blobs it references (config and layers), each counted once.
+    pub blobs: Vec<Digest>,
+    /// Child manifests it references (indexes), each counted once.
+    pub children: Vec<Digest>,
+    /// Its subject, if it is a referrer.
+    pub subject: Option<Digest>,
+    /// Number of tags pointing at it.
+    pub tags: u64,
+    /// Number of index manifests in this repository that list it as a child.
+    pub parents: u64,
+    /// When it was first pushed to this repository.
+    pub pushed_at: Timestamp,
+}
+
+/// A repository's record: it exists while it links any blob or manifest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoRecord {
+    /// Number of blob links.
+    pub blobs: u64,
+    /// Number of manifest links.
+    pub manifests: u64,
+}
+
+/// Everything needed to link a manifest into a repository.
+#[derive(Debug, Clone)]
+pub struct NewManifest {
+    /// The record to store (counts are ignored and computed by the store).
+    pub record: ManifestRecord,
+    /// The descriptor to list under its subject in the referrers index.
+    pub referrer: Option<Descriptor>,
+    /// Tags to point at it in the same atomic change.
+    pub tags: Vec<Tag>,
+}
+
+/// What [`MetadataStore::put_manifest`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PutManifestOutcome {
+    /// False when the repository already had this manifest.
+    pub created: bool,
+    /// Tags that now point at the manifest, with their previous target (if it differed).
+    pub moved_tags: Vec<(Tag, Option<Digest>)>,
+}
+
+/// What [`MetadataStore::delete_manifest`] removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedManifest {
+    /// The manifest's record as it was.
+    pub record: ManifestRecord,
+    /// Tags that pointed at it and are gone too.
+    pub tags: Vec<Tag>,
+}
+
+/// An entry of the referrers index: a manifest whose `subject` is another manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Referrer {
+    /// The referring manifest's digest (also in `descriptor`).
+    pub digest: Digest,
+    /// Its descriptor for the referrers API (artifactType, annotations).
+    pub descriptor: Descriptor,
+}
+
+/// Counts of everything in a metadata store; all zero when it is empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetaStats {
+    /// Blob records.
+    pub blobs: u64,
+    /// Blob records in the `Deleting` state.
+    pub deleting: u64,
+    /// Repository → blob links.
+    pub blob_links: u64,
+    /// Repository → manifest links.
+    pub manifests: u64,
+    /// Tags.
+    pub tags: u64,
+    /// Referrers index entries.
+    pub referrers: u64,
+    /// Repositories.
+    pub repositories: u64,
+}
+
+/// Result of [`MetadataStore::link_blob`] and friends when the blob is being collected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkOutcome {
+    /// The link exists now (created, or refreshed if it was there).
+    Linked {
+        /// Whether it was newly created.
+        created: bool,
+    },
+    /// The blob record is in the `Deleting` state: finish that deletion, then retry.
+    BlobDeleting,
+}
+
+/// Registry metadata with atomic operations. Each write method is one atomic,
+/// serialisable change: it either happens entirely, with every reference count it
+/// affects, or not at all. The contract, and why redb transactions and conditional
+/// object writes can each provide it, is in `docs/design.md`.
+#[async_trait]
+pub trait MetadataStore: Send + Sync + 'static {
+    /// A blob's registry-wide record.
+    async fn blob(&self, digest: &Digest) -> Result<Option<BlobRecord>>;
+    /// A repository's link to a blob.
+    async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobLink>>;
+    /// Repositories linking a blob, sorted, after `after`, at most `limit`.
+    async fn blob_repositories(
+        &self,
+        digest: &Digest,
+        after: Option<&RepoName>,
+        limit: usize,
+    ) -> Result<Vec<RepoName>>;
+    /// A manifest linked into a repository.
+    async fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>>;
+    /// The manifest a tag points at.
+    async fn tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>>;
+    /// A repository's record; `None` if it does not exist.
+    async fn repository(&self, repo: &RepoName) -> Result<Option<RepoRecord>>;
+    /// Tags of a repository in lexical order, strictly after `after`, at most `limit`.
+    async fn list_tags(
+        &self,
+        repo: &RepoName,
+        after: Option<&Tag>,
+        limit: usize,
+    ) -> Result<Vec<(Tag, Digest)>>;
+    /// Manifests of a repository in digest order, strictly after `after`, at most `limit`.
+    async fn list_manifests(
+        &self,
+        repo: &RepoName,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<ManifestRecord>>;
+    /// Repositories in lexical order, strictly after `after`, at most `limit`.
+    async fn list_repositories(&self, after: Option<&RepoName>, limit: usize)
+    -> Result<Vec<RepoName>>;
+    /// Manifests in `repo` whose subject is `subject`, in digest order.
+    async fn list_referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<Referrer>>;
+    /// Blob links with no manifest referencing them (collection candidates, protection
+    /// not considered), in (repository, digest) order after `after`.
+    async fn unreferenced_blob_links(
+        &self,
+        after: Option<(&RepoName, &Digest)>,
+        limit: usize,
+    ) -> Result<Vec<(RepoName, Digest, BlobLink)>>;
+    /// Blob records with no links (collection candidates), in digest order after `after`.
+    async fn unlinked_blobs(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<(Digest, BlobRecord)>>;
+    /// Counts of everything stored.
+    async fn stats(&self) -> Result<MetaStats>;
+
+    /// Links blob `digest` (whose bytes are committed) into `repo`, creating its blob
+    /// record if needed and setting the link's `protected_at` to `now`.
+    async fn link_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        now: Timestamp,
+    ) -> Result<LinkOutcome>;
+    /// Links a blob into `to` if `from` links it (a mount). `Ok(None)` if `from` does not.
+    async fn mount_blob(
+        &self,
+        from: &RepoName,
+        to: &RepoName,
+        digest: &Digest,
+        now: Timestamp,
+    ) -> Result<Option<LinkOutcome>>;
+    /// Sets an existing link's `protected_at` to `now`; `false` if there is no link.
+    async fn touch_blob_link(&self, repo: &RepoName, digest: &Digest, now: Timestamp)
+    -> Result<bool>;
+    /// Removes a repository's link to a blob (manifests referencing it keep their counts;
+    /// the link is simply no longer readable). `false` if there was none.
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
+
+    /// Links a manifest (whose bytes are committed as blob `record.digest`) into `repo`
+    /// and points `tags` at it, in one atomic change. Fails with
+    /// [`Error::ManifestBlobUnknown`] if any referenced blob is not linked in `repo`, or
+    /// any child manifest is not in `repo`, at the moment of the change. Returns `None`
+    /// when the manifest's own bytes are being collected (blob record `Deleting`): the
+    /// caller finishes that deletion, commits the bytes again and retries.
+    async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        manifest: NewManifest,
+        now: Timestamp,
+    ) -> Result<Option<PutManifestOutcome>>;
+    /// Points `tag` at manifest `digest`, which must be in `repo`. Returns the previous
+    /// target; [`Error::ManifestUnknown`] if the manifest is not there.
+    async fn set_tag(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> Result<Option<Digest>>;
+    /// Removes a tag; returns what it pointed at.
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>>;
+    /// Unlinks a manifest from `repo` with every tag pointing at it, releasing the counts
+    /// it held on blobs and children and removing it from the referrers index.
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest)
+    -> Result<Option<DeletedManifest>>;
+
+    /// Removes a blob link if, at the moment of the change, no manifest references it and
+    /// `protected_at <= cutoff`. Returns whether it was removed.
+    async fn collect_blob_link(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        cutoff: Timestamp,
+    ) -> Result<bool>;
+    /// Moves a blob record with no links to `Deleting` (or confirms it already is).
+    /// Returns its record if the caller may now delete the bytes.
+    async fn begin_blob_deletion(&self, digest: &Digest) -> Result<Option<BlobRecord>>;
+    /// Removes a `Deleting` blob record once its bytes are gone.
+    async fn finish_blob_deletion(&self, digest: &Digest) -> Result<bool>;
+}
+
+/// A blob store and a metadata store that belong together.
+#[derive(Clone)]
+pub struct Storage {
+    /// The bytes.
+    pub blobs: Arc<dyn BlobStore>,
+    /// The metadata.
+    pub metadata: Arc<dyn MetadataStore>,
+}
+
+impl fmt::Debug for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Storage").finish_non_exhaustive()
+    }
+}
+
+/// Turns anything displayable into a storage error (for adapters).
+pub fn storage_error(e: impl fmt::Display) -> Error {
+    Error::storage(e.to_string())
+}
