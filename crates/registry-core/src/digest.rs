@@ -78,7 +78,9 @@ impl Digest {
         let Some((algorithm, hex)) = s.split_once(':') else {
             return Err(InvalidInput::Digest(truncate(s)));
         };
-        let algorithm = if algorithm.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        let algorithm = if algorithm
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
             && !algorithm.is_empty()
         {
             algorithm.parse::<Algorithm>()?
@@ -86,7 +88,9 @@ impl Digest {
             return Err(InvalidInput::Digest(truncate(s)));
         };
         if hex.len() != algorithm.hex_len()
-            || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {
             return Err(InvalidInput::Digest(truncate(s)));
         }
@@ -295,10 +299,7 @@ mod tests {
         assert!(d.verify(b""));
         assert!(!d.verify(b"x"));
         let long = format!("sha512:{}", "a".repeat(128));
-        assert_eq!(
-            Digest::parse(&long).unwrap().algorithm(),
-            Algorithm::Sha512
-        );
+        assert_eq!(Digest::parse(&long).unwrap().algorithm(), Algorithm::Sha512);
     }
 
     #[test]

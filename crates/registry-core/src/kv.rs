@@ -234,7 +234,9 @@ fn add_blob_link(t: &mut dyn KvWrite, d: &Digest, size: u64, now: Timestamp) -> 
 fn release_blob_link(t: &mut dyn KvWrite, d: &Digest) -> Result<()> {
     let k = key(&[d.as_str()]);
     let Some(mut rec) = get::<BlobRecord>(t, Table::Blobs, &k)? else {
-        return Err(Error::storage(format!("blob record {d} missing while releasing a link")));
+        return Err(Error::storage(format!(
+            "blob record {d} missing while releasing a link"
+        )));
     };
     rec.links = rec.links.saturating_sub(1);
     if rec.links == 0 {
@@ -339,7 +341,9 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
 
     async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobLink>> {
         let k = key(&[repo.as_str(), digest.as_str()]);
-        self.engine.read(move |t| get(t, Table::BlobLinks, &k)).await
+        self.engine
+            .read(move |t| get(t, Table::BlobLinks, &k))
+            .await
     }
 
     async fn blob_repositories(
@@ -362,7 +366,9 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
 
     async fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>> {
         let k = key(&[repo.as_str(), digest.as_str()]);
-        self.engine.read(move |t| get(t, Table::Manifests, &k)).await
+        self.engine
+            .read(move |t| get(t, Table::Manifests, &k))
+            .await
     }
 
     async fn tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
@@ -656,8 +662,9 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                             child.parents += 1;
                             put(t, Table::Manifests, &ck, &child)?;
                         }
-                        add_blob_link(t, &d, record.size, now)?
-                            .ok_or_else(|| Error::storage("blob record changed state mid-transaction"))?;
+                        add_blob_link(t, &d, record.size, now)?.ok_or_else(|| {
+                            Error::storage("blob record changed state mid-transaction")
+                        })?;
                         if let (Some(subject), Some(descriptor)) = (&record.subject, referrer) {
                             put(
                                 t,

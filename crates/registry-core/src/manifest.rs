@@ -123,9 +123,9 @@ struct Probe {
 
 fn kind_of(media_type: &str) -> ManifestKind {
     match media_type {
-        media_type::OCI_MANIFEST | media_type::DOCKER_MANIFEST | media_type::OCI_ARTIFACT_MANIFEST => {
-            ManifestKind::Image
-        }
+        media_type::OCI_MANIFEST
+        | media_type::DOCKER_MANIFEST
+        | media_type::OCI_ARTIFACT_MANIFEST => ManifestKind::Image,
         media_type::OCI_INDEX | media_type::DOCKER_MANIFEST_LIST => ManifestKind::Index,
         _ => ManifestKind::Opaque,
     }
@@ -162,7 +162,10 @@ impl ManifestInfo {
             let probe: Probe = serde_json::from_slice(bytes)
                 .map_err(|e| invalid(format!("manifest is not valid JSON: {e}")))?;
             check_agreement(declared, probe.media_type.as_deref())?;
-            return Ok(ManifestInfo::empty(declared.to_owned(), ManifestKind::Opaque));
+            return Ok(ManifestInfo::empty(
+                declared.to_owned(),
+                ManifestKind::Opaque,
+            ));
         }
         let raw: RawManifest = match serde_json::from_slice(bytes) {
             Ok(raw) => raw,
@@ -344,7 +347,10 @@ mod tests {
             (media_type::OCI_MANIFEST, "not json"),
             (media_type::OCI_MANIFEST, "[]"),
             (media_type::OCI_MANIFEST, r#"{"schemaVersion":2}"#),
-            (media_type::OCI_MANIFEST, r#"{"schemaVersion":1,"config":{},"layers":[]}"#),
+            (
+                media_type::OCI_MANIFEST,
+                r#"{"schemaVersion":1,"config":{},"layers":[]}"#,
+            ),
             (media_type::OCI_INDEX, r#"{"schemaVersion":2}"#),
             (
                 media_type::OCI_INDEX,
@@ -365,8 +371,8 @@ mod tests {
 
     #[test]
     fn unknown_media_types_are_opaque() {
-        let info =
-            ManifestInfo::inspect("application/x-custom+json", br#"{"layers":"whatever"}"#).unwrap();
+        let info = ManifestInfo::inspect("application/x-custom+json", br#"{"layers":"whatever"}"#)
+            .unwrap();
         assert_eq!(info.kind, ManifestKind::Opaque);
         assert!(info.blob_references().is_empty());
         assert!(ManifestInfo::inspect("application/x-custom+json", b"{").is_err());

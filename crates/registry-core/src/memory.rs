@@ -102,7 +102,13 @@ impl KvRead for ReadTxn<'_> {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.0[table.index()].get(key).cloned())
     }
-    fn scan(&self, table: Table, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KvPair>> {
+    fn scan(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KvPair>> {
         Ok(scan_map(&self.0[table.index()], prefix, after, limit))
     }
     fn count(&self, table: Table) -> Result<u64> {
@@ -119,7 +125,13 @@ impl KvRead for WriteTxn<'_> {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.tables[table.index()].get(key).cloned())
     }
-    fn scan(&self, table: Table, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KvPair>> {
+    fn scan(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KvPair>> {
         Ok(scan_map(&self.tables[table.index()], prefix, after, limit))
     }
     fn count(&self, table: Table) -> Result<u64> {
@@ -243,9 +255,9 @@ impl MemoryBlobStore {
 
     fn upload_mut<R>(&self, id: &UploadId, f: impl FnOnce(&mut Upload) -> Result<R>) -> Result<R> {
         let mut uploads = self.uploads.lock().map_err(poisoned)?;
-        let upload = uploads.get_mut(id).ok_or_else(|| Error::UploadUnknown {
-            id: id.to_string(),
-        })?;
+        let upload = uploads
+            .get_mut(id)
+            .ok_or_else(|| Error::UploadUnknown { id: id.to_string() })?;
         f(upload)
     }
 }
@@ -253,7 +265,12 @@ impl MemoryBlobStore {
 #[async_trait]
 impl BlobStore for MemoryBlobStore {
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
-        Ok(self.blobs.read().map_err(poisoned)?.get(digest).map(|c| c.len))
+        Ok(self
+            .blobs
+            .read()
+            .map_err(poisoned)?
+            .get(digest)
+            .map(|c| c.len))
     }
 
     async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<BlobRead>> {
@@ -274,7 +291,12 @@ impl BlobStore for MemoryBlobStore {
     }
 
     async fn delete(&self, digest: &Digest) -> Result<bool> {
-        Ok(self.blobs.write().map_err(poisoned)?.remove(digest).is_some())
+        Ok(self
+            .blobs
+            .write()
+            .map_err(poisoned)?
+            .remove(digest)
+            .is_some())
     }
 
     async fn list(&self) -> Result<BoxStream<'static, Result<Digest>>> {
@@ -303,13 +325,18 @@ impl BlobStore for MemoryBlobStore {
     }
 
     async fn upload_info(&self, id: &UploadId) -> Result<Option<UploadInfo>> {
-        Ok(self.uploads.lock().map_err(poisoned)?.get(id).map(|u| UploadInfo {
-            id: id.clone(),
-            repo: u.repo.clone(),
-            len: u.data.len,
-            started_at: u.started_at,
-            updated_at: u.updated_at,
-        }))
+        Ok(self
+            .uploads
+            .lock()
+            .map_err(poisoned)?
+            .get(id)
+            .map(|u| UploadInfo {
+                id: id.clone(),
+                repo: u.repo.clone(),
+                len: u.data.len,
+                started_at: u.started_at,
+                updated_at: u.updated_at,
+            }))
     }
 
     async fn append_upload(

@@ -337,8 +337,14 @@ pub struct GcReport {
 
 /// What to link once bytes are committed.
 enum LinkStep<'a> {
-    Blob { repo: &'a RepoName, size: u64 },
-    Manifest { repo: &'a RepoName, manifest: NewManifest },
+    Blob {
+        repo: &'a RepoName,
+        size: u64,
+    },
+    Manifest {
+        repo: &'a RepoName,
+        manifest: NewManifest,
+    },
 }
 
 /// A stream adapter failure, recorded so that the typed error survives the trip
@@ -402,16 +408,28 @@ impl Registry {
     /// Starts an upload session in `repo`, hashing with `algorithm` (the digest the
     /// client will claim at the end normally uses it; another algorithm still works, at
     /// the cost of re-reading the upload).
-    pub async fn start_upload(&self, repo: &RepoName, algorithm: Algorithm) -> Result<UploadStatus> {
+    pub async fn start_upload(
+        &self,
+        repo: &RepoName,
+        algorithm: Algorithm,
+    ) -> Result<UploadStatus> {
         let id = UploadId::random();
-        self.inner.blobs.create_upload(&id, repo, self.now()).await?;
+        self.inner
+            .blobs
+            .create_upload(&id, repo, self.now())
+            .await?;
         self.hashers().insert(id.clone(), Hasher::new(algorithm));
         Ok(UploadStatus { id, offset: 0 })
     }
 
     async fn session(&self, repo: &RepoName, id: &UploadId) -> Result<UploadInfo> {
         let unknown = || Error::UploadUnknown { id: id.to_string() };
-        let info = self.inner.blobs.upload_info(id).await?.ok_or_else(unknown)?;
+        let info = self
+            .inner
+            .blobs
+            .upload_info(id)
+            .await?
+            .ok_or_else(unknown)?;
         if &info.repo != repo {
             return Err(unknown());
         }
@@ -459,7 +477,13 @@ impl Registry {
         let hasher = self.hashers().remove(id).filter(|h| h.len() == info.len);
         let hasher = Arc::new(Mutex::new(hasher));
         let failure = FailureCell::default();
-        let stream = self.guard_stream(data, info.len, declared_len, hasher.clone(), failure.clone());
+        let stream = self.guard_stream(
+            data,
+            info.len,
+            declared_len,
+            hasher.clone(),
+            failure.clone(),
+        );
         let result = self
             .inner
             .blobs
@@ -527,7 +551,10 @@ impl Registry {
                     return Some((Err(fail(e)), (data, received, true)));
                 }
                 if already.saturating_add(received) > limit {
-                    let e = Error::TooLarge { what: "blob", limit };
+                    let e = Error::TooLarge {
+                        what: "blob",
+                        limit,
+                    };
                     return Some((Err(fail(e)), (data, received, true)));
                 }
                 if let Some(h) = hasher.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
@@ -549,7 +576,8 @@ impl Registry {
         last_chunk: Option<(ByteStream, Option<u64>)>,
     ) -> Result<BlobInfo> {
         if let Some((data, declared_len)) = last_chunk {
-            self.append_upload(repo, id, None, declared_len, data).await?;
+            self.append_upload(repo, id, None, declared_len, data)
+                .await?;
         }
         let info = self.session(repo, id).await?;
         let hasher = self
@@ -624,9 +652,13 @@ impl Registry {
     /// Commits upload `id` as blob `digest` and links it, following the protocol of
     /// `docs/design.md` (bytes first; help finish a concurrent collection of the same
     /// digest; confirm the bytes after linking, since a link pins them).
-    async fn commit_and_link(&self, id: &UploadId, digest: &Digest, step: LinkStep<'_>) -> Result<()> {
+    async fn commit_and_link(
+        &self,
+        id: &UploadId,
+        digest: &Digest,
+        step: LinkStep<'_>,
+    ) -> Result<()> {
         let blobs = &self.inner.blobs;
-        let meta = &self.inner.meta;
         let mut manifest = match &step {
             LinkStep::Manifest { manifest, .. } => Some(manifest.clone()),
             LinkStep::Blob { .. } => None,
@@ -634,21 +666,20 @@ impl Registry {
         let mut linked = None;
         for _ in 0..COMMIT_ATTEMPTS {
             self.finish_pending_deletion(digest).await?;
-            blobs.commit_upload(id, digest).await?;
-            let done = match &step {
-                LinkStep::Blob { repo, size } => {
-                    meta.link_blob(repo, digest, *size, self.now()).await? != LinkOutcome::BlobDeleting
+            let committed = blobs.commit_upload(id, digest).await?;
+            let done = match self.link_step(digest, &step, &manifest).await {
+                Ok(done) => done,
+                Err(e) => {
+                    self.drop_unlinked_bytes(digest, committed).await;
+                    return Err(e);
                 }
-                LinkStep::Manifest { repo, .. } => {
-                    let m = manifest.clone().expect("set for manifest steps");
-                    match meta.put_manifest(repo, m, self.now()).await? {
-                        Some(outcome) => {
-                            linked = Some(outcome);
-                            true
-                        }
-                        None => false,
-                    }
+            };
+            let done = match done {
+                Some(outcome) => {
+                    linked = outcome;
+                    true
                 }
+                None => false,
             };
             if done {
                 // The link now pins the record; if a collection deleted the bytes between
@@ -676,12 +707,56 @@ impl Registry {
         )))
     }
 
+    /// Runs the metadata half of a commit. `Ok(None)`: the bytes are being collected;
+    /// finish that and retry. `Ok(Some(outcome))`: linked (`outcome` for manifests).
+    async fn link_step(
+        &self,
+        digest: &Digest,
+        step: &LinkStep<'_>,
+        manifest: &Option<NewManifest>,
+    ) -> Result<Option<Option<crate::store::PutManifestOutcome>>> {
+        let meta = &self.inner.meta;
+        match step {
+            LinkStep::Blob { repo, size } => Ok(
+                match meta.link_blob(repo, digest, *size, self.now()).await? {
+                    LinkOutcome::Linked { .. } => Some(None),
+                    LinkOutcome::BlobDeleting => None,
+                },
+            ),
+            LinkStep::Manifest { repo, .. } => {
+                let m = manifest.clone().expect("set for manifest steps");
+                Ok(meta.put_manifest(repo, m, self.now()).await?.map(Some))
+            }
+        }
+    }
+
+    /// After a refused link (a manifest with a missing blob, say), removes bytes this
+    /// commit stored if no record claims them, so a refusal leaves nothing behind. A
+    /// concurrent committer of the same digest is safe: it re-commits after linking.
+    async fn drop_unlinked_bytes(&self, digest: &Digest, committed: crate::store::CommitOutcome) {
+        if committed != crate::store::CommitOutcome::Stored {
+            return;
+        }
+        let result = async {
+            if self.inner.meta.blob(digest).await?.is_none() {
+                self.inner.blobs.delete(digest).await?;
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        if let Err(e) = result {
+            // Orphaned bytes are harmless; the collector's orphan scan reclaims them.
+            tracing::warn!(%digest, error = %e, "could not remove bytes of a refused commit");
+        }
+    }
+
     /// If `digest`'s record is `Deleting`, finish that deletion (any process may).
     async fn finish_pending_deletion(&self, digest: &Digest) -> Result<bool> {
         match self.inner.meta.blob(digest).await? {
-            Some(rec) if rec.state == crate::store::BlobState::Deleting => {
-                self.delete_unlinked_blob(digest).await.map(|freed| freed.is_some())
-            }
+            Some(rec) if rec.state == crate::store::BlobState::Deleting => self
+                .delete_unlinked_blob(digest)
+                .await
+                .map(|freed| freed.is_some()),
             _ => Ok(false),
         }
     }
@@ -735,7 +810,11 @@ impl Registry {
         }
     }
 
-    async fn readable_holder(&self, digest: &Digest, access: &dyn ReadAccess) -> Result<Option<RepoName>> {
+    async fn readable_holder(
+        &self,
+        digest: &Digest,
+        access: &dyn ReadAccess,
+    ) -> Result<Option<RepoName>> {
         let mut after: Option<RepoName> = None;
         loop {
             let page = self
@@ -939,7 +1018,11 @@ impl Registry {
     }
 
     /// A manifest's digest, media type and size.
-    pub async fn stat_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<ManifestMeta> {
+    pub async fn stat_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<ManifestMeta> {
         let rec = self.resolve(repo, reference).await?;
         Ok(ManifestMeta {
             digest: rec.digest,
@@ -1122,9 +1205,9 @@ impl Registry {
             let exhausted = page.len() < n + 1;
             after = page.last().map(|r| r.digest.clone());
             items.extend(
-                page.into_iter()
-                    .map(|r| r.descriptor)
-                    .filter(|d| artifact_type.is_none_or(|a| d.artifact_type.as_deref() == Some(a))),
+                page.into_iter().map(|r| r.descriptor).filter(|d| {
+                    artifact_type.is_none_or(|a| d.artifact_type.as_deref() == Some(a))
+                }),
             );
             if items.len() > n || exhausted {
                 break;
@@ -1141,7 +1224,9 @@ impl Registry {
     /// pushes and pulls go on meanwhile. See `docs/design.md`.
     pub async fn collect_garbage(&self, options: &GcOptions) -> Result<GcReport> {
         let started = Instant::now();
-        let window = options.window.unwrap_or(self.inner.config.protection_window);
+        let window = options
+            .window
+            .unwrap_or(self.inner.config.protection_window);
         let now = self.now();
         let cutoff = now.saturating_sub(window);
         let meta = &self.inner.meta;

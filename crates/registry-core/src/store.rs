@@ -34,8 +34,7 @@ impl UploadId {
     pub fn parse(s: &str) -> Option<Self> {
         let ok = !s.is_empty()
             && s.len() <= 64
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         ok.then(|| UploadId(s.into()))
     }
@@ -351,8 +350,11 @@ pub trait MetadataStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ManifestRecord>>;
     /// Repositories in lexical order, strictly after `after`, at most `limit`.
-    async fn list_repositories(&self, after: Option<&RepoName>, limit: usize)
-    -> Result<Vec<RepoName>>;
+    async fn list_repositories(
+        &self,
+        after: Option<&RepoName>,
+        limit: usize,
+    ) -> Result<Vec<RepoName>>;
     /// Manifests in `repo` whose subject is `subject`, in digest order.
     async fn list_referrers(
         &self,
@@ -395,8 +397,12 @@ pub trait MetadataStore: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<Option<LinkOutcome>>;
     /// Sets an existing link's `protected_at` to `now`; `false` if there is no link.
-    async fn touch_blob_link(&self, repo: &RepoName, digest: &Digest, now: Timestamp)
-    -> Result<bool>;
+    async fn touch_blob_link(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        now: Timestamp,
+    ) -> Result<bool>;
     /// Removes a repository's link to a blob (manifests referencing it keep their counts;
     /// the link is simply no longer readable). `false` if there was none.
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
@@ -420,8 +426,11 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>>;
     /// Unlinks a manifest from `repo` with every tag pointing at it, releasing the counts
     /// it held on blobs and children and removing it from the referrers index.
-    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest)
-    -> Result<Option<DeletedManifest>>;
+    async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<DeletedManifest>>;
 
     /// Removes a blob link if, at the moment of the change, no manifest references it and
     /// `protected_at <= cutoff`. Returns whether it was removed.

@@ -8,18 +8,26 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the Unix epoch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Timestamp(pub u64);
 
 impl Timestamp {
     /// The timestamp `d` earlier, saturating at the epoch.
     pub fn saturating_sub(self, d: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_sub(d.as_millis().min(u64::MAX as u128) as u64))
+        Timestamp(
+            self.0
+                .saturating_sub(d.as_millis().min(u64::MAX as u128) as u64),
+        )
     }
 
     /// The timestamp `d` later, saturating.
     pub fn saturating_add(self, d: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_add(d.as_millis().min(u64::MAX as u128) as u64))
+        Timestamp(
+            self.0
+                .saturating_add(d.as_millis().min(u64::MAX as u128) as u64),
+        )
     }
 
     /// Time elapsed from `earlier` to `self` (zero if `earlier` is later).
