@@ -1,0 +1,128 @@
+//! Micro-benchmarks of the hot core paths on the in-memory store:
+//! `cargo bench -p registry-benches --bench core`.
+
+use std::hint::black_box;
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use futures::StreamExt;
+use futures::stream;
+use registry_core::{
+    Digest, ManifestInfo, PutManifestOptions, Reference, Registry, RepoName, Tag, media_type,
+};
+
+const MANIFEST: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824","size":5},{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:486ea46224d1bb4fb680f34f7c9ad96a8f24ec88be73ea8e5a6c65260e9cb8a7","size":5}],"annotations":{"org.opencontainers.image.created":"2026-11-23T00:00:00Z"}}"#;
+
+fn parsing(c: &mut Criterion) {
+    let mut g = c.benchmark_group("parse");
+    let d = Digest::sha256(b"x").to_string();
+    g.bench_function("digest", |b| {
+        b.iter(|| Digest::parse(black_box(&d)).unwrap())
+    });
+    g.bench_function("repo_name", |b| {
+        b.iter(|| RepoName::parse(black_box("my-org/team.x/app_name")).unwrap())
+    });
+    g.bench_function("reference_tag", |b| {
+        b.iter(|| Reference::parse(black_box("v1.2.3-rc.1")).unwrap())
+    });
+    g.finish();
+}
+
+fn inspection(c: &mut Criterion) {
+    let mut g = c.benchmark_group("manifest");
+    g.throughput(Throughput::Bytes(MANIFEST.len() as u64));
+    g.bench_function("inspect_image", |b| {
+        b.iter(|| {
+            ManifestInfo::inspect(media_type::OCI_MANIFEST, black_box(MANIFEST.as_bytes())).unwrap()
+        })
+    });
+    g.finish();
+    let mut g = c.benchmark_group("hash");
+    let mib = vec![7u8; 1 << 20];
+    g.throughput(Throughput::Bytes(mib.len() as u64));
+    g.bench_function("sha256_1MiB", |b| {
+        b.iter(|| Digest::sha256(black_box(&mib)))
+    });
+    g.finish();
+}
+
+fn body(data: &Bytes) -> registry_core::ByteStream {
+    stream::iter([Ok(data.clone())]).boxed()
+}
+
+fn memory_store(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("memory_store");
+
+    g.bench_function("registry_ready_and_dropped", |b| {
+        b.iter(|| drop(black_box(Registry::in_memory())))
+    });
+
+    let registry = Registry::in_memory();
+    let repo = RepoName::parse("bench/app").unwrap();
+    let blob = Bytes::from(vec![1u8; 64 * 1024]);
+    let blob_digest = Digest::sha256(&blob);
+    g.throughput(Throughput::Bytes(blob.len() as u64));
+    g.bench_function("put_blob_64KiB", |b| {
+        b.iter(|| {
+            rt.block_on(registry.put_blob(
+                &repo,
+                &blob_digest,
+                Some(blob.len() as u64),
+                body(&blob),
+            ))
+            .unwrap()
+        })
+    });
+    g.bench_function("get_blob_64KiB", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let mut s = registry
+                    .get_blob(&repo, &blob_digest, None)
+                    .await
+                    .unwrap()
+                    .stream;
+                while let Some(c) = s.next().await {
+                    black_box(c.unwrap());
+                }
+            })
+        })
+    });
+
+    // A manifest referencing two small blobs, pushed under a fresh tag each time.
+    for data in [&b"{}"[..], b"hello", b"world"] {
+        let data = Bytes::copy_from_slice(data);
+        rt.block_on(registry.put_blob(&repo, &Digest::sha256(&data), None, body(&data)))
+            .unwrap();
+    }
+    let manifest = Bytes::from_static(MANIFEST.as_bytes());
+    g.throughput(Throughput::Elements(1));
+    let mut n = 0u64;
+    g.bench_function("put_manifest_new_tag", |b| {
+        b.iter(|| {
+            n += 1;
+            let tag = Reference::Tag(Tag::parse(&format!("t{n}")).unwrap());
+            rt.block_on(registry.put_manifest(
+                &repo,
+                &tag,
+                media_type::OCI_MANIFEST,
+                manifest.clone(),
+                PutManifestOptions::default(),
+            ))
+            .unwrap()
+        })
+    });
+    let by_tag = Reference::Tag(Tag::parse("t1").unwrap());
+    g.bench_function("get_manifest_by_tag", |b| {
+        b.iter(|| rt.block_on(registry.get_manifest(&repo, &by_tag)).unwrap())
+    });
+    g.bench_function("stat_manifest_by_tag", |b| {
+        b.iter(|| rt.block_on(registry.stat_manifest(&repo, &by_tag)).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, parsing, inspection, memory_store);
+criterion_main!(benches);

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite, from a machine with nothing but the Rust toolchain:
+# installs what the tests need (Debian and PyPI packages), then runs the gates of
+# STYLE.md, every Rust test (unit, behaviour suite, model, doc tests, crash tests),
+# and the real-client end-to-end checks against our own server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "installing test dependencies"
+scripts/install-test-deps.sh
+
+step "formatting"
+cargo fmt --all --check
+
+step "dependency directions"
+python3 scripts/check-deps.py
+
+step "clippy"
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+
+step "docs"
+RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --all-features --locked
+
+step "tests"
+cargo test --workspace --all-features --locked
+
+step "real clients end to end"
+scripts/e2e-clients.sh
