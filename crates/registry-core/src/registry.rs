@@ -343,7 +343,7 @@ enum LinkStep<'a> {
     },
     Manifest {
         repo: &'a RepoName,
-        manifest: NewManifest,
+        manifest: &'a NewManifest,
     },
 }
 
@@ -659,15 +659,11 @@ impl Registry {
         step: LinkStep<'_>,
     ) -> Result<()> {
         let blobs = &self.inner.blobs;
-        let mut manifest = match &step {
-            LinkStep::Manifest { manifest, .. } => Some(manifest.clone()),
-            LinkStep::Blob { .. } => None,
-        };
         let mut linked = None;
         for _ in 0..COMMIT_ATTEMPTS {
             self.finish_pending_deletion(digest).await?;
             let committed = blobs.commit_upload(id, digest).await?;
-            let done = match self.link_step(digest, &step, &manifest).await {
+            let done = match self.link_step(digest, &step).await {
                 Ok(done) => done,
                 Err(e) => {
                     self.drop_unlinked_bytes(digest, committed).await;
@@ -698,7 +694,6 @@ impl Registry {
                         });
                     }
                 }
-                manifest.take();
                 return Ok(());
             }
         }
@@ -713,7 +708,6 @@ impl Registry {
         &self,
         digest: &Digest,
         step: &LinkStep<'_>,
-        manifest: &Option<NewManifest>,
     ) -> Result<Option<Option<crate::store::PutManifestOutcome>>> {
         let meta = &self.inner.meta;
         match step {
@@ -723,10 +717,10 @@ impl Registry {
                     LinkOutcome::BlobDeleting => None,
                 },
             ),
-            LinkStep::Manifest { repo, .. } => {
-                let m = manifest.clone().expect("set for manifest steps");
-                Ok(meta.put_manifest(repo, m, self.now()).await?.map(Some))
-            }
+            LinkStep::Manifest { repo, manifest } => Ok(meta
+                .put_manifest(repo, (*manifest).clone(), self.now())
+                .await?
+                .map(Some)),
         }
     }
 
@@ -981,8 +975,15 @@ impl Registry {
             blobs
                 .append_upload(&id, 0, stream::iter([Ok(bytes)]).boxed(), self.now())
                 .await?;
-            self.commit_and_link(&id, &digest, LinkStep::Manifest { repo, manifest })
-                .await
+            self.commit_and_link(
+                &id,
+                &digest,
+                LinkStep::Manifest {
+                    repo,
+                    manifest: &manifest,
+                },
+            )
+            .await
         }
         .await;
         if result.is_err() {

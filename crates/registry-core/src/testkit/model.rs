@@ -375,7 +375,7 @@ async fn compare(r: &Registry, model: &Model, step: usize) -> Result<(), TestCas
             format!("step {step}: blob {d}: {rec:?}, model {n}")
         })?;
     }
-    for ((repo_name, d), _) in &model.manifests {
+    for (repo_name, d) in model.manifests.keys() {
         let rn = super::repo(repo_name);
         let rec = meta.manifest(&rn, d).await.unwrap();
         let tags = model
