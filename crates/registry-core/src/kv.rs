@@ -17,8 +17,9 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::names::{RepoName, Tag};
 use crate::store::{
-    BlobLink, BlobRecord, BlobState, DeletedManifest, LinkOutcome, ManifestRecord, MetaStats,
-    MetadataStore, NewManifest, PutManifestOutcome, Referrer, RepoRecord,
+    BlobLink, BlobRecord, BlobState, DeletedManifest, LinkOutcome, ManifestCollectRule,
+    ManifestRecord, MetaStats, MetadataStore, NewManifest, PutManifestOutcome, Referrer,
+    RepoRecord,
 };
 use crate::time::Timestamp;
 
@@ -209,11 +210,8 @@ fn parse_stored<T>(r: std::result::Result<T, crate::error::InvalidInput>) -> Res
 /// Adds one link to a blob record, creating it if needed. `None` if it is being deleted.
 fn add_blob_link(t: &mut dyn KvWrite, d: &Digest, size: u64, now: Timestamp) -> Result<Option<()>> {
     let k = key(&[d.as_str()]);
-    let mut rec: BlobRecord = match get(t, Table::Blobs, &k)? {
-        Some(BlobRecord {
-            state: BlobState::Deleting,
-            ..
-        }) => return Ok(None),
+    let mut rec: BlobRecord = match get::<BlobRecord>(t, Table::Blobs, &k)? {
+        Some(rec) if rec.state.is_deleting() => return Ok(None),
         Some(rec) => rec,
         None => BlobRecord {
             size,
@@ -330,6 +328,61 @@ fn point_tag(
     )?;
     rec.tags += 1;
     Ok(Some(old))
+}
+
+fn delete_manifest_txn(
+    t: &mut dyn KvWrite,
+    repo: &RepoName,
+    d: &Digest,
+) -> Result<Option<DeletedManifest>> {
+    let mk = key(&[repo.as_str(), d.as_str()]);
+    let Some(rec) = get::<ManifestRecord>(t, Table::Manifests, &mk)? else {
+        return Ok(None);
+    };
+    if rec.parents > 0 {
+        return Err(Error::InUse {
+            digest: d.clone(),
+            reason: format!(
+                "{} index manifest(s) in {repo} list this manifest; delete them first",
+                rec.parents
+            ),
+        });
+    }
+    let mut tags = Vec::new();
+    let tp = prefix(&[repo.as_str(), d.as_str()]);
+    for (k, _) in t.scan(Table::ManifestTags, &tp, None, usize::MAX)? {
+        let tag = parse_stored(Tag::parse(last_part(&k)?))?;
+        t.delete(Table::ManifestTags, &k)?;
+        t.delete(Table::Tags, &key(&[repo.as_str(), tag.as_str()]))?;
+        tags.push(tag);
+    }
+    for b in &rec.blobs {
+        let lk = key(&[repo.as_str(), b.as_str()]);
+        if let Some(mut link) = get::<BlobLink>(t, Table::BlobLinks, &lk)? {
+            link.manifest_refs = link.manifest_refs.saturating_sub(1);
+            if link.manifest_refs == 0 {
+                t.put(Table::LinkCandidates, &lk, b"")?;
+            }
+            put(t, Table::BlobLinks, &lk, &link)?;
+        }
+    }
+    for c in &rec.children {
+        let ck = key(&[repo.as_str(), c.as_str()]);
+        if let Some(mut child) = get::<ManifestRecord>(t, Table::Manifests, &ck)? {
+            child.parents = child.parents.saturating_sub(1);
+            put(t, Table::Manifests, &ck, &child)?;
+        }
+    }
+    if let Some(subject) = &rec.subject {
+        t.delete(
+            Table::Referrers,
+            &key(&[repo.as_str(), subject.as_str(), d.as_str()]),
+        )?;
+    }
+    t.delete(Table::Manifests, &mk)?;
+    release_blob_link(t, d)?;
+    adjust_repo(t, repo, 0, -1)?;
+    Ok(Some(DeletedManifest { record: rec, tags }))
 }
 
 #[async_trait]
@@ -511,10 +564,8 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                 loop {
                     let page = t.scan(Table::BlobCandidates, b"", after.as_deref(), 1024)?;
                     for (k, _) in &page {
-                        if let Some(BlobRecord {
-                            state: BlobState::Deleting,
-                            ..
-                        }) = get(t, Table::Blobs, k)?
+                        if get::<BlobRecord>(t, Table::Blobs, k)?
+                            .is_some_and(|rec| rec.state.is_deleting())
                         {
                             deleting += 1;
                         }
@@ -629,10 +680,8 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                     tags,
                 } = manifest;
                 let d = record.digest.clone();
-                if let Some(BlobRecord {
-                    state: BlobState::Deleting,
-                    ..
-                }) = get(t, Table::Blobs, &key(&[d.as_str()]))?
+                if get::<BlobRecord>(t, Table::Blobs, &key(&[d.as_str()]))?
+                    .is_some_and(|rec| rec.state.is_deleting())
                 {
                     return Ok(None);
                 }
@@ -751,55 +800,37 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
     ) -> Result<Option<DeletedManifest>> {
         let (repo, d) = (repo.clone(), digest.clone());
         self.engine
+            .write(move |t| delete_manifest_txn(t, &repo, &d))
+            .await
+    }
+
+    async fn collect_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        rule: ManifestCollectRule,
+    ) -> Result<Option<DeletedManifest>> {
+        let (repo, d) = (repo.clone(), digest.clone());
+        self.engine
             .write(move |t| {
                 let mk = key(&[repo.as_str(), d.as_str()]);
                 let Some(rec) = get::<ManifestRecord>(t, Table::Manifests, &mk)? else {
                     return Ok(None);
                 };
-                if rec.parents > 0 {
-                    return Err(Error::InUse {
-                        digest: d.clone(),
-                        reason: format!(
-                            "{} index manifest(s) in {repo} list this manifest; delete them first",
-                            rec.parents
-                        ),
-                    });
+                if rec.tags > 0 || rec.parents > 0 || rec.pushed_at > rule.cutoff {
+                    return Ok(None);
                 }
-                let mut tags = Vec::new();
-                let tp = prefix(&[repo.as_str(), d.as_str()]);
-                for (k, _) in t.scan(Table::ManifestTags, &tp, None, usize::MAX)? {
-                    let tag = parse_stored(Tag::parse(last_part(&k)?))?;
-                    t.delete(Table::ManifestTags, &k)?;
-                    t.delete(Table::Tags, &key(&[repo.as_str(), tag.as_str()]))?;
-                    tags.push(tag);
+                let collect = match &rec.subject {
+                    // A referrer lives as long as its subject, whatever the policy.
+                    Some(subject) => t
+                        .get(Table::Manifests, &key(&[repo.as_str(), subject.as_str()]))?
+                        .is_none(),
+                    None => rule.untagged,
+                };
+                if !collect {
+                    return Ok(None);
                 }
-                for b in &rec.blobs {
-                    let lk = key(&[repo.as_str(), b.as_str()]);
-                    if let Some(mut link) = get::<BlobLink>(t, Table::BlobLinks, &lk)? {
-                        link.manifest_refs = link.manifest_refs.saturating_sub(1);
-                        if link.manifest_refs == 0 {
-                            t.put(Table::LinkCandidates, &lk, b"")?;
-                        }
-                        put(t, Table::BlobLinks, &lk, &link)?;
-                    }
-                }
-                for c in &rec.children {
-                    let ck = key(&[repo.as_str(), c.as_str()]);
-                    if let Some(mut child) = get::<ManifestRecord>(t, Table::Manifests, &ck)? {
-                        child.parents = child.parents.saturating_sub(1);
-                        put(t, Table::Manifests, &ck, &child)?;
-                    }
-                }
-                if let Some(subject) = &rec.subject {
-                    t.delete(
-                        Table::Referrers,
-                        &key(&[repo.as_str(), subject.as_str(), d.as_str()]),
-                    )?;
-                }
-                t.delete(Table::Manifests, &mk)?;
-                release_blob_link(t, &d)?;
-                adjust_repo(t, &repo, 0, -1)?;
-                Ok(Some(DeletedManifest { record: rec, tags }))
+                delete_manifest_txn(t, &repo, &d)
             })
             .await
     }
@@ -825,26 +856,50 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
             .await
     }
 
-    async fn begin_blob_deletion(&self, digest: &Digest) -> Result<Option<BlobRecord>> {
+    async fn begin_blob_deletion(
+        &self,
+        digest: &Digest,
+        now: Timestamp,
+        lease: std::time::Duration,
+    ) -> Result<Option<BlobRecord>> {
         let k = key(&[digest.as_str()]);
         self.engine
-            .write(move |t| match get::<BlobRecord>(t, Table::Blobs, &k)? {
-                Some(rec) if rec.state == BlobState::Deleting => Ok(Some(rec)),
-                Some(mut rec) if rec.links == 0 => {
-                    rec.state = BlobState::Deleting;
-                    put(t, Table::Blobs, &k, &rec)?;
-                    Ok(Some(rec))
-                }
-                _ => Ok(None),
+            .write(move |t| {
+                let rec = match get::<BlobRecord>(t, Table::Blobs, &k)? {
+                    Some(rec) if rec.links > 0 => return Ok(None),
+                    Some(rec) => match rec.state {
+                        BlobState::Deleting { since } if since.saturating_add(lease) > now => {
+                            return Ok(None);
+                        }
+                        _ => rec,
+                    },
+                    // Orphan bytes (no record): claim them, so that an uploader committing
+                    // the same digest right now waits for us and re-commits after.
+                    None => {
+                        t.put(Table::BlobCandidates, &k, b"")?;
+                        BlobRecord {
+                            size: 0,
+                            links: 0,
+                            state: BlobState::Live,
+                            created_at: now,
+                        }
+                    }
+                };
+                let rec = BlobRecord {
+                    state: BlobState::Deleting { since: now },
+                    ..rec
+                };
+                put(t, Table::Blobs, &k, &rec)?;
+                Ok(Some(rec))
             })
             .await
     }
 
-    async fn finish_blob_deletion(&self, digest: &Digest) -> Result<bool> {
+    async fn finish_blob_deletion(&self, digest: &Digest, since: Timestamp) -> Result<bool> {
         let k = key(&[digest.as_str()]);
         self.engine
             .write(move |t| match get::<BlobRecord>(t, Table::Blobs, &k)? {
-                Some(rec) if rec.state == BlobState::Deleting => {
+                Some(rec) if rec.state == (BlobState::Deleting { since }) => {
                     t.delete(Table::Blobs, &k)?;
                     t.delete(Table::BlobCandidates, &k)?;
                     Ok(true)

@@ -52,6 +52,7 @@
 pub mod digest;
 pub mod error;
 pub mod events;
+pub mod gc;
 pub mod kv;
 pub mod manifest;
 pub mod memory;
@@ -65,13 +66,14 @@ pub mod time;
 pub use digest::{Algorithm, Digest, Hasher};
 pub use error::{Error, InvalidInput, Result};
 pub use events::Event;
+pub use gc::{GcOptions, GcReport, UntaggedPolicy};
 pub use manifest::{Descriptor, ManifestInfo, ManifestKind, media_type};
 pub use memory::{MemoryBlobStore, MemoryKv, MemoryStore};
 pub use names::{Reference, RepoName, Tag};
 pub use registry::{
-    AllowAll, BlobBody, BlobInfo, GcOptions, GcReport, ListOptions, Manifest, ManifestMeta, Page,
-    PutManifestOptions, PutManifestResult, RangeRequest, ReadAccess, Registry, RegistryBuilder,
-    RegistryConfig, UploadStatus,
+    AllowAll, BlobBody, BlobInfo, ListOptions, Manifest, ManifestMeta, Page, PutManifestOptions,
+    PutManifestResult, RangeRequest, ReadAccess, Registry, RegistryBuilder, RegistryConfig,
+    UploadStatus,
 };
 pub use store::{BlobStore, ByteRange, ByteStream, MetadataStore, Storage, UploadId};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::{self, StreamExt};
@@ -28,6 +28,10 @@ pub const DEFAULT_UPLOAD_EXPIRY: Duration = Duration::from_secs(60 * 60);
 /// Default (and maximum) page size for tag, catalog and referrer listings.
 pub const DEFAULT_MAX_PAGE_SIZE: usize = 10_000;
 
+/// Default deletion lease: a byte deletion takes milliseconds; a holder silent for this
+/// long has crashed.
+pub const DEFAULT_DELETION_LEASE: Duration = Duration::from_secs(30);
+
 /// How many times a commit retries when it races with the collector on the same blob.
 const COMMIT_ATTEMPTS: usize = 8;
 
@@ -47,6 +51,9 @@ pub struct RegistryConfig {
     /// Hash full blob reads while streaming and fail the stream if the bytes do not
     /// match their digest (protects against storage corrupted behind our back).
     pub verify_reads: bool,
+    /// How long a collector's lease to delete a blob's bytes lasts before another
+    /// process may take it over (the holder is then presumed dead).
+    pub deletion_lease: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -58,6 +65,7 @@ impl Default for RegistryConfig {
             upload_expiry: DEFAULT_UPLOAD_EXPIRY,
             max_page_size: DEFAULT_MAX_PAGE_SIZE,
             verify_reads: true,
+            deletion_lease: DEFAULT_DELETION_LEASE,
         }
     }
 }
@@ -107,6 +115,11 @@ impl RegistryBuilder {
         self.config.verify_reads = on;
         self
     }
+    /// Sets the deletion lease (default 30 s).
+    pub fn with_deletion_lease(mut self, lease: Duration) -> Self {
+        self.config.deletion_lease = lease;
+        self
+    }
     /// Uses another clock (tests use [`ManualClock`](crate::ManualClock)).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
@@ -139,13 +152,13 @@ impl RegistryBuilder {
 /// reports failures as typed [`Error`]s.
 #[derive(Clone, Debug)]
 pub struct Registry {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    blobs: Arc<dyn BlobStore>,
-    meta: Arc<dyn MetadataStore>,
-    config: RegistryConfig,
+pub(crate) struct Inner {
+    pub(crate) blobs: Arc<dyn BlobStore>,
+    pub(crate) meta: Arc<dyn MetadataStore>,
+    pub(crate) config: RegistryConfig,
     clock: Arc<dyn Clock>,
     events: broadcast::Sender<Event>,
     /// Incremental hash state of upload sessions in this process. Lost on restart (the
@@ -309,32 +322,6 @@ impl<F: Fn(&RepoName) -> bool + Send + Sync> ReadAccess for F {
     }
 }
 
-/// Knobs for [`Registry::collect_garbage`].
-#[derive(Debug, Clone, Default)]
-pub struct GcOptions {
-    /// Protection window for this run (default: the registry's).
-    pub window: Option<Duration>,
-    /// Report what would be freed without freeing it.
-    pub dry_run: bool,
-}
-
-/// What a collection did (or, in a dry run, would do).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GcReport {
-    /// Unreferenced blob links removed.
-    pub links_removed: u64,
-    /// Blobs whose bytes were deleted.
-    pub blobs_deleted: u64,
-    /// Bytes freed.
-    pub bytes_freed: u64,
-    /// Blob links kept because they are still protected.
-    pub links_protected: u64,
-    /// Upload sessions expired.
-    pub uploads_expired: u64,
-    /// How long it took.
-    pub duration: Duration,
-}
-
 /// What to link once bytes are committed.
 enum LinkStep<'a> {
     Blob {
@@ -385,11 +372,11 @@ impl Registry {
         self.inner.events.subscribe()
     }
 
-    fn now(&self) -> Timestamp {
+    pub(crate) fn now(&self) -> Timestamp {
         self.inner.clock.now()
     }
 
-    fn emit(&self, event: Event) {
+    pub(crate) fn emit(&self, event: Event) {
         tracing::debug!(?event, "registry event");
         // No subscriber is not an error.
         let _ = self.inner.events.send(event);
@@ -440,7 +427,7 @@ impl Registry {
         Ok(info)
     }
 
-    async fn discard_upload(&self, id: &UploadId) -> Result<bool> {
+    pub(crate) async fn discard_upload(&self, id: &UploadId) -> Result<bool> {
         self.hashers().remove(id);
         self.inner.blobs.delete_upload(id).await
     }
@@ -661,7 +648,7 @@ impl Registry {
         let blobs = &self.inner.blobs;
         let mut linked = None;
         for _ in 0..COMMIT_ATTEMPTS {
-            self.finish_pending_deletion(digest).await?;
+            self.wait_for_deletion(digest).await?;
             let committed = blobs.commit_upload(id, digest).await?;
             let done = match self.link_step(digest, &step).await {
                 Ok(done) => done,
@@ -744,25 +731,49 @@ impl Registry {
         }
     }
 
-    /// If `digest`'s record is `Deleting`, finish that deletion (any process may).
-    async fn finish_pending_deletion(&self, digest: &Digest) -> Result<bool> {
-        match self.inner.meta.blob(digest).await? {
-            Some(rec) if rec.state == crate::store::BlobState::Deleting => self
-                .delete_unlinked_blob(digest)
-                .await
-                .map(|freed| freed.is_some()),
-            _ => Ok(false),
+    /// Waits while another collector holds a fresh deletion lease on `digest`; takes over
+    /// (and finishes) a stale one, whose holder is presumed dead.
+    async fn wait_for_deletion(&self, digest: &Digest) -> Result<()> {
+        let lease = self.inner.config.deletion_lease;
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match self.inner.meta.blob(digest).await? {
+                Some(rec) if rec.state.is_deleting() => {}
+                _ => return Ok(()),
+            }
+            if self.delete_unlinked_blob(digest).await?.is_some() {
+                continue;
+            }
+            // A lease is held for one byte deletion; waiting longer than the lease (in
+            // real time) means something is wrong: give up and let the client retry.
+            if started.elapsed() > lease + Duration::from_secs(1) {
+                return Err(Error::TooManyRequests {
+                    reason: format!("blob {digest} is being deleted; retry shortly"),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
 
-    /// Deletes the bytes of a blob with no links, if the metadata agrees; returns the
-    /// size freed.
-    async fn delete_unlinked_blob(&self, digest: &Digest) -> Result<Option<u64>> {
-        let Some(rec) = self.inner.meta.begin_blob_deletion(digest).await? else {
+    /// Deletes the bytes of a blob with no links if this caller obtains the deletion
+    /// lease; returns the size freed.
+    pub(crate) async fn delete_unlinked_blob(&self, digest: &Digest) -> Result<Option<u64>> {
+        let lease = self.inner.config.deletion_lease;
+        let Some(rec) = self
+            .inner
+            .meta
+            .begin_blob_deletion(digest, self.now(), lease)
+            .await?
+        else {
             return Ok(None);
         };
+        let crate::store::BlobState::Deleting { since } = rec.state else {
+            return Err(Error::storage("begin_blob_deletion returned a live record"));
+        };
         self.inner.blobs.delete(digest).await?;
-        self.inner.meta.finish_blob_deletion(digest).await?;
+        self.inner.meta.finish_blob_deletion(digest, since).await?;
         Ok(Some(rec.size))
     }
 
@@ -1215,80 +1226,6 @@ impl Registry {
             }
         }
         Ok(paginate(&mut items, n, |d| d.digest.to_string()))
-    }
-
-    // ----- collection -----
-
-    /// Reclaims space: removes blob links that no manifest references and whose
-    /// protection window has passed, then deletes the bytes of blobs left with no link,
-    /// and expires idle upload sessions. Each removal is one atomic check-and-delete, so
-    /// pushes and pulls go on meanwhile. See `docs/design.md`.
-    pub async fn collect_garbage(&self, options: &GcOptions) -> Result<GcReport> {
-        let started = Instant::now();
-        let window = options
-            .window
-            .unwrap_or(self.inner.config.protection_window);
-        let now = self.now();
-        let cutoff = now.saturating_sub(window);
-        let meta = &self.inner.meta;
-        let mut report = GcReport::default();
-
-        let mut after: Option<(RepoName, Digest)> = None;
-        loop {
-            let page = meta
-                .unreferenced_blob_links(after.as_ref().map(|(r, d)| (r, d)), 512)
-                .await?;
-            for (repo, digest, link) in &page {
-                if link.protected_at > cutoff {
-                    report.links_protected += 1;
-                } else if options.dry_run {
-                    report.links_removed += 1;
-                } else if meta.collect_blob_link(repo, digest, cutoff).await? {
-                    report.links_removed += 1;
-                    self.emit(Event::LinkCollected {
-                        repo: repo.clone(),
-                        digest: digest.clone(),
-                    });
-                }
-            }
-            if page.len() < 512 {
-                break;
-            }
-            after = page.last().map(|(r, d, _)| (r.clone(), d.clone()));
-        }
-
-        let mut after: Option<Digest> = None;
-        loop {
-            let page = meta.unlinked_blobs(after.as_ref(), 512).await?;
-            for (digest, rec) in &page {
-                if options.dry_run {
-                    report.blobs_deleted += 1;
-                    report.bytes_freed += rec.size;
-                } else if let Some(size) = self.delete_unlinked_blob(digest).await? {
-                    report.blobs_deleted += 1;
-                    report.bytes_freed += size;
-                    self.emit(Event::BlobCollected {
-                        digest: digest.clone(),
-                        size,
-                    });
-                }
-            }
-            if page.len() < 512 {
-                break;
-            }
-            after = page.last().map(|(d, _)| d.clone());
-        }
-
-        for upload in self.inner.blobs.list_uploads().await? {
-            if now.since(upload.updated_at) > self.inner.config.upload_expiry {
-                report.uploads_expired += 1;
-                if !options.dry_run {
-                    self.discard_upload(&upload.id).await?;
-                }
-            }
-        }
-        report.duration = started.elapsed();
-        Ok(report)
     }
 }
 

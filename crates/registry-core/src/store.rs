@@ -176,14 +176,35 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn list_uploads(&self) -> Result<Vec<UploadInfo>>;
 }
 
+/// When the collector may delete a manifest: see [`MetadataStore::collect_manifest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ManifestCollectRule {
+    /// Only manifests pushed at or before this time.
+    pub cutoff: Timestamp,
+    /// Also untagged manifests that are not referrers (the "collect untagged" policy).
+    pub untagged: bool,
+}
+
 /// Whether a blob record is live or being collected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BlobState {
     /// Readable; may gain links.
     Live,
-    /// The collector decided to delete the bytes; no link may be added until the
-    /// deletion finishes and the record is gone.
-    Deleting,
+    /// A collector holds a lease, taken at `since`, to delete the bytes; no link may be
+    /// added until the deletion finishes and the record is gone. Only the lease holder
+    /// deletes the bytes; a lease older than the deletion lease may be taken over (its
+    /// holder is presumed dead).
+    Deleting {
+        /// When the lease was taken; also the token that finishes the deletion.
+        since: Timestamp,
+    },
+}
+
+impl BlobState {
+    /// Whether a deletion is in progress.
+    pub fn is_deleting(&self) -> bool {
+        matches!(self, BlobState::Deleting { .. })
+    }
 }
 
 /// Registry-wide facts about one blob's bytes.
@@ -432,6 +453,17 @@ pub trait MetadataStore: Send + Sync + 'static {
         digest: &Digest,
     ) -> Result<Option<DeletedManifest>>;
 
+    /// Deletes a manifest (as [`delete_manifest`](Self::delete_manifest)) if, at the
+    /// moment of the change, it has no tags, no parent index, was pushed at or before
+    /// `rule.cutoff`, and either it is a referrer whose subject is not in the repository,
+    /// or it is not a referrer and `rule.untagged` is set.
+    async fn collect_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        rule: ManifestCollectRule,
+    ) -> Result<Option<DeletedManifest>>;
+
     /// Removes a blob link if, at the moment of the change, no manifest references it and
     /// `protected_at <= cutoff`. Returns whether it was removed.
     async fn collect_blob_link(
@@ -440,11 +472,20 @@ pub trait MetadataStore: Send + Sync + 'static {
         digest: &Digest,
         cutoff: Timestamp,
     ) -> Result<bool>;
-    /// Moves a blob record with no links to `Deleting` (or confirms it already is).
-    /// Returns its record if the caller may now delete the bytes.
-    async fn begin_blob_deletion(&self, digest: &Digest) -> Result<Option<BlobRecord>>;
-    /// Removes a `Deleting` blob record once its bytes are gone.
-    async fn finish_blob_deletion(&self, digest: &Digest) -> Result<bool>;
+    /// Takes the lease to delete a blob's bytes: moves a record with no links to
+    /// `Deleting { since: now }`; takes over a `Deleting` lease older than `lease`; when
+    /// there is no record at all (orphan bytes), creates one in `Deleting` (size 0).
+    /// Returns the record (with the new lease) if the caller may now delete the bytes;
+    /// `None` if it has links or another collector holds a fresh lease.
+    async fn begin_blob_deletion(
+        &self,
+        digest: &Digest,
+        now: Timestamp,
+        lease: std::time::Duration,
+    ) -> Result<Option<BlobRecord>>;
+    /// Removes a `Deleting { since }` record once its bytes are gone; `false` if the
+    /// record is not in that state with that `since` (the lease was taken over).
+    async fn finish_blob_deletion(&self, digest: &Digest, since: Timestamp) -> Result<bool>;
 }
 
 /// A blob store and a metadata store that belong together.

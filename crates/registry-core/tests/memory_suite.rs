@@ -19,3 +19,16 @@ fn model_based() {
         .unwrap_or(256);
     model::run(cases, fixture);
 }
+
+/// Concurrent pushers, deleters, tag movers and a zero-window collector; prints the
+/// operation counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stress_collection_under_load() {
+    let report = registry_core::testkit::stress::run(
+        MemoryStore::new().into_storage(),
+        registry_core::testkit::stress::StressConfig::default(),
+    )
+    .await;
+    println!("stress (memory): {report:?}");
+    assert!(report.pushes > 0 && report.collections > 0);
+}

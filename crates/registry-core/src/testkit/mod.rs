@@ -26,12 +26,15 @@ use futures::stream;
 
 use crate::digest::Digest;
 use crate::error::Error;
+use crate::gc::GcOptions;
 use crate::names::{Reference, RepoName, Tag};
-use crate::registry::{GcOptions, ListOptions, PutManifestOptions, Registry, RegistryBuilder};
+use crate::registry::{ListOptions, PutManifestOptions, Registry, RegistryBuilder};
 use crate::store::{ByteStream, MetaStats, Storage};
 use crate::time::{ManualClock, Timestamp};
 
+pub mod hooks;
 pub mod model;
+pub mod stress;
 pub mod suite;
 
 /// A fresh, empty store for one test, and whatever must live as long as it (a temporary
@@ -224,11 +227,16 @@ pub async fn assert_cleans_up(registry: &Registry) {
         let report = registry
             .collect_garbage(&GcOptions {
                 window: Some(std::time::Duration::ZERO),
-                dry_run: false,
+                orphans: true,
+                ..GcOptions::default()
             })
             .await
             .expect("collect");
-        if repos.items.is_empty() && report.blobs_deleted == 0 && report.links_removed == 0 {
+        if repos.items.is_empty()
+            && report.blobs_deleted == 0
+            && report.links_removed == 0
+            && report.orphans_deleted == 0
+        {
             break;
         }
     }
@@ -298,7 +306,14 @@ macro_rules! behaviour_suite {
             reference_counts,
             events_are_emitted,
             collection_respects_protection,
-            collection_races_with_commit,
+            collection_policies,
+            collection_finds_orphans,
+            race_upload_during_sweep,
+            race_manifest_put_vs_link_collection,
+            race_mount_vs_source_delete,
+            race_tag_move_during_collection,
+            race_two_collectors,
+            race_collector_crash_mid_sweep,
             cleanup_leaves_store_empty,
         );
     };

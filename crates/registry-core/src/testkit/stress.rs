@@ -1,0 +1,289 @@
+//! A bounded stress test of collection under load: concurrent pushers (images sharing
+//! base layers), deleters, tag movers and a collector looping with a zero window. It
+//! checks that no accepted manifest ever references a missing blob, that every pull of
+//! a live image verifies, and that after deleting everything storage is empty.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
+
+use super::*;
+use crate::manifest::media_type::OCI_MANIFEST;
+
+/// How much work to do; both bounds apply.
+#[derive(Debug, Clone)]
+pub struct StressConfig {
+    /// Concurrent pushers.
+    pub pushers: usize,
+    /// Images each pusher pushes.
+    pub images_per_pusher: usize,
+    /// Stop early after this long.
+    pub max_duration: Duration,
+}
+
+impl Default for StressConfig {
+    fn default() -> Self {
+        StressConfig {
+            pushers: 4,
+            images_per_pusher: 40,
+            max_duration: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Operation counts of a run.
+#[derive(Debug, Default)]
+pub struct StressReport {
+    /// Images accepted.
+    pub pushes: u64,
+    /// Manifest pushes refused because a collection removed an unprotected blob link
+    /// first (the client re-uploads and retries, as real clients do).
+    pub push_retries: u64,
+    /// Pulls of live images, each verified blob by blob.
+    pub pulls: u64,
+    /// Manifests deleted.
+    pub deletes: u64,
+    /// Tags moved.
+    pub tag_moves: u64,
+    /// Collections run.
+    pub collections: u64,
+    /// Blob bytes deleted by those collections.
+    pub blobs_collected: u64,
+    /// Full invariant checks run while the load went on.
+    pub checks: u64,
+}
+
+#[derive(Clone)]
+struct Image {
+    repo: RepoName,
+    digest: Digest,
+    blobs: Vec<Digest>,
+}
+
+const REPOS: [&str; 3] = ["stress/a", "stress/b", "stress/c"];
+
+#[derive(Default)]
+struct Counters {
+    pushes: AtomicU64,
+    push_retries: AtomicU64,
+    pulls: AtomicU64,
+    deletes: AtomicU64,
+    tag_moves: AtomicU64,
+    collections: AtomicU64,
+    blobs_collected: AtomicU64,
+    checks: AtomicU64,
+}
+
+/// Pulls an image and verifies the manifest and every blob against its digest.
+async fn pull_and_verify(r: &Registry, image: &Image) -> Result<(), String> {
+    let m = r
+        .get_manifest(&image.repo, &Reference::Digest(image.digest.clone()))
+        .await
+        .map_err(|e| format!("manifest {}: {e}", image.digest))?;
+    if !image.digest.verify(&m.bytes) {
+        return Err(format!("manifest {} bytes do not verify", image.digest));
+    }
+    for b in &image.blobs {
+        let data = read_blob(r, &image.repo, b)
+            .await
+            .map_err(|e| format!("blob {b} of {}: {e}", image.digest))?;
+        if !b.verify(&data) {
+            return Err(format!("blob {b} does not verify"));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the stress test on `storage` (which must start empty) and returns its counts.
+/// Panics on the first invariant violation.
+pub async fn run(storage: Storage, config: StressConfig) -> StressReport {
+    let r = Registry::builder(storage)
+        .with_protection_window(Duration::ZERO)
+        .build();
+    let deadline = Instant::now() + config.max_duration;
+    // Accepted images not yet deleted; deleters remove an entry before deleting it, and
+    // checks hold the lock, so every entry here must be fully readable.
+    let live: Arc<Mutex<BTreeMap<Digest, Image>>> = Arc::default();
+    let counters = Arc::new(Counters::default());
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let mut pushers = Vec::new();
+    for w in 0..config.pushers {
+        let (r, live, counters) = (r.clone(), live.clone(), counters.clone());
+        let images = config.images_per_pusher;
+        pushers.push(tokio::spawn(async move {
+            for i in 0..images {
+                if Instant::now() > deadline {
+                    break;
+                }
+                let repo = super::repo(REPOS[(w + i) % REPOS.len()]);
+                let base: [&[u8]; 2] = [b"shared base layer 0", b"shared base layer 1"];
+                let own = format!("layer of pusher {w} image {i}").into_bytes();
+                let cfg = format!("{{\"pusher\":{w},\"image\":{i}}}").into_bytes();
+                let layers: Vec<&[u8]> = vec![base[0], base[1], &own];
+                let manifest = image_manifest(&cfg, &layers);
+                let tag = super::tag(&format!("w{w}-{}", i % 4));
+                let mut attempts = 0;
+                let digest = loop {
+                    attempts += 1;
+                    assert!(attempts < 200, "push kept failing");
+                    push_blob(&r, &repo, &cfg).await;
+                    for l in &layers {
+                        push_blob(&r, &repo, l).await;
+                    }
+                    match r
+                        .put_manifest(
+                            &repo,
+                            &Reference::Tag(tag.clone()),
+                            OCI_MANIFEST,
+                            Bytes::from(manifest.clone()),
+                            PutManifestOptions::default(),
+                        )
+                        .await
+                    {
+                        Ok(res) => break res.digest,
+                        // With a zero window a collection may take a blob link between
+                        // the upload and the manifest: the push is refused, never
+                        // accepted incomplete. Clients retry from the uploads.
+                        Err(Error::ManifestBlobUnknown { .. }) => {
+                            counters.push_retries.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => panic!("push failed: {e}"),
+                    }
+                };
+                let image = Image {
+                    repo,
+                    digest: digest.clone(),
+                    blobs: std::iter::once(&cfg[..])
+                        .chain(layers.iter().copied())
+                        .map(Digest::sha256)
+                        .collect(),
+                };
+                let mut guard = live.lock().await;
+                pull_and_verify(&r, &image)
+                    .await
+                    .expect("pull right after push");
+                guard.insert(digest, image);
+                drop(guard);
+                counters.pushes.fetch_add(1, Ordering::Relaxed);
+                counters.pulls.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+
+    let deleter = {
+        let (r, live, counters, stop) = (r.clone(), live.clone(), counters.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let victim = {
+                    let mut guard = live.lock().await;
+                    let key = guard.keys().nth(n % guard.len().max(1)).cloned();
+                    // Keep about half the images alive so pulls have work to do.
+                    if guard.len() < 6 || n % 2 == 0 {
+                        None
+                    } else {
+                        key.and_then(|k| guard.remove(&k))
+                    }
+                };
+                if let Some(image) = victim {
+                    r.delete_manifest(&image.repo, &Reference::Digest(image.digest.clone()))
+                        .await
+                        .expect("delete a live manifest");
+                    counters.deletes.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+
+    let tag_mover = {
+        let (r, live, counters, stop) = (r.clone(), live.clone(), counters.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let guard = live.lock().await;
+                if let Some(image) = guard.values().nth(n % guard.len().max(1)).cloned() {
+                    let tag = super::tag(&format!("moving-{}", n % 3));
+                    r.tag_manifest(&image.repo, &tag, &image.digest)
+                        .await
+                        .expect("tag a live manifest");
+                    counters.tag_moves.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(guard);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+
+    let collector = {
+        let (r, counters, stop) = (r.clone(), counters.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let report = r
+                    .collect_garbage(&GcOptions {
+                        window: Some(Duration::ZERO),
+                        ..GcOptions::default()
+                    })
+                    .await
+                    .expect("collection");
+                counters.collections.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .blobs_collected
+                    .fetch_add(report.blobs_deleted, Ordering::Relaxed);
+                // Back to back, but not spinning: with a zero window, a collector that
+                // never pauses would refuse every push between its uploads and its
+                // manifest, forever.
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        })
+    };
+
+    let checker = {
+        let (r, live, counters, stop) = (r.clone(), live.clone(), counters.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let guard = live.lock().await;
+                for image in guard.values() {
+                    if let Err(e) = pull_and_verify(&r, image).await {
+                        panic!("a live image is broken while collections run: {e}");
+                    }
+                    counters.pulls.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(guard);
+                counters.checks.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    for p in pushers {
+        p.await.expect("pusher");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in [deleter, tag_mover, collector, checker] {
+        t.await.expect("worker");
+    }
+    for image in live.lock().await.values() {
+        pull_and_verify(&r, image)
+            .await
+            .expect("final verification");
+    }
+    assert_cleans_up(&r).await;
+    let c = &counters;
+    StressReport {
+        pushes: c.pushes.load(Ordering::Relaxed),
+        push_retries: c.push_retries.load(Ordering::Relaxed),
+        pulls: c.pulls.load(Ordering::Relaxed),
+        deletes: c.deletes.load(Ordering::Relaxed),
+        tag_moves: c.tag_moves.load(Ordering::Relaxed),
+        collections: c.collections.load(Ordering::Relaxed),
+        blobs_collected: c.blobs_collected.load(Ordering::Relaxed),
+        checks: c.checks.load(Ordering::Relaxed),
+    }
+}
