@@ -637,8 +637,8 @@ impl Registry {
     }
 
     /// Commits upload `id` as blob `digest` and links it, following the protocol of
-    /// `docs/design.md` (bytes first; help finish a concurrent collection of the same
-    /// digest; confirm the bytes after linking, since a link pins them).
+    /// `docs/design.md` §4.3 (bytes first; wait out a collector's deletion lease on the
+    /// same digest; confirm the bytes after linking, since a link pins them).
     async fn commit_and_link(
         &self,
         id: &UploadId,
