@@ -117,7 +117,7 @@ impl Registry {
             if now.since(upload.updated_at) > self.inner.config.upload_expiry {
                 report.uploads_expired += 1;
                 if !options.dry_run {
-                    self.discard_upload(&upload.id).await?;
+                    self.discard_upload(&upload.repo, &upload.id).await?;
                 }
             }
         }

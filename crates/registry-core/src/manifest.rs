@@ -391,6 +391,27 @@ mod tests {
         assert_eq!(info.blob_references(), vec![d("c")]);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn inspect_never_panics(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            ct in proptest::sample::select(vec![
+                "", media_type::OCI_MANIFEST, media_type::OCI_INDEX, media_type::DOCKER_MANIFEST,
+                media_type::DOCKER_MANIFEST_LIST, media_type::OCI_ARTIFACT_MANIFEST, "x/y",
+            ]),
+        ) {
+            let _ = ManifestInfo::inspect(ct, &bytes);
+        }
+
+        #[test]
+        fn inspect_json_shaped_input_never_panics(
+            body in r#"\{("(schemaVersion|mediaType|config|layers|manifests|subject|artifactType|annotations|digest|size)":(2|"[a-z0-9:./+]{0,70}"|\[\]|\{\}|null|-1|1e400),?){0,8}\}"#,
+        ) {
+            let _ = ManifestInfo::inspect("", body.as_bytes());
+            let _ = ManifestInfo::inspect(media_type::OCI_MANIFEST, body.as_bytes());
+        }
+    }
+
     #[test]
     fn deep_nesting_is_an_error_not_a_crash() {
         let body = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));

@@ -32,6 +32,11 @@ pub const DEFAULT_MAX_PAGE_SIZE: usize = 10_000;
 /// long has crashed.
 pub const DEFAULT_DELETION_LEASE: Duration = Duration::from_secs(30);
 
+/// Default limit on open upload sessions, in total.
+pub const DEFAULT_MAX_OPEN_UPLOADS: u64 = 10_000;
+/// Default limit on open upload sessions per repository.
+pub const DEFAULT_MAX_OPEN_UPLOADS_PER_REPO: u64 = 1_000;
+
 /// How many times a commit retries when it races with the collector on the same blob.
 const COMMIT_ATTEMPTS: usize = 8;
 
@@ -54,6 +59,10 @@ pub struct RegistryConfig {
     /// How long a collector's lease to delete a blob's bytes lasts before another
     /// process may take it over (the holder is then presumed dead).
     pub deletion_lease: Duration,
+    /// Most upload sessions open at once in this process, over all repositories.
+    pub max_open_uploads: u64,
+    /// Most upload sessions open at once in this process in one repository.
+    pub max_open_uploads_per_repo: u64,
 }
 
 impl Default for RegistryConfig {
@@ -66,6 +75,8 @@ impl Default for RegistryConfig {
             max_page_size: DEFAULT_MAX_PAGE_SIZE,
             verify_reads: true,
             deletion_lease: DEFAULT_DELETION_LEASE,
+            max_open_uploads: DEFAULT_MAX_OPEN_UPLOADS,
+            max_open_uploads_per_repo: DEFAULT_MAX_OPEN_UPLOADS_PER_REPO,
         }
     }
 }
@@ -120,6 +131,13 @@ impl RegistryBuilder {
         self.config.deletion_lease = lease;
         self
     }
+    /// Limits open upload sessions, in total and per repository (defaults 10,000 and
+    /// 1,000). Past them, new sessions get [`Error::TooManyRequests`].
+    pub fn with_max_open_uploads(mut self, total: u64, per_repo: u64) -> Self {
+        self.config.max_open_uploads = total;
+        self.config.max_open_uploads_per_repo = per_repo;
+        self
+    }
     /// Uses another clock (tests use [`ManualClock`](crate::ManualClock)).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
@@ -141,6 +159,7 @@ impl RegistryBuilder {
                 clock: self.clock,
                 events,
                 hashers: Mutex::new(HashMap::new()),
+                open_uploads: tokio::sync::Mutex::new(None),
             }),
         }
     }
@@ -164,6 +183,10 @@ pub(crate) struct Inner {
     /// Incremental hash state of upload sessions in this process. Lost on restart (the
     /// upload is then re-hashed from storage when it finishes).
     hashers: Mutex<HashMap<UploadId, Hasher>>,
+    /// Open upload sessions per repository, counted from storage on first use, then
+    /// kept up to date by this process (sessions of other processes sharing the store
+    /// are not seen: the limits are per process).
+    open_uploads: tokio::sync::Mutex<Option<HashMap<RepoName, u64>>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -400,13 +423,52 @@ impl Registry {
         repo: &RepoName,
         algorithm: Algorithm,
     ) -> Result<UploadStatus> {
+        self.reserve_upload_slot(repo).await?;
         let id = UploadId::random();
-        self.inner
-            .blobs
-            .create_upload(&id, repo, self.now())
-            .await?;
+        if let Err(e) = self.inner.blobs.create_upload(&id, repo, self.now()).await {
+            self.release_upload_slot(repo).await;
+            return Err(e);
+        }
         self.hashers().insert(id.clone(), Hasher::new(algorithm));
         Ok(UploadStatus { id, offset: 0 })
+    }
+
+    async fn reserve_upload_slot(&self, repo: &RepoName) -> Result<()> {
+        let mut open = self.inner.open_uploads.lock().await;
+        if open.is_none() {
+            let mut counts: HashMap<RepoName, u64> = HashMap::new();
+            for u in self.inner.blobs.list_uploads().await? {
+                *counts.entry(u.repo).or_default() += 1;
+            }
+            *open = Some(counts);
+        }
+        let counts = open.as_mut().expect("initialised above");
+        let total: u64 = counts.values().sum();
+        let here = counts.get(repo).copied().unwrap_or(0);
+        let config = &self.inner.config;
+        if total >= config.max_open_uploads {
+            return Err(Error::TooManyRequests {
+                reason: format!("{total} upload sessions are open; finish or cancel some"),
+            });
+        }
+        if here >= config.max_open_uploads_per_repo {
+            return Err(Error::TooManyRequests {
+                reason: format!("{here} upload sessions are open in {repo}; finish or cancel some"),
+            });
+        }
+        *counts.entry(repo.clone()).or_default() += 1;
+        Ok(())
+    }
+
+    async fn release_upload_slot(&self, repo: &RepoName) {
+        if let Some(counts) = self.inner.open_uploads.lock().await.as_mut() {
+            if let Some(n) = counts.get_mut(repo) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    counts.remove(repo);
+                }
+            }
+        }
     }
 
     async fn session(&self, repo: &RepoName, id: &UploadId) -> Result<UploadInfo> {
@@ -421,15 +483,19 @@ impl Registry {
             return Err(unknown());
         }
         if self.now().since(info.updated_at) > self.inner.config.upload_expiry {
-            self.discard_upload(id).await?;
+            self.discard_upload(repo, id).await?;
             return Err(unknown());
         }
         Ok(info)
     }
 
-    pub(crate) async fn discard_upload(&self, id: &UploadId) -> Result<bool> {
+    pub(crate) async fn discard_upload(&self, repo: &RepoName, id: &UploadId) -> Result<bool> {
         self.hashers().remove(id);
-        self.inner.blobs.delete_upload(id).await
+        let existed = self.inner.blobs.delete_upload(id).await?;
+        if existed {
+            self.release_upload_slot(repo).await;
+        }
+        Ok(existed)
     }
 
     /// The progress of an upload session.
@@ -576,7 +642,7 @@ impl Registry {
             None => self.rehash_upload(id, digest.algorithm()).await?,
         };
         if &actual != digest {
-            self.discard_upload(id).await?;
+            self.discard_upload(repo, id).await?;
             return Err(Error::DigestMismatch {
                 expected: digest.clone(),
                 actual,
@@ -591,6 +657,7 @@ impl Registry {
             },
         )
         .await?;
+        self.release_upload_slot(repo).await;
         self.emit(Event::BlobStored {
             repo: repo.clone(),
             digest: digest.clone(),
@@ -614,7 +681,7 @@ impl Registry {
     /// Cancels an upload session and frees what it received.
     pub async fn cancel_upload(&self, repo: &RepoName, id: &UploadId) -> Result<()> {
         self.session(repo, id).await?;
-        self.discard_upload(id).await?;
+        self.discard_upload(repo, id).await?;
         Ok(())
     }
 
@@ -631,7 +698,7 @@ impl Registry {
             .finish_upload(repo, &status.id, digest, Some((data, declared_len)))
             .await;
         if result.is_err() {
-            self.discard_upload(&status.id).await?;
+            self.discard_upload(repo, &status.id).await?;
         }
         result
     }

@@ -285,6 +285,7 @@ macro_rules! behaviour_suite {
             upload_cancel,
             upload_expiry,
             upload_resumes_without_hash_state,
+            upload_session_limits,
             blob_size_limit,
             blob_isolation_between_repositories,
             blob_delete_semantics,

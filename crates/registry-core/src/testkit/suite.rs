@@ -386,6 +386,42 @@ pub async fn upload_resumes_without_hash_state(f: Fixture) {
     assert_cleans_up(&r2).await;
 }
 
+/// Open upload sessions are limited per repository and in total; finishing or
+/// cancelling one frees its slot.
+pub async fn upload_session_limits(f: Fixture) {
+    let (b, _) = f.builder();
+    let r = b.with_max_open_uploads(3, 2).build();
+    let (a, b) = (repo("suite/limits-a"), repo("suite/limits-b"));
+    let a1 = r.start_upload(&a, Algorithm::Sha256).await.unwrap();
+    let _a2 = r.start_upload(&a, Algorithm::Sha256).await.unwrap();
+    let e = r.start_upload(&a, Algorithm::Sha256).await.unwrap_err();
+    assert!(matches!(e, Error::TooManyRequests { .. }), "{e:?}");
+    let b1 = r.start_upload(&b, Algorithm::Sha256).await.unwrap();
+    let e = r.start_upload(&b, Algorithm::Sha256).await.unwrap_err();
+    assert!(matches!(e, Error::TooManyRequests { .. }), "total: {e:?}");
+    r.cancel_upload(&a, &a1.id).await.unwrap();
+    let d = Digest::sha256(b"x");
+    r.finish_upload(&b, &b1.id, &d, Some((body(&[b"x"]), None)))
+        .await
+        .unwrap();
+    // A refused digest frees its slot too.
+    let e = r
+        .put_blob(&b, &Digest::sha256(b"y"), None, body(&[b"z"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::DigestMismatch { .. }), "{e:?}");
+    r.start_upload(&a, Algorithm::Sha256).await.unwrap();
+    r.start_upload(&b, Algorithm::Sha256).await.unwrap();
+    // A registry opened later over the same storage counts the sessions still open.
+    let (b2, _) = f.builder();
+    let r2 = b2.with_max_open_uploads(3, 2).build();
+    assert!(matches!(
+        r2.start_upload(&a, Algorithm::Sha256).await,
+        Err(Error::TooManyRequests { .. })
+    ));
+    assert_cleans_up(&r).await;
+}
+
 /// Blobs over the configured limit are refused, monolithic or chunked.
 pub async fn blob_size_limit(f: Fixture) {
     let (b, _) = f.builder();
