@@ -39,6 +39,12 @@ pub struct GcOptions {
     /// Also look for blob bytes that no record describes (left by a crash between an
     /// upload's commit and its link) and delete them. Lists every blob in storage.
     pub orphans: bool,
+    /// First run a mark and sweep over all metadata ([`MetadataStore::audit`]), which
+    /// recomputes every count from the links and repairs drift (reports it in a dry
+    /// run). Reads all metadata: run it occasionally, not on every collection.
+    ///
+    /// [`MetadataStore::audit`]: crate::MetadataStore::audit
+    pub audit: bool,
     /// Report what would be freed without freeing anything.
     pub dry_run: bool,
 }
@@ -60,6 +66,10 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Upload sessions expired.
     pub uploads_expired: u64,
+    /// Differences the audit found between stored counts and the links.
+    pub drift_found: u64,
+    /// Of those, how many it repaired.
+    pub drift_repaired: u64,
     /// Whether this was a dry run.
     pub dry_run: bool,
     /// How long it took.
@@ -70,7 +80,7 @@ impl std::fmt::Display for GcReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}{} manifests, {} links, {} blobs, {} orphans, {} bytes freed; {} links protected; {} uploads expired; {:.3}s",
+            "{}{} manifests, {} links, {} blobs, {} orphans, {} bytes freed; {} links protected; {} uploads expired; {} drift found, {} repaired; {:.3}s",
             if self.dry_run { "(dry run) " } else { "" },
             self.manifests_removed,
             self.links_removed,
@@ -79,6 +89,8 @@ impl std::fmt::Display for GcReport {
             self.bytes_freed,
             self.links_protected,
             self.uploads_expired,
+            self.drift_found,
+            self.drift_repaired,
             self.duration.as_secs_f64()
         )
     }
@@ -107,6 +119,14 @@ impl Registry {
             dry_run: options.dry_run,
             ..GcReport::default()
         };
+        if options.audit {
+            let audit = self.inner.meta.audit(!options.dry_run).await?;
+            for problem in &audit.problems {
+                tracing::warn!(%problem, "metadata drift");
+            }
+            report.drift_found = audit.problems.len() as u64;
+            report.drift_repaired = audit.repaired;
+        }
         self.collect_manifests(options, cutoff, &mut report).await?;
         self.collect_links(options, cutoff, &mut report).await?;
         self.collect_blobs(options, &mut report).await?;

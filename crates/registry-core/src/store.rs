@@ -321,6 +321,22 @@ pub struct MetaStats {
     pub repositories: u64,
 }
 
+/// What [`MetadataStore::audit`] found (and, when repairing, fixed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditReport {
+    /// Blob records examined.
+    pub blobs: u64,
+    /// Manifest links examined.
+    pub manifests: u64,
+    /// Repositories examined.
+    pub repositories: u64,
+    /// Every difference between the stored counts and indexes and what the links say,
+    /// one line each.
+    pub problems: Vec<String>,
+    /// How many of `problems` were repaired.
+    pub repaired: u64,
+}
+
 /// Result of [`MetadataStore::link_blob`] and friends when the blob is being collected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkOutcome {
@@ -399,6 +415,12 @@ pub trait MetadataStore: Send + Sync + 'static {
     ) -> Result<Vec<(Digest, BlobRecord)>>;
     /// Counts of everything stored.
     async fn stats(&self) -> Result<MetaStats>;
+    /// Mark and sweep: recomputes every count, reverse index and candidate entry from
+    /// the links themselves (C1–C6 of `docs/design.md`) and reports each difference.
+    /// With `repair`, fixes what can be derived from the links (counts, indexes, tags
+    /// to missing manifests); a manifest whose referenced blob link is missing breaks
+    /// invariant 2 and is reported, never silently changed.
+    async fn audit(&self, repair: bool) -> Result<AuditReport>;
 
     /// Links blob `digest` (whose bytes are committed) into `repo`, creating its blob
     /// record if needed and setting the link's `protected_at` to `now`.

@@ -221,6 +221,9 @@ impl MetadataStore for HookedMeta {
     async fn stats(&self) -> Result<MetaStats> {
         self.inner.stats().await
     }
+    async fn audit(&self, repair: bool) -> Result<AuditReport> {
+        self.inner.audit(repair).await
+    }
     async fn link_blob(
         &self,
         repo: &RepoName,

@@ -247,6 +247,8 @@ pub async fn assert_cleans_up(registry: &Registry) {
             .await
             .expect("delete upload");
     }
+    let audit = storage.metadata.audit(false).await.expect("audit");
+    assert!(audit.problems.is_empty(), "audit: {:?}", audit.problems);
     let stats = storage.metadata.stats().await.expect("stats");
     assert_eq!(stats, MetaStats::default(), "metadata left behind");
     let blobs: Vec<_> = storage

@@ -391,6 +391,10 @@ async fn compare(r: &Registry, model: &Model, step: usize) -> Result<(), TestCas
             format!("step {step}: manifest {repo_name} {d} unreadable")
         })?;
     }
+    let audit = meta.audit(false).await.unwrap();
+    check(audit.problems.is_empty(), || {
+        format!("step {step}: audit found {:?}", audit.problems)
+    })?;
     for ((repo_name, t), d) in &model.tags {
         let got = meta.tag(&super::repo(repo_name), &tag(t)).await.unwrap();
         check(got.as_ref() == Some(d), || {
