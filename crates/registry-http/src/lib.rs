@@ -1,1 +1,184 @@
-//! Placeholder.
+//! # registry-http
+//!
+//! The OCI distribution spec v1.1 as an axum [`Router`] over any
+//! [`registry_core::Registry`]: mount it in your own server, or serve it on a loopback
+//! port for tests. It knows OCI HTTP, never storage; registry errors become OCI error
+//! codes in one place ([`ApiError`]).
+//!
+//! Use it in your integration tests:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! use registry_core::Registry;
+//! use registry_http::{HttpConfig, serve_local};
+//!
+//! let server = serve_local(Registry::in_memory(), HttpConfig::default()).await?;
+//! println!("push to {}", server.url()); // http://127.0.0.1:PORT, e.g. for skopeo or oras
+//! // ... run your client against server.url() ...
+//! server.shutdown().await; // or just drop it
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Or mount it in your own axum application (it serves `/v2/...`):
+//!
+//! ```
+//! let app = axum::Router::new()
+//!     .route("/health", axum::routing::get(|| async { "ok" }))
+//!     .merge(registry_http::router(
+//!         registry_core::Registry::in_memory(),
+//!         registry_http::HttpConfig::default(),
+//!     ));
+//! # let _ = app;
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod routes;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use registry_core::Registry;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use error::ApiError;
+
+/// HTTP-level configuration. Storage limits (manifest and blob size, upload expiry)
+/// live in [`registry_core::RegistryConfig`].
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Prefix for `Location` headers (for example `https://registry.example.com`);
+    /// `None` sends paths, which clients resolve against the request URL.
+    pub base_url: Option<String>,
+    /// Whether manifest and blob deletes are allowed (otherwise 405 UNSUPPORTED).
+    pub deletes: bool,
+    /// Refuse every write with 405 UNSUPPORTED.
+    pub read_only: bool,
+    /// A request body that sends nothing for this long fails.
+    pub body_idle_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            base_url: None,
+            deletes: true,
+            read_only: false,
+            body_idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Sets the prefix of `Location` headers.
+    pub fn with_base_url(mut self, base_url: Option<String>) -> Self {
+        self.base_url = base_url;
+        self
+    }
+    /// Allows or refuses deletes.
+    pub fn with_deletes(mut self, on: bool) -> Self {
+        self.deletes = on;
+        self
+    }
+    /// Turns read-only mode on or off.
+    pub fn with_read_only(mut self, on: bool) -> Self {
+        self.read_only = on;
+        self
+    }
+    /// Sets the request body idle timeout.
+    pub fn with_body_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.body_idle_timeout = timeout;
+        self
+    }
+}
+
+/// The OCI distribution API over `registry`, as an axum router serving `/v2/...`.
+pub fn router(registry: Registry, config: HttpConfig) -> Router {
+    let state = routes::AppState { registry, config };
+    Router::new()
+        .route("/v2/", get(routes::base).head(routes::base))
+        .route("/v2", get(routes::base).head(routes::base))
+        .route("/v2/_catalog", get(routes::catalog))
+        .route("/v2/{*rest}", axum::routing::any(routes::dispatch))
+        .layer(axum::middleware::from_fn(routes::api_version_header))
+        .with_state(state)
+}
+
+/// A registry served on a loopback port, shut down gracefully when dropped.
+#[derive(Debug)]
+pub struct LocalServer {
+    addr: SocketAddr,
+    url: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl LocalServer {
+    /// The base URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting connections and waits for those in flight to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Serves `registry` on `127.0.0.1` with an ephemeral port, in a task on the current
+/// tokio runtime.
+pub async fn serve_local(registry: Registry, config: HttpConfig) -> std::io::Result<LocalServer> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    serve_on(listener, registry, config).await
+}
+
+/// Serves `registry` on an already bound listener, in a task on the current runtime.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    config: HttpConfig,
+) -> std::io::Result<LocalServer> {
+    let addr = listener.local_addr()?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let app = router(registry, config);
+    let task = tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "registry server failed");
+        }
+    });
+    Ok(LocalServer {
+        addr,
+        url: format!("http://{addr}"),
+        shutdown: Some(tx),
+        task: Some(task),
+    })
+}

@@ -1,0 +1,797 @@
+//! Request parsing and handlers: parse, call the core, render.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use futures::stream::{self, StreamExt};
+use registry_core::{
+    Algorithm, AllowAll, ByteStream, Digest, ListOptions, PutManifestOptions, RangeRequest,
+    Reference, Registry, RepoName, Tag, UploadId,
+};
+
+use crate::HttpConfig;
+use crate::error::{ApiError, upload_range};
+
+/// Shared state of the router.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) registry: Registry,
+    pub(crate) config: HttpConfig,
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+const DIGEST_HEADER: &str = "docker-content-digest";
+const UPLOAD_UUID_HEADER: &str = "docker-upload-uuid";
+
+/// What a `/v2/...` path names, with the repository name parsed out of it.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    Blob(String),
+    Uploads(Option<String>),
+    Manifest(String),
+    Tags,
+    Referrers(String),
+}
+
+/// Splits `<name>/<kind>/<rest>` at the last marker: repository names may contain any of
+/// the markers' words as components, but never after the endpoint.
+fn parse_path(rest: &str) -> Option<(&str, Target)> {
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return Some((name, Target::Tags));
+    }
+    let candidates = [("/blobs/", 0u8), ("/manifests/", 1), ("/referrers/", 2)];
+    let (idx, marker, kind) = candidates
+        .iter()
+        .filter_map(|(m, k)| rest.rfind(m).map(|i| (i, *m, *k)))
+        .max_by_key(|(i, _, _)| *i)?;
+    let name = &rest[..idx];
+    let tail = &rest[idx + marker.len()..];
+    let target = match kind {
+        0 => match tail.strip_prefix("uploads") {
+            Some("") | Some("/") => Target::Uploads(None),
+            Some(id) if id.starts_with('/') && !id[1..].contains('/') => {
+                Target::Uploads(Some(id[1..].to_owned()))
+            }
+            _ if tail.contains('/') => return None,
+            _ => Target::Blob(tail.to_owned()),
+        },
+        1 if !tail.contains('/') => Target::Manifest(tail.to_owned()),
+        2 if !tail.contains('/') => Target::Referrers(tail.to_owned()),
+        _ => return None,
+    };
+    Some((name, target))
+}
+
+fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "NAME_UNKNOWN", "no such endpoint")
+}
+
+fn query_pairs(req: &Request) -> Vec<(String, String)> {
+    req.uri()
+        .query()
+        .map(|q| {
+            q.split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    (percent_decode(k), percent_decode(v))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn first<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn content_length(h: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    match header_str(h, "content-length") {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| ApiError::bad_request("SIZE_INVALID", "invalid Content-Length")),
+    }
+}
+
+/// `Content-Range: start-end` of a PATCH (inclusive; an optional `bytes ` prefix and a
+/// `/total` suffix are tolerated).
+fn parse_content_range(v: &str) -> Option<(u64, u64)> {
+    let v = v.trim();
+    let v = v.strip_prefix("bytes ").unwrap_or(v);
+    let v = v.split('/').next()?;
+    let (a, b) = v.split_once('-')?;
+    let (a, b): (u64, u64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (a <= b).then_some((a, b))
+}
+
+/// A `Range: bytes=...` request header; `None` for absent or unsupported (multi-range)
+/// values, which are answered with the whole blob as RFC 9110 allows.
+fn parse_range(v: &str) -> Result<Option<RangeRequest>, ApiError> {
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let bad = || {
+        ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "SIZE_INVALID",
+            "invalid range",
+        )
+    };
+    let (a, b) = spec.trim().split_once('-').ok_or_else(bad)?;
+    let num = |s: &str| s.trim().parse::<u64>().map_err(|_| bad());
+    Ok(Some(match (a.trim().is_empty(), b.trim().is_empty()) {
+        (true, false) => RangeRequest::Suffix(num(b)?),
+        (false, true) => RangeRequest::From(num(a)?),
+        (false, false) => RangeRequest::FromTo(num(a)?, num(b)?),
+        (true, true) => return Err(bad()),
+    }))
+}
+
+fn set(h: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}
+
+/// Turns a request body into a byte stream that fails if no data arrives for `idle`.
+fn body_stream(body: Body, idle: Duration) -> ByteStream {
+    let data = body.into_data_stream();
+    stream::unfold(Some(data), move |state| async move {
+        let mut data = state?;
+        match tokio::time::timeout(idle, data.next()).await {
+            Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(data))),
+            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "request body idle timeout",
+                )),
+                None,
+            )),
+        }
+    })
+    .boxed()
+}
+
+impl AppState {
+    fn location(&self, path: &str) -> String {
+        match &self.config.base_url {
+            Some(base) => format!("{}{path}", base.trim_end_matches('/')),
+            None => path.to_owned(),
+        }
+    }
+
+    fn check_write(&self) -> Result<(), ApiError> {
+        if self.config.read_only {
+            return Err(ApiError::unsupported("this registry is read-only"));
+        }
+        Ok(())
+    }
+
+    fn check_delete(&self) -> Result<(), ApiError> {
+        self.check_write()?;
+        if !self.config.deletes {
+            return Err(ApiError::unsupported(
+                "deletes are disabled on this registry",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `GET /v2/`.
+pub(crate) async fn base() -> Response {
+    let mut r = (StatusCode::OK, axum::Json(serde_json::json!({}))).into_response();
+    set(
+        r.headers_mut(),
+        "docker-distribution-api-version",
+        "registry/2.0",
+    );
+    r
+}
+
+fn link_header(path: &str, n: usize, next: &str) -> String {
+    format!("<{path}?n={n}&last={next}>; rel=\"next\"")
+}
+
+fn list_options(q: &[(String, String)]) -> Result<ListOptions, ApiError> {
+    let n = match first(q, "n") {
+        None | Some("") => None,
+        Some(v) => Some(
+            v.parse::<usize>()
+                .map_err(|_| ApiError::bad_request("PAGINATION_NUMBER_INVALID", "invalid n"))?,
+        ),
+    };
+    Ok(ListOptions {
+        n,
+        last: first(q, "last")
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned),
+    })
+}
+
+/// `GET /v2/_catalog`.
+pub(crate) async fn catalog(State(state): State<AppState>, req: Request) -> ApiResult {
+    let q = query_pairs(&req);
+    let options = list_options(&q)?;
+    let page = state
+        .registry
+        .list_repositories(&options, &AllowAll)
+        .await?;
+    let names: Vec<String> = page.items.iter().map(|r| r.to_string()).collect();
+    let mut r = axum::Json(serde_json::json!({ "repositories": names })).into_response();
+    if let Some(next) = &page.next {
+        let n = options.n.unwrap_or(page.items.len());
+        set(
+            r.headers_mut(),
+            "link",
+            &link_header("/v2/_catalog", n, next),
+        );
+    }
+    Ok(r)
+}
+
+/// Everything under `/v2/<name>/...`.
+pub(crate) async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
+    match route(state, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn route(state: AppState, req: Request) -> ApiResult {
+    let path = req.uri().path().to_owned();
+    let rest = path.strip_prefix("/v2/").ok_or_else(not_found)?;
+    let (name, target) = parse_path(rest).ok_or_else(not_found)?;
+    let repo = RepoName::parse(name).map_err(registry_core::Error::from)?;
+    let method = req.method().clone();
+    match (target, method) {
+        (Target::Blob(d), m) if m == Method::GET || m == Method::HEAD => {
+            get_blob(&state, &repo, &d, req).await
+        }
+        (Target::Blob(d), Method::DELETE) => {
+            state.check_delete()?;
+            let d = Digest::parse(&d).map_err(registry_core::Error::from)?;
+            state.registry.delete_blob(&repo, &d).await?;
+            Ok(accepted())
+        }
+        (Target::Uploads(None), Method::POST) => {
+            state.check_write()?;
+            start_upload(&state, &repo, req).await
+        }
+        (Target::Uploads(Some(id)), m) => {
+            let id = UploadId::parse(&id).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "BLOB_UPLOAD_UNKNOWN",
+                    "unknown upload",
+                )
+            })?;
+            match m {
+                Method::GET => upload_status(&state, &repo, &id).await,
+                Method::PATCH => {
+                    state.check_write()?;
+                    patch_upload(&state, &repo, &id, req).await
+                }
+                Method::PUT => {
+                    state.check_write()?;
+                    finish_upload(&state, &repo, &id, req).await
+                }
+                Method::DELETE => {
+                    state.check_write()?;
+                    state.registry.cancel_upload(&repo, &id).await?;
+                    Ok(StatusCode::NO_CONTENT.into_response())
+                }
+                _ => Err(method_not_allowed()),
+            }
+        }
+        (Target::Manifest(r), m) if m == Method::GET || m == Method::HEAD => {
+            get_manifest(&state, &repo, &r, m == Method::HEAD).await
+        }
+        (Target::Manifest(r), Method::PUT) => {
+            state.check_write()?;
+            put_manifest(&state, &repo, &r, req).await
+        }
+        (Target::Manifest(r), Method::DELETE) => {
+            state.check_delete()?;
+            let reference = Reference::parse(&r).map_err(registry_core::Error::from)?;
+            state.registry.delete_manifest(&repo, &reference).await?;
+            Ok(accepted())
+        }
+        (Target::Tags, Method::GET) => list_tags(&state, &repo, query_pairs(&req)).await,
+        (Target::Referrers(d), Method::GET) => {
+            referrers(&state, &repo, &d, query_pairs(&req)).await
+        }
+        _ => Err(method_not_allowed()),
+    }
+}
+
+fn method_not_allowed() -> ApiError {
+    ApiError::unsupported("method not allowed on this endpoint")
+}
+
+fn accepted() -> Response {
+    let mut r = StatusCode::ACCEPTED.into_response();
+    set(r.headers_mut(), "content-length", "0");
+    r
+}
+
+async fn get_blob(state: &AppState, repo: &RepoName, d: &str, req: Request) -> ApiResult {
+    let digest = Digest::parse(d).map_err(registry_core::Error::from)?;
+    let range = match header_str(req.headers(), "range") {
+        Some(v) => parse_range(v)?,
+        None => None,
+    };
+    let head = req.method() == Method::HEAD;
+    let (status, len, content_range, body) = if head {
+        let info = state.registry.stat_blob(repo, &digest).await?;
+        match range {
+            Some(r) => {
+                let r = r.resolve(info.size).map_err(ApiError::from)?;
+                let cr = format!("bytes {}-{}/{}", r.start, r.end, info.size);
+                (
+                    StatusCode::PARTIAL_CONTENT,
+                    r.len(),
+                    Some(cr),
+                    Body::empty(),
+                )
+            }
+            None => (StatusCode::OK, info.size, None, Body::empty()),
+        }
+    } else {
+        let blob = state.registry.get_blob(repo, &digest, range).await?;
+        match blob.range {
+            Some(r) => {
+                let cr = format!("bytes {}-{}/{}", r.start, r.end, blob.size);
+                (
+                    StatusCode::PARTIAL_CONTENT,
+                    r.len(),
+                    Some(cr),
+                    Body::from_stream(blob.stream),
+                )
+            }
+            None => (
+                StatusCode::OK,
+                blob.size,
+                None,
+                Body::from_stream(blob.stream),
+            ),
+        }
+    };
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    set(h, "content-type", "application/octet-stream");
+    set(h, "content-length", &len.to_string());
+    set(h, DIGEST_HEADER, digest.as_str());
+    set(h, "accept-ranges", "bytes");
+    if let Some(cr) = content_range {
+        set(h, "content-range", &cr);
+    }
+    Ok(r)
+}
+
+fn upload_response(
+    state: &AppState,
+    status: StatusCode,
+    repo: &RepoName,
+    id: &UploadId,
+    offset: u64,
+) -> Response {
+    let mut r = status.into_response();
+    let h = r.headers_mut();
+    set(
+        h,
+        "location",
+        &state.location(&format!("/v2/{repo}/blobs/uploads/{id}")),
+    );
+    set(h, "range", &upload_range(offset));
+    set(h, UPLOAD_UUID_HEADER, id.as_str());
+    set(h, "content-length", "0");
+    r
+}
+
+fn blob_created(state: &AppState, repo: &RepoName, digest: &Digest) -> Response {
+    let mut r = StatusCode::CREATED.into_response();
+    let h = r.headers_mut();
+    set(
+        h,
+        "location",
+        &state.location(&format!("/v2/{repo}/blobs/{digest}")),
+    );
+    set(h, DIGEST_HEADER, digest.as_str());
+    set(h, "content-length", "0");
+    r
+}
+
+async fn start_upload(state: &AppState, repo: &RepoName, req: Request) -> ApiResult {
+    let q = query_pairs(&req);
+    if let Some(mount) = first(&q, "mount") {
+        let digest = Digest::parse(mount).map_err(registry_core::Error::from)?;
+        let from = match first(&q, "from") {
+            Some(f) => Some(RepoName::parse(f).map_err(registry_core::Error::from)?),
+            None => None,
+        };
+        if state
+            .registry
+            .mount_blob(repo, &digest, from.as_ref(), &AllowAll)
+            .await?
+        {
+            return Ok(blob_created(state, repo, &digest));
+        }
+        // Not mountable: fall back to a new upload session, as the spec says.
+    }
+    if let Some(d) = first(&q, "digest") {
+        let digest = Digest::parse(d).map_err(registry_core::Error::from)?;
+        let declared = content_length(req.headers())?;
+        let data = body_stream(req.into_body(), state.config.body_idle_timeout);
+        state
+            .registry
+            .put_blob(repo, &digest, declared, data)
+            .await?;
+        return Ok(blob_created(state, repo, &digest));
+    }
+    let algorithm = match first(&q, "digest-algorithm") {
+        None => Algorithm::Sha256,
+        Some(a) => a.parse().map_err(registry_core::Error::from)?,
+    };
+    let status = state.registry.start_upload(repo, algorithm).await?;
+    Ok(upload_response(
+        state,
+        StatusCode::ACCEPTED,
+        repo,
+        &status.id,
+        0,
+    ))
+}
+
+async fn upload_status(state: &AppState, repo: &RepoName, id: &UploadId) -> ApiResult {
+    let status = state.registry.upload_status(repo, id).await?;
+    Ok(upload_response(
+        state,
+        StatusCode::NO_CONTENT,
+        repo,
+        id,
+        status.offset,
+    ))
+}
+
+/// Checks `Content-Range` against the session and `Content-Length`; returns the offset
+/// the chunk claims (if any) and its declared length.
+fn chunk_headers(h: &HeaderMap) -> Result<(Option<u64>, Option<u64>), ApiError> {
+    let declared = content_length(h)?;
+    match header_str(h, "content-range") {
+        None => Ok((None, declared)),
+        Some(v) => {
+            let (start, end) = parse_content_range(v).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "BLOB_UPLOAD_INVALID",
+                    "invalid Content-Range",
+                )
+            })?;
+            let len = end - start + 1;
+            if declared.is_some_and(|d| d != len) {
+                return Err(ApiError::bad_request(
+                    "SIZE_INVALID",
+                    "Content-Length does not match Content-Range",
+                ));
+            }
+            Ok((Some(start), Some(len)))
+        }
+    }
+}
+
+async fn patch_upload(state: &AppState, repo: &RepoName, id: &UploadId, req: Request) -> ApiResult {
+    let (offset, declared) = chunk_headers(req.headers())?;
+    let data = body_stream(req.into_body(), state.config.body_idle_timeout);
+    let status = state
+        .registry
+        .append_upload(repo, id, offset, declared, data)
+        .await?;
+    Ok(upload_response(
+        state,
+        StatusCode::ACCEPTED,
+        repo,
+        id,
+        status.offset,
+    ))
+}
+
+async fn finish_upload(
+    state: &AppState,
+    repo: &RepoName,
+    id: &UploadId,
+    req: Request,
+) -> ApiResult {
+    let q = query_pairs(&req);
+    let digest = first(&q, "digest").ok_or_else(|| {
+        ApiError::bad_request("DIGEST_INVALID", "the digest query parameter is required")
+    })?;
+    let digest = Digest::parse(digest).map_err(registry_core::Error::from)?;
+    let (offset, declared) = chunk_headers(req.headers())?;
+    let has_body =
+        declared.is_some_and(|d| d > 0) || header_str(req.headers(), "transfer-encoding").is_some();
+    if has_body {
+        let data = body_stream(req.into_body(), state.config.body_idle_timeout);
+        state
+            .registry
+            .append_upload(repo, id, offset, declared, data)
+            .await?;
+    } else if let Some(o) = offset {
+        // An empty final chunk may still claim a position: check it.
+        let status = state.registry.upload_status(repo, id).await?;
+        if o != status.offset {
+            return Err(registry_core::Error::UploadOffset {
+                expected: status.offset,
+                got: o,
+            }
+            .into());
+        }
+    }
+    state
+        .registry
+        .finish_upload(repo, id, &digest, None)
+        .await?;
+    Ok(blob_created(state, repo, &digest))
+}
+
+async fn get_manifest(state: &AppState, repo: &RepoName, r: &str, head: bool) -> ApiResult {
+    let reference = Reference::parse(r).map_err(registry_core::Error::from)?;
+    let (meta, body) = if head {
+        (
+            state.registry.stat_manifest(repo, &reference).await?,
+            Body::empty(),
+        )
+    } else {
+        let m = state.registry.get_manifest(repo, &reference).await?;
+        (m.meta, Body::from(m.bytes))
+    };
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    set(h, "content-type", &meta.media_type);
+    set(h, "content-length", &meta.size.to_string());
+    set(h, DIGEST_HEADER, meta.digest.as_str());
+    Ok(resp)
+}
+
+async fn put_manifest(state: &AppState, repo: &RepoName, r: &str, req: Request) -> ApiResult {
+    let reference = Reference::parse(r).map_err(registry_core::Error::from)?;
+    let q = query_pairs(&req);
+    let mut tags = Vec::new();
+    for (k, v) in &q {
+        if k == "tag" {
+            tags.push(Tag::parse(v).map_err(registry_core::Error::from)?);
+        }
+    }
+    let content_type = header_str(req.headers(), "content-type")
+        .unwrap_or("")
+        .to_owned();
+    let limit = state.registry.config().max_manifest_size;
+    if content_length(req.headers())?.is_some_and(|l| l > limit) {
+        return Err(registry_core::Error::TooLarge {
+            what: "manifest",
+            limit,
+        }
+        .into());
+    }
+    let mut data = body_stream(req.into_body(), state.config.body_idle_timeout);
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = data.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request("MANIFEST_INVALID", format!("reading the body: {e}"))
+        })?;
+        if buf.len() as u64 + chunk.len() as u64 > limit {
+            return Err(registry_core::Error::TooLarge {
+                what: "manifest",
+                limit,
+            }
+            .into());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    let multi_tag = !tags.is_empty();
+    let result = state
+        .registry
+        .put_manifest(
+            repo,
+            &reference,
+            &content_type,
+            Bytes::from(buf),
+            PutManifestOptions { tags },
+        )
+        .await?;
+    let mut resp = StatusCode::CREATED.into_response();
+    let h = resp.headers_mut();
+    set(
+        h,
+        "location",
+        &state.location(&format!("/v2/{repo}/manifests/{}", result.digest)),
+    );
+    set(h, DIGEST_HEADER, result.digest.as_str());
+    set(h, "content-length", "0");
+    if let Some(subject) = &result.subject {
+        set(h, "oci-subject", subject.as_str());
+    }
+    if multi_tag {
+        for t in &result.tags {
+            if let Ok(v) = HeaderValue::from_str(t.as_str()) {
+                h.append("oci-tag", v);
+            }
+        }
+    }
+    Ok(resp)
+}
+
+async fn list_tags(state: &AppState, repo: &RepoName, q: Vec<(String, String)>) -> ApiResult {
+    let options = list_options(&q)?;
+    let page = state.registry.list_tags(repo, &options).await?;
+    let tags: Vec<&str> = page.items.iter().map(|t| t.as_str()).collect();
+    let mut r =
+        axum::Json(serde_json::json!({ "name": repo.as_str(), "tags": tags })).into_response();
+    if let Some(next) = &page.next {
+        let n = options.n.unwrap_or(page.items.len());
+        set(
+            r.headers_mut(),
+            "link",
+            &link_header(&format!("/v2/{repo}/tags/list"), n, next),
+        );
+    }
+    Ok(r)
+}
+
+async fn referrers(
+    state: &AppState,
+    repo: &RepoName,
+    d: &str,
+    q: Vec<(String, String)>,
+) -> ApiResult {
+    let subject = Digest::parse(d).map_err(registry_core::Error::from)?;
+    let options = list_options(&q)?;
+    let artifact_type = first(&q, "artifactType").filter(|a| !a.is_empty());
+    let page = state
+        .registry
+        .referrers(repo, &subject, artifact_type, &options)
+        .await?;
+    let body = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": registry_core::media_type::OCI_INDEX,
+        "manifests": page.items,
+    });
+    let mut r = Response::new(Body::from(serde_json::to_vec(&body).map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string())
+    })?));
+    let h = r.headers_mut();
+    set(h, "content-type", registry_core::media_type::OCI_INDEX);
+    if artifact_type.is_some() {
+        set(h, "oci-filters-applied", "artifactType");
+    }
+    if let Some(next) = &page.next {
+        let n = options.n.unwrap_or(page.items.len());
+        let mut link = link_header(&format!("/v2/{repo}/referrers/{subject}"), n, next);
+        if let Some(a) = artifact_type {
+            link = link.replacen(">;", &format!("&artifactType={a}>;"), 1);
+        }
+        set(h, "link", &link);
+    }
+    Ok(r)
+}
+
+/// Adds `Docker-Distribution-API-Version` to every response.
+pub(crate) async fn api_version_header(req: Request, next: axum::middleware::Next) -> Response {
+    let mut r = next.run(req).await;
+    set(
+        r.headers_mut(),
+        "docker-distribution-api-version",
+        "registry/2.0",
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_split_at_the_last_marker() {
+        assert_eq!(
+            parse_path("a/b/blobs/sha256:x"),
+            Some(("a/b", Target::Blob("sha256:x".into())))
+        );
+        assert_eq!(
+            parse_path("a/blobs/b/manifests/v1"),
+            Some(("a/blobs/b", Target::Manifest("v1".into())))
+        );
+        assert_eq!(
+            parse_path("a/blobs/uploads/"),
+            Some(("a", Target::Uploads(None)))
+        );
+        assert_eq!(
+            parse_path("a/blobs/uploads"),
+            Some(("a", Target::Uploads(None)))
+        );
+        assert_eq!(
+            parse_path("a/blobs/uploads/abc"),
+            Some(("a", Target::Uploads(Some("abc".into()))))
+        );
+        assert_eq!(parse_path("a/tags/list"), Some(("a", Target::Tags)));
+        assert_eq!(
+            parse_path("a/referrers/sha256:x"),
+            Some(("a", Target::Referrers("sha256:x".into())))
+        );
+        assert_eq!(parse_path("a/manifests/v1/extra"), None);
+        assert_eq!(parse_path("a/unknown"), None);
+    }
+
+    #[test]
+    fn ranges_parse() {
+        assert_eq!(parse_content_range("0-9"), Some((0, 9)));
+        assert_eq!(parse_content_range("bytes 5-9/10"), Some((5, 9)));
+        assert_eq!(parse_content_range("9-5"), None);
+        assert_eq!(parse_content_range("x"), None);
+        assert_eq!(
+            parse_range("bytes=1-2").unwrap(),
+            Some(RangeRequest::FromTo(1, 2))
+        );
+        assert_eq!(
+            parse_range("bytes=-5").unwrap(),
+            Some(RangeRequest::Suffix(5))
+        );
+        assert_eq!(
+            parse_range("bytes=5-").unwrap(),
+            Some(RangeRequest::From(5))
+        );
+        assert_eq!(parse_range("bytes=1-2,4-5").unwrap(), None);
+        assert!(parse_range("bytes=-").is_err());
+        assert!(parse_range("bytes=a-b").is_err());
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("sha256%3Aab"), "sha256:ab");
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+}
