@@ -1,0 +1,454 @@
+//! Blobs as files: `blobs/<algorithm>/<2 hex>/<hex>`, written once through upload files
+//! under `uploads/`, made visible by a hard link after an fsync.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::stream::{self, BoxStream, StreamExt};
+use registry_core::store::{
+    BlobRead, BlobStore, ByteRange, ByteStream, CommitOutcome, UploadId, UploadInfo,
+};
+use registry_core::{Algorithm, Digest, Error, RepoName, Result, Timestamp};
+use serde::{Deserialize, Serialize};
+
+/// Reads and writes move in blocks this large: few system calls, bounded memory.
+const BLOCK: usize = 1 << 20;
+
+/// Blob files and upload sessions under one directory.
+#[derive(Debug, Clone)]
+pub struct FsBlobStore {
+    root: Arc<PathBuf>,
+    /// Upload sessions being appended to or committed in this process: one at a time
+    /// per session, so an append never writes into a file being committed.
+    busy: Arc<Mutex<HashSet<UploadId>>>,
+}
+
+/// What an upload session's sidecar file records.
+#[derive(Debug, Serialize, Deserialize)]
+struct Sidecar {
+    repo: RepoName,
+    started_at: Timestamp,
+}
+
+fn io_err(e: io::Error) -> Error {
+    Error::storage(e)
+}
+
+async fn blocking<R: Send + 'static>(f: impl FnOnce() -> Result<R> + Send + 'static) -> Result<R> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::storage(format!("file task failed: {e}")))?
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Releases a session's busy mark when dropped.
+struct BusyGuard {
+    busy: Arc<Mutex<HashSet<UploadId>>>,
+    id: UploadId,
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl FsBlobStore {
+    /// Uses (and creates) `root/blobs` and `root/uploads`.
+    pub fn open(root: &Path) -> Result<Self> {
+        fs::create_dir_all(root.join("blobs")).map_err(io_err)?;
+        fs::create_dir_all(root.join("uploads")).map_err(io_err)?;
+        Ok(FsBlobStore {
+            root: Arc::new(root.to_owned()),
+            busy: Arc::default(),
+        })
+    }
+
+    /// Where a blob's file lives.
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.root
+            .join("blobs")
+            .join(d.algorithm().name())
+            .join(&d.hex()[..2])
+            .join(d.hex())
+    }
+
+    fn upload_data(&self, id: &UploadId) -> PathBuf {
+        self.root.join("uploads").join(id.as_str())
+    }
+
+    fn upload_committed(&self, id: &UploadId) -> PathBuf {
+        self.root.join("uploads").join(format!("{id}.committed"))
+    }
+
+    fn upload_sidecar(&self, id: &UploadId) -> PathBuf {
+        self.root.join("uploads").join(format!("{id}.json"))
+    }
+
+    fn mark_busy(&self, id: &UploadId) -> Result<BusyGuard> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if !busy.insert(id.clone()) {
+            return Err(Error::TooManyRequests {
+                reason: "another request is writing to this upload".into(),
+            });
+        }
+        Ok(BusyGuard {
+            busy: self.busy.clone(),
+            id: id.clone(),
+        })
+    }
+
+    /// The session's data file: still open for appends, or already committed.
+    fn session_file(&self, id: &UploadId) -> Option<PathBuf> {
+        [self.upload_data(id), self.upload_committed(id)]
+            .into_iter()
+            .find(|p| p.exists())
+    }
+}
+
+/// Streams `len` bytes of `file` from its current position in blocks.
+fn file_stream(file: File, len: u64) -> ByteStream {
+    stream::unfold(Some((file, len)), |state| async move {
+        let (mut file, left) = state?;
+        if left == 0 {
+            return None;
+        }
+        let want = left.min(BLOCK as u64) as usize;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = BytesMut::zeroed(want);
+            let mut filled = 0;
+            while filled < want {
+                match file.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            buf.truncate(filled);
+            Ok((file, buf.freeze()))
+        })
+        .await;
+        match read {
+            Ok(Ok((_, chunk))) if chunk.is_empty() => Some((
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob file shorter than recorded",
+                )),
+                None,
+            )),
+            Ok(Ok((file, chunk))) => {
+                let left = left - chunk.len() as u64;
+                Some((Ok(chunk), Some((file, left))))
+            }
+            Ok(Err(e)) => Some((Err(e), None)),
+            Err(e) => Some((Err(io::Error::other(e)), None)),
+        }
+    })
+    .boxed()
+}
+
+#[async_trait]
+impl BlobStore for FsBlobStore {
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
+        let path = self.blob_path(digest);
+        blocking(move || match fs::metadata(&path) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(e)),
+        })
+        .await
+    }
+
+    async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<BlobRead>> {
+        let path = self.blob_path(digest);
+        let opened = blocking(move || {
+            let mut file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io_err(e)),
+            };
+            let size = file.metadata().map_err(io_err)?.len();
+            if let Some(r) = range {
+                if r.end >= size || r.start > r.end {
+                    return Err(Error::RangeNotSatisfiable { size });
+                }
+                file.seek(SeekFrom::Start(r.start)).map_err(io_err)?;
+            }
+            Ok(Some((file, size)))
+        })
+        .await?;
+        Ok(opened.map(|(file, size)| BlobRead {
+            size,
+            range,
+            stream: file_stream(file, range.map_or(size, |r| r.len())),
+        }))
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<bool> {
+        let path = self.blob_path(digest);
+        blocking(move || match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(e)),
+        })
+        .await
+    }
+
+    async fn list(&self) -> Result<BoxStream<'static, Result<Digest>>> {
+        let root = self.root.join("blobs");
+        let digests = blocking(move || {
+            let mut out = Vec::new();
+            for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
+                let dir = root.join(algorithm.name());
+                let Ok(fans) = fs::read_dir(&dir) else {
+                    continue;
+                };
+                for fan in fans {
+                    let fan = fan.map_err(io_err)?;
+                    for entry in fs::read_dir(fan.path()).map_err(io_err)? {
+                        let name = entry.map_err(io_err)?.file_name();
+                        let name = name.to_string_lossy();
+                        // Anything else in there is not ours to report.
+                        if let Ok(d) = Digest::parse(&format!("{}:{name}", algorithm.name())) {
+                            out.push(Ok(d));
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+        Ok(stream::iter(digests).boxed())
+    }
+
+    async fn create_upload(&self, id: &UploadId, repo: &RepoName, now: Timestamp) -> Result<()> {
+        let (data, sidecar) = (self.upload_data(id), self.upload_sidecar(id));
+        let record = serde_json::to_vec(&Sidecar {
+            repo: repo.clone(),
+            started_at: now,
+        })
+        .map_err(Error::storage)?;
+        let dir = self.root.join("uploads");
+        blocking(move || {
+            let f = File::create(&data).map_err(io_err)?;
+            f.set_modified(now.to_system_time()).map_err(io_err)?;
+            let mut s = File::create(&sidecar).map_err(io_err)?;
+            s.write_all(&record).map_err(io_err)?;
+            // A session must survive a restart: the client may continue it.
+            s.sync_all().map_err(io_err)?;
+            f.sync_all().map_err(io_err)?;
+            fsync_dir(&dir).map_err(io_err)
+        })
+        .await
+    }
+
+    async fn upload_info(&self, id: &UploadId) -> Result<Option<UploadInfo>> {
+        let sidecar = self.upload_sidecar(id);
+        let Some(data) = self.session_file(id) else {
+            return Ok(None);
+        };
+        let id = id.clone();
+        blocking(move || {
+            let record = match fs::read(&sidecar) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io_err(e)),
+            };
+            let record: Sidecar = serde_json::from_slice(&record).map_err(Error::storage)?;
+            let meta = match fs::metadata(&data) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io_err(e)),
+            };
+            Ok(Some(UploadInfo {
+                id,
+                repo: record.repo,
+                len: meta.len(),
+                started_at: record.started_at,
+                updated_at: Timestamp::from_system_time(meta.modified().map_err(io_err)?),
+            }))
+        })
+        .await
+    }
+
+    async fn append_upload(
+        &self,
+        id: &UploadId,
+        offset: u64,
+        mut data: ByteStream,
+        now: Timestamp,
+    ) -> Result<u64> {
+        let _busy = self.mark_busy(id)?;
+        let path = self.upload_data(id);
+        let unknown = Error::UploadUnknown { id: id.to_string() };
+        let mut file = blocking(move || {
+            let mut f = match OpenOptions::new().write(true).open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(unknown),
+                Err(e) => return Err(io_err(e)),
+            };
+            let len = f.metadata().map_err(io_err)?.len();
+            if len != offset {
+                return Err(Error::UploadOffset {
+                    expected: len,
+                    got: offset,
+                });
+            }
+            f.seek(SeekFrom::Start(offset)).map_err(io_err)?;
+            Ok(f)
+        })
+        .await?;
+        let mut written = offset;
+        let mut pending = BytesMut::new();
+        let mut failure = None;
+        loop {
+            let next = data.next().await;
+            let flush = match &next {
+                Some(Ok(chunk)) => {
+                    pending.extend_from_slice(chunk);
+                    pending.len() >= BLOCK
+                }
+                Some(Err(_)) => false,
+                None => true,
+            };
+            if let Some(Err(e)) = next {
+                failure = Some(Error::storage(e));
+                break;
+            }
+            if flush && !pending.is_empty() {
+                let block: Bytes = pending.split().freeze();
+                let n = block.len() as u64;
+                let result = tokio::task::spawn_blocking(move || {
+                    let r = file.write_all(&block);
+                    (file, r)
+                })
+                .await
+                .map_err(|e| Error::storage(format!("file task failed: {e}")))?;
+                file = result.0;
+                if let Err(e) = result.1 {
+                    failure = Some(io_err(e));
+                    break;
+                }
+                written += n;
+            }
+            if next.is_none() {
+                break;
+            }
+        }
+        blocking(move || {
+            if let Some(e) = failure {
+                // All or nothing: cut back to where this append started.
+                file.set_len(offset).map_err(io_err)?;
+                return Err(e);
+            }
+            file.set_modified(now.to_system_time()).map_err(io_err)?;
+            Ok(written)
+        })
+        .await
+    }
+
+    async fn read_upload(&self, id: &UploadId) -> Result<ByteStream> {
+        let path = self
+            .session_file(id)
+            .ok_or_else(|| Error::UploadUnknown { id: id.to_string() })?;
+        let file = blocking(move || {
+            let f = File::open(&path).map_err(io_err)?;
+            let len = f.metadata().map_err(io_err)?.len();
+            Ok((f, len))
+        })
+        .await?;
+        Ok(file_stream(file.0, file.1))
+    }
+
+    async fn commit_upload(&self, id: &UploadId, digest: &Digest) -> Result<CommitOutcome> {
+        let _busy = self.mark_busy(id)?;
+        let (data, committed, blob) = (
+            self.upload_data(id),
+            self.upload_committed(id),
+            self.blob_path(digest),
+        );
+        let uploads = self.root.join("uploads");
+        let unknown = Error::UploadUnknown { id: id.to_string() };
+        blocking(move || {
+            if !committed.exists() {
+                if !data.exists() {
+                    return Err(unknown);
+                }
+                // Durable bytes first, then the name: a crash never exposes a torn file.
+                File::open(&data)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_err)?;
+                // Renamed away so no later append can write into a linked blob file.
+                fs::rename(&data, &committed).map_err(io_err)?;
+                fsync_dir(&uploads).map_err(io_err)?;
+            }
+            let dir = blob.parent().expect("blob paths have a parent");
+            fs::create_dir_all(dir).map_err(io_err)?;
+            match fs::hard_link(&committed, &blob) {
+                Ok(()) => {
+                    fsync_dir(dir).map_err(io_err)?;
+                    Ok(CommitOutcome::Stored)
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    Ok(CommitOutcome::AlreadyPresent)
+                }
+                Err(e) => Err(io_err(e)),
+            }
+        })
+        .await
+    }
+
+    async fn delete_upload(&self, id: &UploadId) -> Result<bool> {
+        let paths = [
+            self.upload_data(id),
+            self.upload_committed(id),
+            self.upload_sidecar(id),
+        ];
+        blocking(move || {
+            let mut existed = false;
+            for p in paths {
+                match fs::remove_file(&p) {
+                    Ok(()) => existed = true,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err(e)),
+                }
+            }
+            Ok(existed)
+        })
+        .await
+    }
+
+    async fn list_uploads(&self) -> Result<Vec<UploadInfo>> {
+        let dir = self.root.join("uploads");
+        let ids = blocking(move || {
+            let mut ids = Vec::new();
+            for entry in fs::read_dir(&dir).map_err(io_err)? {
+                let name = entry.map_err(io_err)?.file_name();
+                if let Some(id) = name.to_string_lossy().strip_suffix(".json") {
+                    ids.extend(UploadId::parse(id));
+                }
+            }
+            Ok(ids)
+        })
+        .await?;
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(info) = self.upload_info(&id).await? {
+                out.push(info);
+            }
+        }
+        Ok(out)
+    }
+}
