@@ -5,14 +5,21 @@
 //! `--storage memory|fs`, `--max-manifest-size BYTES`, `--gc-interval SECS`,
 //! `--gc-window SECS`, `--read-only`, `--no-deletes`. Logs go through `tracing`
 //! (`RUST_LOG=debug` for more).
+//!
+//! Maintenance of a stopped fs store:
+//! - `serve check --data-dir DIR [--verify-digests] [--repair]` prints, as its last line,
+//!   `check: N blobs, M manifests, R repositories, P problems`;
+//! - `serve gc --data-dir DIR [--window SECS] [--dry-run] [--untagged]` collects and
+//!   prints its report as the last line, starting with `gc:`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
-use registry_core::{GcOptions, Registry, Storage};
+use clap::{Parser, Subcommand, ValueEnum};
+use registry_core::{GcOptions, Registry, Storage, UntaggedPolicy};
 use registry_http::HttpConfig;
+use registry_store_fs::{CheckOptions, FsStore};
 
 #[derive(Parser, Debug)]
 #[command(about = "Serve an OCI registry")]
@@ -21,10 +28,10 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:5000")]
     addr: SocketAddr,
     /// Where the fs storage keeps its data.
-    #[arg(long, default_value = "./registry-data")]
+    #[arg(long, global = true, default_value = "./registry-data")]
     data_dir: PathBuf,
     /// Storage backend.
-    #[arg(long, value_enum, default_value_t = StorageKind::Memory)]
+    #[arg(long, value_enum, default_value_t = StorageKind::Fs)]
     storage: StorageKind,
     /// Largest manifest accepted, in bytes.
     #[arg(long, default_value_t = registry_core::registry::DEFAULT_MAX_MANIFEST_SIZE)]
@@ -33,7 +40,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     gc_interval: u64,
     /// Protection window of uploaded blobs, in seconds.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, global = true, default_value_t = 600)]
     gc_window: u64,
     /// Refuse all writes.
     #[arg(long)]
@@ -41,6 +48,33 @@ struct Args {
     /// Refuse deletes of manifests and blobs.
     #[arg(long)]
     no_deletes: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Verify a stopped fs store (counts, records against files, digests).
+    Check {
+        /// Re-hash every blob file.
+        #[arg(long)]
+        verify_digests: bool,
+        /// Repair count drift and remove orphan files.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Collect garbage in a stopped fs store.
+    Gc {
+        /// Protection window in seconds (default: --gc-window).
+        #[arg(long)]
+        window: Option<u64>,
+        /// Report what would be freed without freeing it.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also collect untagged manifests (referrers of live subjects are kept).
+        #[arg(long)]
+        untagged: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -51,14 +85,11 @@ enum StorageKind {
     Fs,
 }
 
-fn open_storage(args: &Args) -> Result<Storage, String> {
-    match args.storage {
-        StorageKind::Memory => Ok(registry_core::MemoryStore::new().into_storage()),
-        StorageKind::Fs => Err(format!(
-            "fs storage is not available in this build yet (data dir {}); use --storage memory",
-            args.data_dir.display()
-        )),
-    }
+async fn open_storage(args: &Args) -> Result<Storage, Box<dyn std::error::Error>> {
+    Ok(match args.storage {
+        StorageKind::Memory => registry_core::MemoryStore::new().into_storage(),
+        StorageKind::Fs => FsStore::open(&args.data_dir).await?.into_storage(),
+    })
 }
 
 #[tokio::main]
@@ -69,7 +100,53 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
     let args = Args::parse();
-    let storage = open_storage(&args)?;
+    match &args.command {
+        Some(Command::Check {
+            verify_digests,
+            repair,
+        }) => {
+            let store = FsStore::open(&args.data_dir).await?;
+            let report = store
+                .check(CheckOptions {
+                    verify_digests: *verify_digests,
+                    repair: *repair,
+                })
+                .await?;
+            for p in &report.problems {
+                println!("problem: {p}");
+            }
+            if report.orphans > 0 {
+                println!("orphan files (harmless): {}", report.orphans);
+            }
+            println!("check: {report}");
+            return Ok(());
+        }
+        Some(Command::Gc {
+            window,
+            dry_run,
+            untagged,
+        }) => {
+            let store = FsStore::open(&args.data_dir).await?;
+            let registry = Registry::builder(store).build();
+            let report = registry
+                .collect_garbage(&GcOptions {
+                    window: Some(Duration::from_secs(window.unwrap_or(args.gc_window))),
+                    untagged: if *untagged {
+                        UntaggedPolicy::Collect
+                    } else {
+                        UntaggedPolicy::Keep
+                    },
+                    orphans: true,
+                    audit: true,
+                    dry_run: *dry_run,
+                })
+                .await?;
+            println!("gc: {report}");
+            return Ok(());
+        }
+        None => {}
+    }
+    let storage = open_storage(&args).await?;
     let registry = Registry::builder(storage)
         .with_max_manifest_size(args.max_manifest_size)
         .with_protection_window(Duration::from_secs(args.gc_window))
