@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a machine with nothing but the Rust toolchain:
 # installs what the tests need (Debian and PyPI packages), then runs the gates of
-# STYLE.md, every Rust test (unit, behaviour suite, model, doc tests, crash tests),
-# and the real-client end-to-end checks against our own server.
+# STYLE.md and every test: unit, behaviour suite on each store, model-based, stress,
+# kill -9 crash, in-process HTTP, real clients (skopeo, umoci, oras), doc tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +25,3 @@ RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --all-features --locked
 
 step "tests"
 cargo test --workspace --all-features --locked
-
-step "real clients end to end"
-scripts/e2e-clients.sh
