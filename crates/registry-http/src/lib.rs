@@ -182,3 +182,8 @@ pub async fn serve_on(
         task: Some(task),
     })
 }
+
+/// The README's examples, compiled and run as doc tests so they never rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+mod readme {}
