@@ -122,8 +122,9 @@ struct WriteTxn<'a> {
 }
 
 impl KvRead for WriteTxn<'_> {
+    // A write transaction reads its own writes: the tables are updated in place.
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.tables[table.index()].get(key).cloned())
+        ReadTxn(self.tables).get(table, key)
     }
     fn scan(
         &self,
@@ -132,10 +133,10 @@ impl KvRead for WriteTxn<'_> {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KvPair>> {
-        Ok(scan_map(&self.tables[table.index()], prefix, after, limit))
+        ReadTxn(self.tables).scan(table, prefix, after, limit)
     }
     fn count(&self, table: Table) -> Result<u64> {
-        Ok(self.tables[table.index()].len() as u64)
+        ReadTxn(self.tables).count(table)
     }
 }
 

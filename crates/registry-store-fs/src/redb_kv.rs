@@ -62,53 +62,38 @@ fn scan_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
 
 struct Read(redb::ReadTransaction);
 
-impl KvRead for Read {
-    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let t = self.0.open_table(def(table)).map_err(storage_error)?;
-        Ok(t.get(key)
-            .map_err(storage_error)?
-            .map(|v| v.value().to_vec()))
-    }
-    fn scan(
-        &self,
-        table: Table,
-        prefix: &[u8],
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<KvPair>> {
-        let t = self.0.open_table(def(table)).map_err(storage_error)?;
-        scan_table(&t, prefix, after, limit)
-    }
-    fn count(&self, table: Table) -> Result<u64> {
-        let t = self.0.open_table(def(table)).map_err(storage_error)?;
-        t.len().map_err(storage_error)
-    }
-}
-
 struct Write(redb::WriteTransaction);
 
-impl KvRead for Write {
-    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let t = self.0.open_table(def(table)).map_err(storage_error)?;
-        Ok(t.get(key)
-            .map_err(storage_error)?
-            .map(|v| v.value().to_vec()))
-    }
-    fn scan(
-        &self,
-        table: Table,
-        prefix: &[u8],
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<KvPair>> {
-        let t = self.0.open_table(def(table)).map_err(storage_error)?;
-        scan_table(&t, prefix, after, limit)
-    }
-    fn count(&self, table: Table) -> Result<u64> {
-        let t = self.0.open_table(def(table)).map_err(storage_error)?;
-        t.len().map_err(storage_error)
-    }
+/// Reads are the same in both kinds of transaction; only the table types differ.
+macro_rules! kv_read {
+    ($txn:ty) => {
+        impl KvRead for $txn {
+            fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
+                let t = self.0.open_table(def(table)).map_err(storage_error)?;
+                Ok(t.get(key)
+                    .map_err(storage_error)?
+                    .map(|v| v.value().to_vec()))
+            }
+            fn scan(
+                &self,
+                table: Table,
+                prefix: &[u8],
+                after: Option<&[u8]>,
+                limit: usize,
+            ) -> Result<Vec<KvPair>> {
+                let t = self.0.open_table(def(table)).map_err(storage_error)?;
+                scan_table(&t, prefix, after, limit)
+            }
+            fn count(&self, table: Table) -> Result<u64> {
+                let t = self.0.open_table(def(table)).map_err(storage_error)?;
+                t.len().map_err(storage_error)
+            }
+        }
+    };
 }
+
+kv_read!(Read);
+kv_read!(Write);
 
 impl KvWrite for Write {
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
