@@ -68,7 +68,18 @@ impl FsBlobStore {
     /// Uses (and creates) `root/blobs` and `root/uploads`.
     pub fn open(root: &Path) -> Result<Self> {
         fs::create_dir_all(root.join("blobs")).map_err(io_err)?;
-        fs::create_dir_all(root.join("uploads")).map_err(io_err)?;
+        let uploads = root.join("uploads");
+        fs::create_dir_all(&uploads).map_err(io_err)?;
+        // Sessions being created or deleted when a crash struck: never acknowledged
+        // (creation) or already forgotten (deletion). Nothing else uses these names.
+        for entry in fs::read_dir(&uploads).map_err(io_err)? {
+            let entry = entry.map_err(io_err)?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".tmp-") || name.starts_with(".trash-") {
+                fs::remove_dir_all(entry.path()).map_err(io_err)?;
+            }
+        }
         Ok(FsBlobStore {
             root: Arc::new(root.to_owned()),
             busy: Arc::default(),
@@ -84,16 +95,22 @@ impl FsBlobStore {
             .join(d.hex())
     }
 
-    fn upload_data(&self, id: &UploadId) -> PathBuf {
+    /// A session lives in its own directory, created and removed by a rename, so a
+    /// crash never leaves half a session behind under a session's name.
+    fn upload_dir(&self, id: &UploadId) -> PathBuf {
         self.root.join("uploads").join(id.as_str())
     }
 
+    fn upload_data(&self, id: &UploadId) -> PathBuf {
+        self.upload_dir(id).join("data")
+    }
+
     fn upload_committed(&self, id: &UploadId) -> PathBuf {
-        self.root.join("uploads").join(format!("{id}.committed"))
+        self.upload_dir(id).join("data.committed")
     }
 
     fn upload_sidecar(&self, id: &UploadId) -> PathBuf {
-        self.root.join("uploads").join(format!("{id}.json"))
+        self.upload_dir(id).join("info.json")
     }
 
     fn mark_busy(&self, id: &UploadId) -> Result<BusyGuard> {
@@ -234,22 +251,26 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn create_upload(&self, id: &UploadId, repo: &RepoName, now: Timestamp) -> Result<()> {
-        let (data, sidecar) = (self.upload_data(id), self.upload_sidecar(id));
+        let uploads = self.root.join("uploads");
+        let (tmp, dir) = (uploads.join(format!(".tmp-{id}")), self.upload_dir(id));
         let record = serde_json::to_vec(&Sidecar {
             repo: repo.clone(),
             started_at: now,
         })
         .map_err(Error::storage)?;
-        let dir = self.root.join("uploads");
         blocking(move || {
-            let f = File::create(&data).map_err(io_err)?;
-            f.set_modified(now.to_system_time()).map_err(io_err)?;
-            let mut s = File::create(&sidecar).map_err(io_err)?;
+            fs::create_dir(&tmp).map_err(io_err)?;
+            let mut s = File::create(tmp.join("info.json")).map_err(io_err)?;
             s.write_all(&record).map_err(io_err)?;
-            // A session must survive a restart: the client may continue it.
             s.sync_all().map_err(io_err)?;
+            let f = File::create(tmp.join("data")).map_err(io_err)?;
+            f.set_modified(now.to_system_time()).map_err(io_err)?;
             f.sync_all().map_err(io_err)?;
-            fsync_dir(&dir).map_err(io_err)
+            fsync_dir(&tmp).map_err(io_err)?;
+            // A session must survive a restart (the client may continue it), and must
+            // appear whole or not at all.
+            fs::rename(&tmp, &dir).map_err(io_err)?;
+            fsync_dir(&uploads).map_err(io_err)
         })
         .await
     }
@@ -379,7 +400,7 @@ impl BlobStore for FsBlobStore {
             self.upload_committed(id),
             self.blob_path(digest),
         );
-        let uploads = self.root.join("uploads");
+        let session = self.upload_dir(id);
         let unknown = Error::UploadUnknown { id: id.to_string() };
         blocking(move || {
             if !committed.exists() {
@@ -392,7 +413,7 @@ impl BlobStore for FsBlobStore {
                     .map_err(io_err)?;
                 // Renamed away so no later append can write into a linked blob file.
                 fs::rename(&data, &committed).map_err(io_err)?;
-                fsync_dir(&uploads).map_err(io_err)?;
+                fsync_dir(&session).map_err(io_err)?;
             }
             let dir = blob.parent().expect("blob paths have a parent");
             fs::create_dir_all(dir).map_err(io_err)?;
@@ -411,21 +432,17 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn delete_upload(&self, id: &UploadId) -> Result<bool> {
-        let paths = [
-            self.upload_data(id),
-            self.upload_committed(id),
-            self.upload_sidecar(id),
-        ];
+        let dir = self.upload_dir(id);
+        let trash = self.root.join("uploads").join(format!(".trash-{id}"));
         blocking(move || {
-            let mut existed = false;
-            for p in paths {
-                match fs::remove_file(&p) {
-                    Ok(()) => existed = true,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_err(e)),
-                }
+            // Gone from the session's name in one step; the files follow.
+            match fs::rename(&dir, &trash) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(io_err(e)),
             }
-            Ok(existed)
+            fs::remove_dir_all(&trash).map_err(io_err)?;
+            Ok(true)
         })
         .await
     }
@@ -436,9 +453,8 @@ impl BlobStore for FsBlobStore {
             let mut ids = Vec::new();
             for entry in fs::read_dir(&dir).map_err(io_err)? {
                 let name = entry.map_err(io_err)?.file_name();
-                if let Some(id) = name.to_string_lossy().strip_suffix(".json") {
-                    ids.extend(UploadId::parse(id));
-                }
+                // `.tmp-` and `.trash-` entries never parse as ids.
+                ids.extend(UploadId::parse(&name.to_string_lossy()));
             }
             Ok(ids)
         })

@@ -28,9 +28,12 @@
 //! Layout under the data directory:
 //! - `meta.redb`: all metadata (see `docs/design.md` for the tables and invariants);
 //! - `blobs/<algorithm>/<first two hex>/<hex>`: blob bytes, immutable;
-//! - `uploads/<id>` (+ `<id>.json`): upload sessions; they survive restarts, so a
-//!   client can continue a chunked upload after the process restarts. Sessions idle past
-//!   the registry's upload expiry are removed by collection.
+//! - `uploads/<id>/` (`data`, `info.json`): upload sessions; they survive restarts, so
+//!   a client can continue a chunked upload after the process restarts. A session
+//!   directory is created under a temporary name and renamed into place, and deleted by
+//!   renaming it away first, so a crash never leaves half a session under its name;
+//!   those temporary names are cleared when the store opens. Sessions idle past the
+//!   registry's upload expiry are removed by collection.
 //!
 //! Crash safety: an upload file is fsynced, renamed and hard-linked into place (the
 //! directory fsynced) before its metadata is committed; metadata commits are durable
