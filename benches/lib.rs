@@ -1,1 +1,3 @@
-//! Benchmarks: see the `[[bench]]` targets of this package.
+//! Benchmarks: the criterion `[[bench]] core`, and the `load` binary that
+//! `benches/compare.sh` runs against our server and CNCF Distribution
+//! (see `benches/README.md`).

@@ -1,0 +1,258 @@
+#!/usr/bin/env bash
+# Side-by-side load benchmark: our `serve` example against CNCF Distribution 2.8.2
+# (Debian's docker-registry). See benches/README.md.
+#
+#   bash benches/compare.sh              # default: 3 rounds each, about 10-20 minutes
+#   QUICK=1 bash benches/compare.sh      # smoke run: 2 rounds each, small counts
+#
+# Environment: ROUNDS (rounds per server, default 3, QUICK 2), SERVERS ("ours dist",
+# or one of them), OURS_STORAGE (fs|memory, default fs), OUT (default target/bench),
+# BIG=1 (add a 4 GiB push and pull).
+# Each round starts a fresh server with a fresh temp data dir on 127.0.0.1, records
+# its PID, samples its CPU time and RSS from /proc around every workload and stops
+# exactly that PID. Raw JSON lines: $OUT/raw-*.jsonl (latest: $OUT/raw.jsonl);
+# the table: $OUT/summary.md.
+set -euo pipefail
+export LC_ALL=C
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+QUICK=${QUICK:-0}
+if [ "$QUICK" = 1 ]; then ROUNDS=${ROUNDS:-2}; else ROUNDS=${ROUNDS:-3}; fi
+SERVERS=${SERVERS:-ours dist}
+OURS_STORAGE=${OURS_STORAGE:-fs}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+OUT=${OUT:-$TARGET_DIR/bench}
+LOAD=$TARGET_DIR/release/load
+SERVE=$TARGET_DIR/release/examples/serve
+CLK_TCK=$(getconf CLK_TCK)
+mkdir -p "$OUT"
+RAW=$OUT/raw-$(date +%Y%m%d-%H%M%S).jsonl
+: >"$RAW"
+
+log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# ---------------------------------------------------------------- setup
+if ! command -v docker-registry >/dev/null 2>&1; then
+    log "installing CNCF Distribution (Debian docker-registry)"
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-registry
+fi
+DIST_VERSION=$(docker-registry --version 2>/dev/null || echo unknown)
+case $DIST_VERSION in *2.8.2*) ;; *) log "warning: expected Distribution 2.8.2, have: $DIST_VERSION" ;; esac
+
+log "building load (release)"
+cargo build --release -p registry-benches --bin load
+if [[ " $SERVERS " == *" ours "* ]]; then
+    log "building the serve example (release)"
+    cargo build --release -p registry-examples --example serve
+fi
+
+# ---------------------------------------------------------------- workloads
+# name|load arguments. Push and pull of the same blobs share --seed/--size/--count/--repo.
+if [ "$QUICK" = 1 ]; then
+    N1=100 N64=4 NCH=2 NMAN=200 NTAGS=100 NCI=50 TCP=256M
+else
+    N1=500 N64=16 NCH=8 NMAN=1000 NTAGS=500 NCI=50 TCP=1G
+fi
+WORKLOADS=(
+    "push-1m-c1|--workload push-mono --size 1M --count $N1 --concurrency 1 --seed 11 --repo bench/p1m"
+    "push-1m-c8|--workload push-mono --size 1M --count $N1 --concurrency 8 --seed 12 --repo bench/p1m8"
+    "push-64m-c4|--workload push-mono --size 64M --count $N64 --concurrency 4 --seed 13 --repo bench/p64m"
+    "push-chunked-64m|--workload push-chunked --size 64M --chunk 8M --count $NCH --concurrency 1 --seed 14 --repo bench/chunked"
+    "pull-1m-c1|--workload pull --size 1M --count $N1 --concurrency 1 --seed 11 --repo bench/p1m"
+    "pull-1m-c8|--workload pull --size 1M --count $N1 --concurrency 8 --seed 11 --repo bench/p1m"
+    "pull-64m-c1|--workload pull --size 64M --count $N64 --concurrency 1 --seed 13 --repo bench/p64m"
+    "pull-64m-c4|--workload pull --size 64M --count $N64 --concurrency 4 --seed 13 --repo bench/p64m"
+    "pull-64m-c1-raw|--workload pull --size 64M --count $N64 --concurrency 1 --seed 13 --repo bench/p64m --no-verify"
+    "pull-chunked-64m|--workload pull --size 64M --count $NCH --concurrency 1 --seed 14 --repo bench/chunked"
+    "manifest-put|--workload manifest-put --count $NMAN --concurrency 4 --seed 21 --repo bench/manifests"
+    "manifest-get-tag|--workload manifest-get-tag --count $NMAN --concurrency 4 --seed 21 --repo bench/manifests"
+    "manifest-get-digest|--workload manifest-get-digest --count $NMAN --concurrency 4 --seed 21 --repo bench/manifests"
+    "manifest-head|--workload manifest-head --count $NMAN --concurrency 4 --seed 21 --repo bench/manifests"
+    "tag-list|--workload tag-list --count $NTAGS --tags $NMAN --concurrency 4 --repo bench/manifests"
+    "ci-mix|--workload ci-mix --count $NCI --repos 10 --concurrency 4 --seed 31 --repo ci"
+)
+# BIG=1 adds one 4 GiB blob pushed and pulled (issue 7's memory target), generated
+# while sent: about +1 minute per round and 4 GiB of temp disk. They run first, on the
+# fresh server, so that the peak RSS is theirs and not memory kept from earlier work.
+if [ "${BIG:-0}" = 1 ]; then
+    WORKLOADS=(
+        "push-4g|--workload push-mono --size 4G --count 1 --concurrency 1 --seed 41 --repo bench/big"
+        "pull-4g|--workload pull --size 4G --count 1 --concurrency 1 --seed 41 --repo bench/big"
+        "${WORKLOADS[@]}"
+    )
+fi
+# Every load invocation is bounded in time: no new operation after 240 s, and one
+# request (with its body) gives up after 300 s.
+LOAD_LIMITS=(--max-seconds 240 --request-timeout 300)
+
+# ---------------------------------------------------------------- servers
+PID=""
+WORK=""
+PORT=""
+
+# The state letter of $PID ("" when gone); a zombie counts as gone.
+pid_state() {
+    local s
+    s=$(cat "/proc/$PID/stat" 2>/dev/null) || return 0
+    s=${s##*) }
+    printf '%s' "${s%% *}"
+}
+alive() {
+    [ -n "$PID" ] || return 1
+    local st
+    st=$(pid_state)
+    [ -n "$st" ] && [ "$st" != Z ]
+}
+
+# utime + stime of $PID in clock ticks.
+cpu_ticks() {
+    local s
+    s=$(cat "/proc/$PID/stat" 2>/dev/null) || { echo 0; return; }
+    s=${s##*) }
+    # shellcheck disable=SC2086
+    set -- $s
+    echo $((${12} + ${13}))
+}
+status_kb() { awk -v k="$1:" '$1 == k { print $2; found = 1 } END { if (!found) print 0 }' "/proc/$PID/status" 2>/dev/null || echo 0; }
+
+stop_server() {
+    [ -n "$PID" ] || return 0
+    kill -TERM "$PID" 2>/dev/null || true
+    local i
+    for i in $(seq 1 100); do
+        alive || break
+        sleep 0.05
+    done
+    if alive; then kill -KILL "$PID" 2>/dev/null || true; fi
+    wait "$PID" 2>/dev/null || true
+    PID=""
+}
+
+cleanup() {
+    stop_server
+    if [ -n "$WORK" ]; then rm -rf "$WORK"; fi
+    WORK=""
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# start_server KIND: fresh data dir and port; sets PID, PORT, WORK; the ready JSON
+# goes to $WORK/ready.json. Not to be called in a subshell (PID must be ours).
+start_server() {
+    local kind=$1 t0
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/registry-bench-$kind.XXXXXX")
+    mkdir -p "$WORK/data"
+    PORT=$(free_port)
+    local cmd
+    case $kind in
+        dist)
+            cat >"$WORK/config.yml" <<EOF
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $WORK/data
+  delete:
+    enabled: true
+  cache:
+    blobdescriptor: inmemory
+http:
+  addr: 127.0.0.1:$PORT
+EOF
+            cmd=(docker-registry serve "$WORK/config.yml")
+            ;;
+        ours)
+            cmd=("$SERVE" --addr "127.0.0.1:$PORT" --data-dir "$WORK/data" --storage "$OURS_STORAGE")
+            ;;
+        *) log "unknown server $kind"; return 1 ;;
+    esac
+    t0=$EPOCHREALTIME
+    RUST_LOG=error "${cmd[@]}" >"$WORK/server.log" 2>&1 &
+    PID=$!
+    if ! "$LOAD" --workload wait-ready --url "http://127.0.0.1:$PORT" --since "$t0" --max-seconds 30 >"$WORK/ready.json"; then
+        log "$kind did not answer GET /v2/ within 30 s; its log:"
+        tail -20 "$WORK/server.log" >&2 || true
+        return 1
+    fi
+}
+
+# run_round KIND ROUND
+run_round() {
+    local kind=$1 round=$2 ready idle spec name args out rc c0 c1 r0 r1 hwm
+    log "round $round: $kind (fresh server)"
+    if ! start_server "$kind"; then
+        echo "{\"server\":\"$kind\",\"round\":$round,\"name\":\"ready\",\"failed\":true}" >>"$RAW"
+        cleanup
+        return 0
+    fi
+    ready=$(cat "$WORK/ready.json")
+    sleep 1
+    idle=$(status_kb VmRSS)
+    echo "{\"server\":\"$kind\",\"round\":$round,\"name\":\"ready\",\"pid\":$PID,\"idle_rss_kb\":$idle,\"ready\":$ready}" >>"$RAW"
+    log "  ready: $ready; idle RSS ${idle} kB"
+    for spec in "${WORKLOADS[@]}"; do
+        name=${spec%%|*}
+        args=${spec#*|}
+        if ! alive; then
+            log "  $kind (pid $PID) is gone; its log:"
+            tail -20 "$WORK/server.log" >&2 || true
+            echo "{\"server\":\"$kind\",\"round\":$round,\"name\":\"$name\",\"server_died\":true,\"load\":null}" >>"$RAW"
+            continue
+        fi
+        echo 5 >"/proc/$PID/clear_refs" 2>/dev/null || true # reset VmHWM
+        c0=$(cpu_ticks)
+        r0=$(status_kb VmRSS)
+        rc=0
+        # shellcheck disable=SC2086
+        out=$("$LOAD" --url "http://127.0.0.1:$PORT" --name "$name" "${LOAD_LIMITS[@]}" $args 2>>"$WORK/load.err") || rc=$?
+        c1=$(cpu_ticks)
+        hwm=$(status_kb VmHWM)
+        r1=$(status_kb VmRSS)
+        [ -n "$out" ] || out=null
+        echo "{\"server\":\"$kind\",\"round\":$round,\"name\":\"$name\",\"cpu_ticks\":$((c1 - c0)),\"clk_tck\":$CLK_TCK,\"rss_kb_before\":$r0,\"hwm_kb\":$hwm,\"rss_kb_after\":$r1,\"rc\":$rc,\"load\":$out}" >>"$RAW"
+        log "  $name: $(grep -o '"mb_per_s":[0-9.]*\|"ops_per_s":[0-9.]*\|"errors":[0-9]*' <<<"$out" | tr '\n' ' ')cpu $(((c1 - c0) * 1000 / CLK_TCK)) ms, HWM ${hwm} kB"
+        if [ "$rc" != 0 ]; then
+            log "  load failed (rc $rc):"
+            tail -5 "$WORK/load.err" >&2 || true
+        fi
+    done
+    if [ -s "$WORK/load.err" ]; then cp "$WORK/load.err" "$OUT/load-$kind-$round.err"; fi
+    if [ -s "$WORK/server.log" ]; then cp "$WORK/server.log" "$OUT/server-$kind-$round.log"; fi
+    cleanup
+}
+
+# ---------------------------------------------------------------- run
+START=$(date +%s)
+log "rounds: $ROUNDS each of: $SERVERS (ours: --storage $OURS_STORAGE); raw: $RAW"
+for round in $(seq 1 "$ROUNDS"); do
+    for mode in raw sha256; do
+        flag=()
+        [ "$mode" = raw ] && flag=(--no-verify)
+        out=$("$LOAD" --workload tcp-baseline --size "$TCP" --name "tcp-baseline-$mode" "${flag[@]}" --max-seconds 60) || out=null
+        echo "{\"server\":\"none\",\"round\":$round,\"name\":\"tcp-baseline-$mode\",\"load\":$out}" >>"$RAW"
+        log "tcp-baseline-$mode: $(grep -o '"mb_per_s":[0-9.]*' <<<"$out")"
+    done
+    for kind in $SERVERS; do
+        run_round "$kind" "$round"
+    done
+done
+cp "$RAW" "$OUT/raw.jsonl"
+{
+    echo "# Load benchmark: ours vs CNCF Distribution"
+    echo
+    echo "$(date -u +%Y-%m-%dT%H:%MZ), commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo '+dirty'), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)."
+    echo "Servers: ours = serve --storage $OURS_STORAGE; dist = $DIST_VERSION. Rounds: $ROUNDS each, alternating; QUICK=$QUICK; run took $(($(date +%s) - START)) s."
+    echo
+    python3 "$ROOT/benches/summarize.py" "$RAW"
+} >"$OUT/summary.md"
+cat "$OUT/summary.md"
+log "summary: $OUT/summary.md; raw: $RAW"

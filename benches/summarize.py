@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Summarise the raw JSON lines of benches/compare.sh as a Markdown table.
+
+Usage: python3 benches/summarize.py target/bench/raw.jsonl
+
+Per workload: the median over rounds of ours and of Distribution, the ratio
+ours/Distribution of the throughput (MB/s for blob transfers, ops/s otherwise),
+p50/p99 latency, server CPU seconds per GB (10^9 bytes moved) and per request,
+the server's peak RSS during the workload (VmHWM, reset before each workload),
+and errors. Standard library only.
+"""
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+OURS, DIST = "ours", "dist"
+
+# Workload -> targets from issue 7: minimum ratio ours/Distribution of the throughput,
+# and for ours the most server CPU s/GB and the most peak RSS (MiB).
+TARGETS = {
+    "push-1m-c1": {"ratio": 3.0},
+    "push-1m-c8": {"ratio": 3.0},
+    "push-64m-c4": {"ratio": 2.0, "cpu_gb": 0.7},
+    "push-chunked-64m": {"ratio": 2.0},
+    "pull-1m-c1": {"ratio": 3.0},
+    "pull-1m-c8": {"ratio": 3.0},
+    "pull-64m-c1": {"ratio": 1.0, "note": ">= 90% of TCP"},
+    "pull-64m-c4": {"ratio": 1.0},
+    "pull-64m-c1-raw": {"ratio": 1.0, "note": ">= 90% of TCP"},
+    "pull-chunked-64m": {"ratio": 1.0},
+    "manifest-put": {"ratio": 4.0},
+    "manifest-get-tag": {"ratio": 5.0},
+    "manifest-get-digest": {"ratio": 5.0},
+    "manifest-head": {"ratio": 5.0},
+    "tag-list": {"ratio": 5.0},
+    "push-4g": {"rss_mib": 64},
+    "pull-4g": {"rss_mib": 64},
+}
+ORDER = [
+    "push-1m-c1", "push-1m-c8", "push-64m-c4", "push-chunked-64m",
+    "pull-1m-c1", "pull-1m-c8", "pull-64m-c1", "pull-64m-c4", "pull-64m-c1-raw",
+    "pull-chunked-64m", "manifest-put", "manifest-get-tag", "manifest-get-digest",
+    "manifest-head", "tag-list", "ci-mix", "push-4g", "pull-4g",
+]
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, digits=None):
+    if x is None:
+        return "–"
+    if digits is None:
+        digits = 0 if abs(x) >= 100 else 1 if abs(x) >= 10 else 2 if abs(x) >= 1 else 3
+    return f"{x:.{digits}f}"
+
+
+def pair(a, b, digits=None):
+    return f"{fmt(a, digits)} / {fmt(b, digits)}"
+
+
+def is_transfer(name):
+    return name.startswith("push-") or name.startswith("pull-")
+
+
+def metrics(rec):
+    """The numbers of one workload run, or None when it produced nothing."""
+    load = rec.get("load")
+    if not isinstance(load, dict):
+        return {"errors": 1, "failed": True}
+    m = {
+        "thr": load["mb_per_s"] if is_transfer(rec["name"]) else load["ops_per_s"],
+        "p50": load.get("p50_ms"),
+        "p99": load.get("p99_ms"),
+        "errors": load.get("errors", 0) + (1 if load.get("timed_out") else 0),
+        "ops": load.get("ops", 0),
+    }
+    if "cpu_ticks" in rec:
+        cpu = rec["cpu_ticks"] / rec.get("clk_tck", 100)
+        m["cpu"] = cpu
+        gb = load.get("bytes", 0) / 1e9
+        m["cpu_gb"] = cpu / gb if gb >= 0.001 and is_transfer(rec["name"]) else None
+        req = load.get("requests", 0)
+        m["cpu_req_ms"] = cpu * 1e3 / req if req else None
+        m["hwm_mib"] = rec.get("hwm_kb", 0) / 1024
+    return m
+
+
+def main(path):
+    runs = defaultdict(list)  # (name, server) -> [metrics]
+    ready = defaultdict(list)  # server -> [(ready_ms, idle_rss_kb)]
+    tcp = defaultdict(list)
+    rounds = defaultdict(set)
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                print(f"(skipped a malformed line: {line[:80]}...)", file=sys.stderr)
+                continue
+            server, name = rec.get("server"), rec.get("name")
+            rounds[server].add(rec.get("round"))
+            if server == "none":
+                if isinstance(rec.get("load"), dict):
+                    tcp[name].append(rec["load"]["mb_per_s"])
+            elif name == "ready":
+                if not rec.get("failed"):
+                    ready[server].append((rec["ready"]["ready_ms"], rec["idle_rss_kb"] / 1024))
+                else:
+                    ready[server].append((None, None))
+            else:
+                runs[(name, server)].append(metrics(rec))
+
+    servers = [s for s in (OURS, DIST) if rounds.get(s)]
+    names = [n for n in ORDER if any((n, s) in runs for s in servers)]
+    names += sorted({n for n, _ in runs} - set(names))
+
+    def med(name, server, key):
+        return median([m.get(key) for m in runs.get((name, server), [])])
+
+    print(f"Rounds: ours {len(rounds.get(OURS, ()))}, Distribution {len(rounds.get(DIST, ()))}. "
+          "Cells are medians over rounds; `a / b` is ours / Distribution. Throughput is MB/s "
+          "(10^6 bytes/s) for push/pull, operations/s otherwise (ci-mix: images/s). CPU is the "
+          "server's utime+stime over the workload; peak RSS is its VmHWM during the workload.")
+    print()
+    print("| workload | unit | ours | Distribution | ours/Dist | target | met | p50 ms | p99 ms "
+          "| server CPU s/GB | server CPU ms/req | peak RSS MiB | errors |")
+    print("|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    verdicts = []
+    for n in names:
+        o, d = med(n, OURS, "thr"), med(n, DIST, "thr")
+        ratio = o / d if o is not None and d else None
+        t = TARGETS.get(n, {})
+        checks, words = [], []
+        if "ratio" in t:
+            words.append(f">= {t['ratio']:g}x")
+            checks.append(None if ratio is None else ratio >= t["ratio"])
+        if "cpu_gb" in t:
+            words.append(f"CPU <= {t['cpu_gb']:g} s/GB")
+            cpu = med(n, OURS, "cpu_gb")
+            checks.append(None if cpu is None else cpu <= t["cpu_gb"])
+        if "rss_mib" in t:
+            words.append(f"peak RSS < {t['rss_mib']:g} MiB")
+            rss = med(n, OURS, "hwm_mib")
+            checks.append(None if rss is None else rss < t["rss_mib"])
+        if t.get("note"):
+            words.append(t["note"])
+        target = ", ".join(words)
+        met = ""
+        if checks and None not in checks:
+            met = "yes" if all(checks) else "NO"
+            verdicts.append(all(checks))
+        errs = [sum(m.get("errors", 0) for m in runs.get((n, s), [])) if (n, s) in runs else None
+                for s in (OURS, DIST)]
+        print(f"| {n} | {'MB/s' if is_transfer(n) else 'ops/s'} | {fmt(o)} | {fmt(d)} | "
+              f"{fmt(ratio, 2)} | {target} | {met} | "
+              f"{pair(med(n, OURS, 'p50'), med(n, DIST, 'p50'))} | "
+              f"{pair(med(n, OURS, 'p99'), med(n, DIST, 'p99'))} | "
+              f"{pair(med(n, OURS, 'cpu_gb'), med(n, DIST, 'cpu_gb'))} | "
+              f"{pair(med(n, OURS, 'cpu_req_ms'), med(n, DIST, 'cpu_req_ms'))} | "
+              f"{pair(med(n, OURS, 'hwm_mib'), med(n, DIST, 'hwm_mib'), 1)} | "
+              f"{errs[0] if errs[0] is not None else '–'} / {errs[1] if errs[1] is not None else '–'} |")
+
+    def rmed(server, i):
+        return median([r[i] for r in ready.get(server, [])])
+
+    ro, rd = rmed(OURS, 0), rmed(DIST, 0)
+    io, idd = rmed(OURS, 1), rmed(DIST, 1)
+    print()
+    print("| server | ours | Distribution | ours/Dist | target | met |")
+    print("|---|---:|---:|---:|---|---|")
+    print(f"| ready (ms, start to first 200 on /v2/) | {fmt(ro)} | {fmt(rd)} | "
+          f"{fmt(ro / rd if ro is not None and rd else None, 2)} | < 5 ms | "
+          f"{'' if ro is None else 'yes' if ro < 5 else 'NO'} |")
+    print(f"| idle RSS (MiB, 1 s after ready) | {fmt(io, 1)} | {fmt(idd, 1)} | "
+          f"{fmt(io / idd if io is not None and idd else None, 2)} | below Distribution | "
+          f"{'' if io is None or idd is None else 'yes' if io < idd else 'NO'} |")
+    if tcp:
+        print()
+        print("| single-stream pull of 64 MiB blobs vs one loopback TCP stream | TCP MB/s "
+              "| ours % of TCP | Distribution % of TCP | target |")
+        print("|---|---:|---:|---:|---|")
+        for label, base, work in (
+            ("client verifies sha256 (pull-64m-c1 vs tcp-baseline-sha256)",
+             "tcp-baseline-sha256", "pull-64m-c1"),
+            ("raw (pull-64m-c1-raw vs tcp-baseline-raw)", "tcp-baseline-raw", "pull-64m-c1-raw"),
+        ):
+            t = median(tcp.get(base, []))
+
+            def pct(s):
+                v = med(work, s, "thr")
+                return None if v is None or not t else 100 * v / t
+
+            print(f"| {label} | {fmt(t)} | {fmt(pct(OURS))} | {fmt(pct(DIST))} | >= 90% |")
+    if verdicts:
+        print()
+        print(f"Targets met (rows above): {sum(verdicts)} of {len(verdicts)}.")
+    failures = [(n, s) for (n, s), ms in runs.items() if any(m.get("errors") for m in ms)]
+    if failures:
+        print()
+        print("Workloads with errors (see error_samples in the raw JSON): "
+              + ", ".join(f"{n} ({s})" for n, s in sorted(failures)))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: summarize.py RAW.jsonl")
+    main(sys.argv[1])
