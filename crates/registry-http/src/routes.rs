@@ -103,7 +103,7 @@ fn percent_decode(s: &str) -> String {
                     Err(_) => out.push(b'%'),
                 }
             }
-            b'+' => out.push(b' '),
+            // No `+` to space: media types in `artifactType` contain `+`, never spaces.
             c => out.push(c),
         }
         i += 1;
@@ -793,5 +793,10 @@ mod tests {
         assert_eq!(percent_decode("a%2Fb"), "a/b");
         assert_eq!(percent_decode("%"), "%");
         assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(
+            percent_decode("application/vnd.example+json"),
+            "application/vnd.example+json"
+        );
+        assert_eq!(percent_decode("a%2Bb"), "a+b");
     }
 }
