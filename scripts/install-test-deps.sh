@@ -1,27 +1,80 @@
 #!/usr/bin/env bash
-# Installs what the tests drive, on a Debian machine that has only the Rust toolchain
-# and Python: skopeo and umoci (Debian), and the oras Python client in a venv under
-# target/test-deps. Quick when everything is already there.
+# Installs what the real-client tests drive, on a Debian machine that has only the Rust
+# toolchain and Python 3 with pip, as root, non-interactively:
+#   - Debian packages (versions as Debian 12 ships them): skopeo, umoci, buildah,
+#     docker-registry (CNCF Distribution 2.8.2, the reference registry), curl, jq;
+#     python3-venv only when the python3 on PATH cannot create a venv;
+#   - the oras Python client, pinned, in a venv at target/test-deps/venv.
+# Quick when everything is already there: it checks before installing and runs
+# `apt-get update` at most once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 
 ORAS_VERSION=0.2.43
+REQUESTS_VERSION=2.32.3
+VENV=target/test-deps/venv
+
+# Debian package -> a command it provides.
+declare -A PROVIDES=(
+    [skopeo]=skopeo
+    [umoci]=umoci
+    [buildah]=buildah
+    [docker-registry]=docker-registry
+    [curl]=curl
+    [jq]=jq
+)
 missing=()
-for tool in skopeo umoci; do
-    command -v "$tool" >/dev/null || missing+=("$tool")
+for pkg in skopeo umoci buildah docker-registry curl jq; do
+    command -v "${PROVIDES[$pkg]}" >/dev/null 2>&1 || missing+=("$pkg")
 done
-if ((${#missing[@]})); then
-    echo "installing ${missing[*]} (apt)"
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+# A python3 that can make a venv with pip in it.
+PYTHON=python3
+venv_ok() { "$1" -c 'import venv, ensurepip' >/dev/null 2>&1; }
+if ! command -v "$PYTHON" >/dev/null 2>&1 || ! venv_ok "$PYTHON"; then
+    PYTHON=/usr/bin/python3
+    venv_ok "$PYTHON" || missing+=(python3-venv)
 fi
 
-venv=target/test-deps/venv
-if ! "$venv/bin/python" -c "import oras, requests" 2>/dev/null \
-    || [ "$("$venv/bin/pip" show oras 2>/dev/null | sed -n 's/^Version: //p')" != "$ORAS_VERSION" ]; then
-    echo "installing oras==$ORAS_VERSION (pip, in $venv)"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q "oras==$ORAS_VERSION" requests
+if ((${#missing[@]})); then
+    echo "installing (apt): ${missing[*]}"
+    # Debian's docker-registry package starts a registry service on :5000 (all
+    # interfaces). The tests start their own on 127.0.0.1: keep the packaged one from
+    # starting while installing, and disable it where systemd runs.
+    policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod +x "$policy"
+        trap 'rm -f "$policy"' EXIT
+    fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if [[ " ${missing[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
+        systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+        echo "  disabled the packaged docker-registry service (tests start their own)"
+    fi
+    for pkg in "${missing[@]}"; do
+        echo "  $pkg $(dpkg-query -W -f='${Version}' "$pkg")"
+    done
 fi
-echo "test dependencies: $(skopeo --version), $(umoci --version), oras $ORAS_VERSION"
+
+have_oras() {
+    [ -x "$VENV/bin/python" ] &&
+        [ "$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("oras"))' 2>/dev/null)" = "$ORAS_VERSION" ]
+}
+if ! have_oras; then
+    echo "installing (pip, in $VENV): oras==$ORAS_VERSION requests==$REQUESTS_VERSION"
+    rm -rf "$VENV"
+    mkdir -p "$(dirname "$VENV")"
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check \
+        "oras==$ORAS_VERSION" "requests==$REQUESTS_VERSION"
+    have_oras || { echo "oras $ORAS_VERSION did not install into $VENV" >&2; exit 1; }
+fi
+
+echo "test dependencies: skopeo $(skopeo --version | awk '{print $3}')," \
+    "umoci $(umoci --version | awk '{print $3}')," \
+    "buildah $(buildah --version | awk '{print $3}')," \
+    "distribution $(dpkg-query -W -f='${Version}' docker-registry)," \
+    "oras $ORAS_VERSION ($VENV)"

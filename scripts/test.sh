@@ -2,7 +2,8 @@
 # The whole test suite, from a machine with nothing but the Rust toolchain:
 # installs what the tests need (Debian and PyPI packages), then runs the gates of
 # STYLE.md and every test: unit, behaviour suite on each store, model-based, stress,
-# kill -9 crash, in-process HTTP, real clients (skopeo, umoci, oras), doc tests.
+# kill -9 crash, in-process HTTP, real clients (skopeo, umoci, oras, oci-client), doc
+# tests; then the out-of-process client suite against the serve binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,3 +26,6 @@ RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --all-features --locked
 
 step "tests"
 cargo test --workspace --all-features --locked
+
+step "real clients against the serve binary (skopeo, oras, buildah, raw HTTP)"
+scripts/e2e-clients.sh
