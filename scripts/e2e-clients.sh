@@ -64,7 +64,7 @@ ours)
     echo "building the serve example (release)"
     cargo build --release --example serve --quiet || { echo "build failed" >&2; exit 2; }
     mkdir -p "$WORK/data"
-    target/release/examples/serve --addr "$HOST" --storage "$REGISTRY_STORAGE" \
+    "${CARGO_TARGET_DIR:-target}/release/examples/serve" --addr "$HOST" --storage "$REGISTRY_STORAGE" \
         --data-dir "$WORK/data" >"$LOG" 2>&1 &
     PIDS+=($!)
     ;;
