@@ -3,8 +3,8 @@
 //!
 //! Flags (kept stable, scripts use them): `--addr HOST:PORT`, `--data-dir DIR`,
 //! `--storage memory|fs`, `--max-manifest-size BYTES`, `--gc-interval SECS`,
-//! `--gc-window SECS`, `--read-only`, `--no-deletes`. Logs go through `tracing`
-//! (`RUST_LOG=debug` for more).
+//! `--gc-window SECS`, `--read-only`, `--no-deletes`, `--base-url URL`. Logs go
+//! through `tracing` (`RUST_LOG=debug` for more).
 //!
 //! Maintenance of a stopped fs store:
 //! - `serve check --data-dir DIR [--verify-digests] [--repair]` prints, as its last line,
@@ -48,6 +48,10 @@ struct Args {
     /// Refuse deletes of manifests and blobs.
     #[arg(long)]
     no_deletes: bool,
+    /// Prefix of `Location` and `Link` headers when clients reach the registry through
+    /// a proxy under another address (default: relative URLs).
+    #[arg(long)]
+    base_url: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -153,7 +157,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build();
     let config = HttpConfig::default()
         .with_read_only(args.read_only)
-        .with_deletes(!args.no_deletes);
+        .with_deletes(!args.no_deletes)
+        .with_base_url(args.base_url.clone());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if args.gc_interval > 0 {

@@ -26,6 +26,11 @@ pub struct FsBlobStore {
     /// Upload sessions being appended to or committed in this process: one at a time
     /// per session, so an append never writes into a file being committed.
     busy: Arc<Mutex<HashSet<UploadId>>>,
+    /// Fan-out directories (`blobs/<algorithm>/<2 hex>`) whose own name is known to be
+    /// durable: a blob linked into one of them survives a power loss once that
+    /// directory is fsynced. Created lazily (creating all 512 up front costs more than
+    /// a store open should), each made durable once per process.
+    durable_fans: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
 /// What an upload session's sidecar file records.
@@ -49,6 +54,25 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Makes sure fan-out directory `dir` exists and its name is durable, fsyncing its
+/// parent the first time this process sees it. Every commit into it checks this, not
+/// only the one that created it: a concurrent commit must not acknowledge a blob in a
+/// directory whose creation is not durable yet.
+fn make_durable_fan(fans: &Mutex<HashSet<PathBuf>>, dir: &Path) -> io::Result<()> {
+    let mut fans = fans.lock().unwrap_or_else(|p| p.into_inner());
+    if fans.contains(dir) {
+        return Ok(());
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    fsync_dir(dir.parent().expect("fan-out directories have a parent"))?;
+    fans.insert(dir.to_owned());
+    Ok(())
+}
+
 /// Releases a session's busy mark when dropped.
 struct BusyGuard {
     busy: Arc<Mutex<HashSet<UploadId>>>,
@@ -67,9 +91,22 @@ impl Drop for BusyGuard {
 impl FsBlobStore {
     /// Uses (and creates) `root/blobs` and `root/uploads`.
     pub fn open(root: &Path) -> Result<Self> {
-        fs::create_dir_all(root.join("blobs")).map_err(io_err)?;
+        let blobs = root.join("blobs");
+        let mut durable_fans = HashSet::new();
+        for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
+            let dir = blobs.join(algorithm.name());
+            fs::create_dir_all(&dir).map_err(io_err)?;
+            // Fan-out directories an earlier process created may not be durable yet
+            // (it may have crashed before fsyncing their parent): make them so now.
+            fsync_dir(&dir).map_err(io_err)?;
+            for fan in fs::read_dir(&dir).map_err(io_err)? {
+                durable_fans.insert(fan.map_err(io_err)?.path());
+            }
+        }
+        fsync_dir(&blobs).map_err(io_err)?;
         let uploads = root.join("uploads");
         fs::create_dir_all(&uploads).map_err(io_err)?;
+        fsync_dir(root).map_err(io_err)?;
         // Sessions being created or deleted when a crash struck: never acknowledged
         // (creation) or already forgotten (deletion). Nothing else uses these names.
         for entry in fs::read_dir(&uploads).map_err(io_err)? {
@@ -83,6 +120,7 @@ impl FsBlobStore {
         Ok(FsBlobStore {
             root: Arc::new(root.to_owned()),
             busy: Arc::default(),
+            durable_fans: Arc::new(Mutex::new(durable_fans)),
         })
     }
 
@@ -93,6 +131,18 @@ impl FsBlobStore {
             .join(d.algorithm().name())
             .join(&d.hex()[..2])
             .join(d.hex())
+    }
+
+    /// When a blob file's bytes were last written (the upload's last append: the
+    /// commit links the same file), `None` if there is no such file.
+    pub(crate) async fn modified(&self, d: &Digest) -> Result<Option<std::time::SystemTime>> {
+        let path = self.blob_path(d);
+        blocking(move || match fs::metadata(&path) {
+            Ok(m) => m.modified().map(Some).map_err(io_err),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(e)),
+        })
+        .await
     }
 
     /// A session lives in its own directory, created and removed by a rename, so a
@@ -126,11 +176,129 @@ impl FsBlobStore {
         })
     }
 
-    /// The session's data file: still open for appends, or already committed.
-    fn session_file(&self, id: &UploadId) -> Option<PathBuf> {
+    /// Where the session's data file may be: still open for appends, or already
+    /// committed (renamed so that no later append can write into a linked blob file).
+    fn session_files(&self, id: &UploadId) -> [PathBuf; 2] {
         [self.upload_data(id), self.upload_committed(id)]
-            .into_iter()
-            .find(|p| p.exists())
+    }
+}
+
+/// Applies `open` to the first of a session's data files that exists. Tried in the order
+/// a commit renames them, so a commit racing with this call cannot hide both.
+fn open_session_file<T>(
+    candidates: &[PathBuf; 2],
+    open: impl Fn(&Path) -> io::Result<T>,
+) -> Result<Option<T>> {
+    for path in candidates {
+        match open(path) {
+            Ok(t) => return Ok(Some(t)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(e)),
+        }
+    }
+    Ok(None)
+}
+
+/// An append in progress: the file, where the append started, and the session's busy
+/// mark. Dropping it without [`Appender::finish`] (the request future was cancelled, say
+/// a client went away) cuts the file back to where the append started, because
+/// appends are all-or-nothing even when nobody is left to see the error.
+struct Appender {
+    state: Arc<Mutex<AppendState>>,
+    start: u64,
+    busy: Option<BusyGuard>,
+}
+
+struct AppendState {
+    file: File,
+    /// Set once the append has been rolled back: a block write still queued on the
+    /// blocking pool must then not land after the truncation.
+    rolled_back: bool,
+}
+
+impl AppendState {
+    fn roll_back(&mut self, start: u64) -> io::Result<()> {
+        self.rolled_back = true;
+        self.file.set_len(start)
+    }
+}
+
+fn lock(state: &Mutex<AppendState>) -> std::sync::MutexGuard<'_, AppendState> {
+    // A panic while writing leaves nothing we rely on: the file length is re-read.
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Appender {
+    fn new(file: File, start: u64, busy: BusyGuard) -> Self {
+        Appender {
+            state: Arc::new(Mutex::new(AppendState {
+                file,
+                rolled_back: false,
+            })),
+            start,
+            busy: Some(busy),
+        }
+    }
+
+    async fn write(&self, block: Bytes) -> Result<()> {
+        let state = self.state.clone();
+        blocking(move || {
+            let mut state = lock(&state);
+            if state.rolled_back {
+                return Err(Error::storage("append was rolled back"));
+            }
+            state.file.write_all(&block).map_err(io_err)
+        })
+        .await
+    }
+
+    /// Cuts the file back to where the append started and waits for it.
+    async fn abort(mut self) -> Result<()> {
+        let (state, start) = (self.state.clone(), self.start);
+        let busy = self.busy.take();
+        blocking(move || {
+            let result = lock(&state).roll_back(start).map_err(io_err);
+            drop(busy);
+            result
+        })
+        .await
+    }
+
+    /// Keeps what was written; the session's idle time starts now.
+    async fn finish(mut self, now: Timestamp) -> Result<()> {
+        let state = self.state.clone();
+        let busy = self.busy.take();
+        blocking(move || {
+            let result = lock(&state)
+                .file
+                .set_modified(now.to_system_time())
+                .map_err(io_err);
+            drop(busy);
+            result
+        })
+        .await
+    }
+}
+
+impl Drop for Appender {
+    fn drop(&mut self) {
+        // `abort` and `finish` take the busy mark; still holding it means cancelled.
+        let Some(busy) = self.busy.take() else {
+            return;
+        };
+        let (state, start) = (self.state.clone(), self.start);
+        // The session stays busy until the cut is done, so no new append sees the
+        // abandoned bytes.
+        let cut = move || {
+            if let Err(e) = lock(&state).roll_back(start) {
+                tracing::warn!(error = %e, "could not roll back a cancelled append");
+            }
+            drop(busy);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(cut)),
+            Err(_) => cut(),
+        }
     }
 }
 
@@ -263,9 +431,10 @@ impl BlobStore for FsBlobStore {
             let mut s = File::create(tmp.join("info.json")).map_err(io_err)?;
             s.write_all(&record).map_err(io_err)?;
             s.sync_all().map_err(io_err)?;
+            // Empty: nothing of its own to fsync; its name is made durable with the
+            // directory's.
             let f = File::create(tmp.join("data")).map_err(io_err)?;
             f.set_modified(now.to_system_time()).map_err(io_err)?;
-            f.sync_all().map_err(io_err)?;
             fsync_dir(&tmp).map_err(io_err)?;
             // A session must survive a restart (the client may continue it), and must
             // appear whole or not at all.
@@ -276,10 +445,7 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn upload_info(&self, id: &UploadId) -> Result<Option<UploadInfo>> {
-        let sidecar = self.upload_sidecar(id);
-        let Some(data) = self.session_file(id) else {
-            return Ok(None);
-        };
+        let (sidecar, candidates) = (self.upload_sidecar(id), self.session_files(id));
         let id = id.clone();
         blocking(move || {
             let record = match fs::read(&sidecar) {
@@ -288,10 +454,8 @@ impl BlobStore for FsBlobStore {
                 Err(e) => return Err(io_err(e)),
             };
             let record: Sidecar = serde_json::from_slice(&record).map_err(Error::storage)?;
-            let meta = match fs::metadata(&data) {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(io_err(e)),
+            let Some(meta) = open_session_file(&candidates, |p| fs::metadata(p))? else {
+                return Ok(None);
             };
             Ok(Some(UploadInfo {
                 id,
@@ -311,10 +475,10 @@ impl BlobStore for FsBlobStore {
         mut data: ByteStream,
         now: Timestamp,
     ) -> Result<u64> {
-        let _busy = self.mark_busy(id)?;
+        let busy = self.mark_busy(id)?;
         let path = self.upload_data(id);
         let unknown = Error::UploadUnknown { id: id.to_string() };
-        let mut file = blocking(move || {
+        let file = blocking(move || {
             let mut f = match OpenOptions::new().write(true).open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(unknown),
@@ -331,66 +495,53 @@ impl BlobStore for FsBlobStore {
             Ok(f)
         })
         .await?;
+        let appender = Appender::new(file, offset, busy);
         let mut written = offset;
         let mut pending = BytesMut::new();
-        let mut failure = None;
         loop {
-            let next = data.next().await;
-            let flush = match &next {
+            let (block, done) = match data.next().await {
+                // Already large: written as it came, without a copy.
+                Some(Ok(chunk)) if pending.is_empty() && chunk.len() >= BLOCK => (chunk, false),
                 Some(Ok(chunk)) => {
-                    pending.extend_from_slice(chunk);
-                    pending.len() >= BLOCK
+                    // Small network chunks are gathered into large writes.
+                    pending.extend_from_slice(&chunk);
+                    if pending.len() < BLOCK {
+                        continue;
+                    }
+                    (pending.split().freeze(), false)
                 }
-                Some(Err(_)) => false,
-                None => true,
+                Some(Err(e)) => {
+                    appender.abort().await?;
+                    return Err(Error::storage(e));
+                }
+                None => (pending.split().freeze(), true),
             };
-            if let Some(Err(e)) = next {
-                failure = Some(Error::storage(e));
-                break;
-            }
-            if flush && !pending.is_empty() {
-                let block: Bytes = pending.split().freeze();
+            if !block.is_empty() {
                 let n = block.len() as u64;
-                let result = tokio::task::spawn_blocking(move || {
-                    let r = file.write_all(&block);
-                    (file, r)
-                })
-                .await
-                .map_err(|e| Error::storage(format!("file task failed: {e}")))?;
-                file = result.0;
-                if let Err(e) = result.1 {
-                    failure = Some(io_err(e));
-                    break;
+                if let Err(e) = appender.write(block).await {
+                    appender.abort().await?;
+                    return Err(e);
                 }
                 written += n;
             }
-            if next.is_none() {
+            if done {
                 break;
             }
         }
-        blocking(move || {
-            if let Some(e) = failure {
-                // All or nothing: cut back to where this append started.
-                file.set_len(offset).map_err(io_err)?;
-                return Err(e);
-            }
-            file.set_modified(now.to_system_time()).map_err(io_err)?;
-            Ok(written)
-        })
-        .await
+        appender.finish(now).await?;
+        Ok(written)
     }
 
     async fn read_upload(&self, id: &UploadId) -> Result<ByteStream> {
-        let path = self
-            .session_file(id)
-            .ok_or_else(|| Error::UploadUnknown { id: id.to_string() })?;
-        let file = blocking(move || {
-            let f = File::open(&path).map_err(io_err)?;
+        let candidates = self.session_files(id);
+        let unknown = Error::UploadUnknown { id: id.to_string() };
+        let (file, len) = blocking(move || {
+            let f = open_session_file(&candidates, |p| File::open(p))?.ok_or(unknown)?;
             let len = f.metadata().map_err(io_err)?.len();
             Ok((f, len))
         })
         .await?;
-        Ok(file_stream(file.0, file.1))
+        Ok(file_stream(file, len))
     }
 
     async fn commit_upload(&self, id: &UploadId, digest: &Digest) -> Result<CommitOutcome> {
@@ -402,6 +553,7 @@ impl BlobStore for FsBlobStore {
         );
         let session = self.upload_dir(id);
         let unknown = Error::UploadUnknown { id: id.to_string() };
+        let fans = self.durable_fans.clone();
         blocking(move || {
             if !committed.exists() {
                 if !data.exists() {
@@ -416,17 +568,17 @@ impl BlobStore for FsBlobStore {
                 fsync_dir(&session).map_err(io_err)?;
             }
             let dir = blob.parent().expect("blob paths have a parent");
-            fs::create_dir_all(dir).map_err(io_err)?;
-            match fs::hard_link(&committed, &blob) {
-                Ok(()) => {
-                    fsync_dir(dir).map_err(io_err)?;
-                    Ok(CommitOutcome::Stored)
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    Ok(CommitOutcome::AlreadyPresent)
-                }
-                Err(e) => Err(io_err(e)),
-            }
+            make_durable_fan(&fans, dir).map_err(io_err)?;
+            let outcome = match fs::hard_link(&committed, &blob) {
+                Ok(()) => CommitOutcome::Stored,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => CommitOutcome::AlreadyPresent,
+                Err(e) => return Err(io_err(e)),
+            };
+            // Also when the name was already there: whoever linked it (a concurrent
+            // commit, or a process that crashed) may not have made it durable yet, and
+            // our caller is about to acknowledge the blob.
+            fsync_dir(dir).map_err(io_err)?;
+            Ok(outcome)
         })
         .await
     }

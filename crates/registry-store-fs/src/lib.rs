@@ -1,44 +1,76 @@
 //! # registry-store-fs
 //!
 //! Crash-safe local storage for a [`registry_core::Registry`]: blobs as files, every
-//! piece of metadata in one redb database, one redb write transaction per registry
-//! operation.
+//! piece of metadata in one redb database, one durable redb write transaction per
+//! registry operation.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use futures::stream::{self, StreamExt};
 //! use registry_core::{Digest, Registry, RepoName};
+//! use registry_store_fs::{CheckOptions, FsStore};
 //!
 //! let dir = tempfile::tempdir()?;
-//! let store = registry_store_fs::FsStore::open(dir.path()).await?;
-//! let registry = Registry::builder(store).build();
+//! let store = FsStore::open(dir.path()).await?;
+//! let registry = Registry::builder(store.clone()).build();
 //!
+//! // Push a blob in one request...
 //! let repo = RepoName::parse("demo/app")?;
 //! let data = bytes::Bytes::from_static(b"layer bytes");
 //! let digest = Digest::sha256(&data);
 //! registry
 //!     .put_blob(&repo, &digest, None, stream::iter([Ok(data.clone())]).boxed())
 //!     .await?;
-//! assert_eq!(registry.stat_blob(&repo, &digest).await?.size, data.len() as u64);
+//!
+//! // ...read it back (the stream is verified against the digest as it ends)...
+//! let mut body = registry.get_blob(&repo, &digest, None).await?.stream;
+//! let mut read = Vec::new();
+//! while let Some(chunk) = body.next().await {
+//!     read.extend_from_slice(&chunk?);
+//! }
+//! assert_eq!(read, data);
+//!
+//! // ...and check the store: records against files, counts against links.
+//! let report = store.check(CheckOptions { verify_digests: true, repair: false }).await?;
+//! assert!(report.problems.is_empty());
+//! assert_eq!(report.blobs, 1);
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! Layout under the data directory:
-//! - `meta.redb`: all metadata (see `docs/design.md` for the tables and invariants);
-//! - `blobs/<algorithm>/<first two hex>/<hex>`: blob bytes, immutable;
-//! - `uploads/<id>/` (`data`, `info.json`): upload sessions; they survive restarts, so
-//!   a client can continue a chunked upload after the process restarts. A session
-//!   directory is created under a temporary name and renamed into place, and deleted by
-//!   renaming it away first, so a crash never leaves half a session under its name;
-//!   those temporary names are cleared when the store opens. Sessions idle past the
-//!   registry's upload expiry are removed by collection.
+//! ## Layout under the data directory
+//! - `meta.redb`: all metadata, one redb table per [`registry_core::kv::Table`] (see
+//!   `docs/design.md` for the tables and invariants);
+//! - `blobs/<algorithm>/<first two hex>/<hex>`: blob bytes, immutable once named;
+//! - `uploads/<id>/`: one upload session: `info.json` (repository, start time), and
+//!   `data` (the bytes so far; its modification time is the session's last activity),
+//!   renamed `data.committed` when committed.
 //!
-//! Crash safety: an upload file is fsynced, renamed and hard-linked into place (the
-//! directory fsynced) before its metadata is committed; metadata commits are durable
-//! (`Durability::Immediate`). A crash therefore leaves at worst orphan files or upload
-//! sessions, which [`FsStore::check`] reports and collection reclaims.
+//! ## Writes
+//! The registry hashes an upload while this store appends it to `data` in large writes;
+//! an append that fails or is cancelled is cut back to where it started. Committing
+//! fsyncs the file, renames it `data.committed` (so no later append can write into a
+//! blob), hard-links it to its blob name (an existing name means `AlreadyPresent`) and
+//! fsyncs the directory; only then does the registry commit the metadata that makes
+//! the blob visible. The upload stays readable until it is deleted, so a commit can be
+//! repeated. Metadata commits use `Durability::Immediate`: fsynced before they return.
+//!
+//! ## After a crash
+//! Nothing acknowledged is lost, nothing partial is visible. What may be left:
+//! - upload sessions: kept on purpose, since a client may continue a chunked upload
+//!   after the restart (the registry re-hashes what is there). Sessions idle longer
+//!   than the registry's upload expiry are deleted by
+//!   [`Registry::collect_garbage`](registry_core::Registry::collect_garbage)
+//!   (through `list_uploads` / `delete_upload`); sessions half-created or
+//!   half-deleted (`uploads/.tmp-*`, `uploads/.trash-*`) are removed on open;
+//! - orphan blob files (committed, metadata never written): unreadable, since every
+//!   read goes through metadata; [`FsStore::check`] reports them and, repairing,
+//!   removes those older than a grace time; a collection with `GcOptions::orphans`
+//!   removes them too.
+//!
+//! [`FsStore::check`] verifies the rest: counts and indexes against the links, records
+//! against files, and on request every file's digest.
 
 #![forbid(unsafe_code)]
 
@@ -47,14 +79,20 @@ mod redb_kv;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use registry_core::kv::{KvEngine, KvMetadata, Table};
-use registry_core::store::{BlobRecord, BlobStore, MetadataStore, Storage};
-use registry_core::{Digest, Hasher, Result};
+use registry_core::registry::DEFAULT_DELETION_LEASE;
+use registry_core::store::{BlobRecord, BlobState, BlobStore, MetadataStore, Storage};
+use registry_core::{Digest, Error, Hasher, Result, Timestamp};
 
 pub use blobs::FsBlobStore;
 pub use redb_kv::RedbKv;
+
+/// How old an orphan file must be before [`FsStore::check`] with `repair` removes it:
+/// younger ones may belong to a commit whose metadata is being written right now.
+pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(10 * 60);
 
 /// Blob files plus redb metadata under one directory.
 #[derive(Debug, Clone)]
@@ -62,6 +100,7 @@ pub struct FsStore {
     root: PathBuf,
     blobs: Arc<FsBlobStore>,
     metadata: Arc<KvMetadata<RedbKv>>,
+    orphan_grace: Duration,
 }
 
 /// Knobs for [`FsStore::check`].
@@ -69,7 +108,8 @@ pub struct FsStore {
 pub struct CheckOptions {
     /// Re-hash every blob file and compare with its name.
     pub verify_digests: bool,
-    /// Repair what can be repaired: count drift (from the links) and orphan files.
+    /// Repair what can be repaired: count and index drift (from the links), records
+    /// whose bytes are gone, and orphan files older than the grace time.
     pub repair: bool,
 }
 
@@ -82,11 +122,12 @@ pub struct CheckReport {
     pub manifests: u64,
     /// Repositories.
     pub repositories: u64,
-    /// Files without a record (left by a crash between commit and link; harmless).
+    /// Files without a record (left by a crash between commit and link; unreadable and
+    /// harmless, so not problems). Counted before any repair.
     pub orphans: u64,
-    /// Everything wrong, one line each (orphans are not problems).
+    /// Everything wrong, one line each, as found (before any repair).
     pub problems: Vec<String>,
-    /// How many problems were repaired.
+    /// How many problems (and orphan files) were repaired.
     pub repaired: u64,
 }
 
@@ -104,23 +145,33 @@ impl std::fmt::Display for CheckReport {
 }
 
 impl FsStore {
-    /// Opens (or creates) a store in `dir`.
+    /// Opens (or creates) a store in `dir`. Upload sessions left by an earlier process
+    /// are kept: clients may continue them.
     pub async fn open(dir: impl AsRef<Path>) -> Result<FsStore> {
         let root = dir.as_ref().to_owned();
-        let opened = root.clone();
         tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&opened).map_err(registry_core::Error::storage)?;
-            let kv = RedbKv::open(&opened.join("meta.redb"))?;
-            let blobs = FsBlobStore::open(&opened)?;
+            std::fs::create_dir_all(&root).map_err(Error::storage)?;
+            let blobs = FsBlobStore::open(&root)?;
+            let kv = RedbKv::open(&root.join("meta.redb"))?;
+            tracing::debug!(root = %root.display(), "fs store opened");
             Ok(FsStore {
-                root: opened,
+                root,
                 blobs: Arc::new(blobs),
                 metadata: Arc::new(KvMetadata::new(kv)),
+                orphan_grace: DEFAULT_ORPHAN_GRACE,
             })
         })
         .await
-        .map_err(|e| registry_core::Error::storage(format!("open task failed: {e}")))?
-        .inspect(|_: &FsStore| tracing::debug!(root = %root.display(), "fs store opened"))
+        .map_err(|e| Error::storage(format!("open task failed: {e}")))?
+    }
+
+    /// Sets how old an orphan file must be before a repairing [`check`](Self::check)
+    /// removes it (default [`DEFAULT_ORPHAN_GRACE`]). Removal takes the same deletion
+    /// lease as the collector, so even a zero grace never breaks a concurrent commit of
+    /// the same digest (it commits again); the grace only avoids that extra work.
+    pub fn with_orphan_grace(mut self, grace: Duration) -> Self {
+        self.orphan_grace = grace;
+        self
     }
 
     /// The data directory.
@@ -136,10 +187,19 @@ impl FsStore {
         }
     }
 
-    /// Verifies the store: metadata counts against the links (repairing drift on
-    /// request), blob records against files, and, on request, every file's digest. A
-    /// file altered behind the registry's back is reported here, and a full read of it
-    /// through the registry fails instead of serving it.
+    /// Verifies the store: every count, reverse index and candidate entry against the
+    /// links (the metadata audit), blob records against files (a record without a file,
+    /// a size that differs, a file without a record: an orphan), and, with
+    /// `verify_digests`, every file's content against its name. A file altered behind
+    /// the registry's back is reported here; a full read of it through the registry
+    /// fails at its end instead of completing (`verify_reads`).
+    ///
+    /// With `repair`: count and index drift is fixed from the links; a record whose
+    /// bytes are gone loses the repository links nothing references, and the record
+    /// goes once no link is left (a blob still referenced by a manifest stays a
+    /// problem until it is pushed again, which restores its bytes); orphan files older
+    /// than the grace time are deleted. Corrupt files are reported, never deleted: they
+    /// are evidence. Repair is meant for a stopped store; reporting is safe at any time.
     pub async fn check(&self, options: CheckOptions) -> Result<CheckReport> {
         let audit = self.metadata.audit(options.repair).await?;
         let mut report = CheckReport {
@@ -155,15 +215,15 @@ impl FsStore {
         while let Some(d) = files.next().await {
             let d = d?;
             seen.insert(d.clone());
-            let record = self.metadata.blob(&d).await?;
-            match &record {
+            match self.metadata.blob(&d).await? {
                 None => {
                     report.orphans += 1;
-                    if options.repair {
-                        self.blobs.delete(&d).await?;
+                    if options.repair && self.old_enough(&d).await? && self.reclaim(&d).await? {
+                        report.repaired += 1;
                     }
                     continue;
                 }
+                // A collection holds (or held, before a crash) the lease on these bytes.
                 Some(rec) if rec.state.is_deleting() => continue,
                 Some(rec) => {
                     let size = self.blobs.stat(&d).await?.unwrap_or(0);
@@ -181,25 +241,103 @@ impl FsStore {
                     .push(format!("blob {d}: file content does not match its digest"));
             }
         }
-        // Records whose bytes are gone (only a crash inside the commit protocol's
-        // re-commit window can leave one; reads of it answer 404, never wrong bytes).
+        // Records whose bytes are gone: a crash inside the re-commit window of design
+        // §4.3, or files removed behind our back. Reads of them answer 404, never wrong
+        // bytes.
         let records = self
             .metadata
             .engine()
             .read(|t| t.scan(Table::Blobs, b"", None, usize::MAX))
             .await?;
         for (k, v) in records {
-            let d = String::from_utf8_lossy(&k).into_owned();
-            let rec: BlobRecord =
-                serde_json::from_slice(&v).map_err(registry_core::Error::storage)?;
-            let parsed = Digest::parse(&d).map_err(registry_core::Error::from)?;
-            if !rec.state.is_deleting() && !seen.contains(&parsed) {
-                report
-                    .problems
-                    .push(format!("blob {d}: record without file"));
+            let d = Digest::parse(&String::from_utf8_lossy(&k)).map_err(Error::from)?;
+            let rec: BlobRecord = serde_json::from_slice(&v).map_err(Error::storage)?;
+            if rec.state.is_deleting() || seen.contains(&d) {
+                continue;
             }
+            // Listed before the record was read: committed since, not missing.
+            if self.blobs.stat(&d).await?.is_some() {
+                continue;
+            }
+            let mut problem = format!("blob {d}: record ({} links) without file", rec.links);
+            if options.repair {
+                match self.drop_missing(&d).await? {
+                    None => report.repaired += 1,
+                    Some(why) => problem.push_str(&format!("; not repaired: {why}")),
+                }
+            }
+            report.problems.push(problem);
         }
         Ok(report)
+    }
+
+    /// Whether an orphan file is past the grace time (by the time its bytes were last
+    /// written; a vanished file is not).
+    async fn old_enough(&self, d: &Digest) -> Result<bool> {
+        let modified = self.blobs.modified(d).await?;
+        Ok(modified.is_some_and(|t| t.elapsed().unwrap_or_default() >= self.orphan_grace))
+    }
+
+    /// Deletes a blob's bytes and record through the collector's lease protocol
+    /// (`begin_blob_deletion` / `finish_blob_deletion`): an uploader committing the
+    /// same digest meanwhile finds the record `Deleting`, waits, and commits again.
+    /// `false` if the blob gained a link or someone else holds the lease.
+    async fn reclaim(&self, d: &Digest) -> Result<bool> {
+        let now = Timestamp::from_system_time(SystemTime::now());
+        let Some(rec) = self
+            .metadata
+            .begin_blob_deletion(d, now, DEFAULT_DELETION_LEASE)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let BlobState::Deleting { since } = rec.state else {
+            return Err(Error::storage("begin_blob_deletion returned a live record"));
+        };
+        self.blobs.delete(d).await?;
+        self.metadata.finish_blob_deletion(d, since).await
+    }
+
+    /// Repairs a record whose bytes are gone: removes the repository links to it that
+    /// no manifest references (HEAD then answers 404 and clients push it again), then
+    /// the record if no link is left. Returns why it could not, if it could not.
+    async fn drop_missing(&self, d: &Digest) -> Result<Option<String>> {
+        let mut after = None;
+        loop {
+            let repos = self
+                .metadata
+                .blob_repositories(d, after.as_ref(), 1000)
+                .await?;
+            for repo in &repos {
+                let unreferenced = self
+                    .metadata
+                    .blob_link(repo, d)
+                    .await?
+                    .is_some_and(|l| l.manifest_refs == 0);
+                if unreferenced {
+                    match self.metadata.unlink_blob(repo, d).await {
+                        Ok(_) | Err(Error::InUse { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            match repos.last() {
+                Some(last) if repos.len() == 1000 => after = Some(last.clone()),
+                _ => break,
+            }
+        }
+        match self.metadata.blob(d).await? {
+            None => Ok(None),
+            Some(rec) if rec.links == 0 => Ok(if self.reclaim(d).await? {
+                None
+            } else {
+                Some("a collection holds its deletion lease".into())
+            }),
+            Some(rec) => Ok(Some(format!(
+                "{} manifest link(s) or referenced repository link(s) remain; pushing the blob again restores its bytes",
+                rec.links
+            ))),
+        }
     }
 
     async fn verify_file(&self, d: &Digest) -> Result<bool> {

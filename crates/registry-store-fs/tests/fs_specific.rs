@@ -1,18 +1,47 @@
-//! Behaviour only a store on disk has: reopening, and files changed behind our back.
+//! Behaviour only a store on disk has: reopening, files changed behind our back,
+//! metadata drift written straight into redb, and appends cut short.
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use registry_core::{Algorithm, Digest, Registry, RepoName};
-use registry_store_fs::{CheckOptions, FsStore};
+use redb::ReadableTable;
+use registry_core::kv::Table;
+use registry_core::store::{BlobLink, BlobRecord, CommitOutcome, RepoRecord};
+use registry_core::testkit::{
+    assert_cleans_up, body, image_manifest_with, index_manifest, push_blob, push_image, read_blob,
+    repo, tag_ref,
+};
+use registry_core::{
+    Algorithm, AllowAll, Digest, Error, GcOptions, ListOptions, PutManifestOptions, Reference,
+    Registry, RepoName, Timestamp, UploadId, media_type,
+};
+use registry_store_fs::{CheckOptions, CheckReport, FsStore};
 
-fn body(data: &'static [u8]) -> registry_core::ByteStream {
-    futures::stream::iter([Ok(Bytes::from_static(data))]).boxed()
+const REPORT: CheckOptions = CheckOptions {
+    verify_digests: true,
+    repair: false,
+};
+const REPAIR: CheckOptions = CheckOptions {
+    verify_digests: true,
+    repair: true,
+};
+
+fn blob_file(dir: &std::path::Path, d: &Digest) -> std::path::PathBuf {
+    dir.join("blobs")
+        .join(d.algorithm().name())
+        .join(&d.hex()[..2])
+        .join(d.hex())
+}
+
+async fn check(store: &FsStore, options: CheckOptions) -> CheckReport {
+    store.check(options).await.expect("check runs")
 }
 
 #[tokio::test]
 async fn chunked_upload_continues_after_reopening_the_store() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = RepoName::parse("fs/resume").unwrap();
+    let repo = repo("fs/resume");
     let id = {
         let r = Registry::builder(FsStore::open(dir.path()).await.unwrap()).build();
         let s = r.start_upload(&repo, Algorithm::Sha256).await.unwrap();
@@ -21,7 +50,7 @@ async fn chunked_upload_continues_after_reopening_the_store() {
             &s.id,
             Some(0),
             None,
-            body(b"written before the restart, "),
+            body(&[b"written before ", b"the restart, "]),
         )
         .await
         .unwrap();
@@ -31,17 +60,116 @@ async fn chunked_upload_continues_after_reopening_the_store() {
     let r = Registry::builder(FsStore::open(dir.path()).await.unwrap()).build();
     let status = r.upload_status(&repo, &id).await.unwrap();
     assert_eq!(status.offset, 28);
-    r.append_upload(&repo, &id, Some(28), None, body(b"and after"))
+    r.append_upload(&repo, &id, Some(28), None, body(&[b"and after"]))
         .await
         .unwrap();
     let d = Digest::sha256(b"written before the restart, and after");
     r.finish_upload(&repo, &id, &d, None).await.unwrap();
-    let mut s = r.get_blob(&repo, &d, None).await.unwrap().stream;
+    assert_eq!(
+        read_blob(&r, &repo, &d).await.unwrap(),
+        b"written before the restart, and after"
+    );
+}
+
+/// Everything a registry can observe, in a comparable form.
+async fn observe(r: &Registry) -> Vec<String> {
     let mut out = Vec::new();
-    while let Some(c) = s.next().await {
-        out.extend_from_slice(&c.unwrap());
+    let stats = r.storage().metadata.stats().await.unwrap();
+    out.push(format!("{stats:?}"));
+    let repos = r
+        .list_repositories(&ListOptions::default(), &AllowAll)
+        .await
+        .unwrap();
+    for repo in repos.items {
+        let tags = r.list_tags(&repo, &ListOptions::default()).await.unwrap();
+        for t in tags.items {
+            let m = r
+                .get_manifest(&repo, &Reference::Tag(t.clone()))
+                .await
+                .unwrap();
+            out.push(format!("{repo}:{t} {} {}", m.meta.digest, m.bytes.len()));
+            let referrers = r
+                .referrers(&repo, &m.meta.digest, None, &ListOptions::default())
+                .await
+                .unwrap();
+            out.push(format!("referrers {:?}", referrers.items));
+        }
+        let manifests = r
+            .storage()
+            .metadata
+            .list_manifests(&repo, None, 1000)
+            .await
+            .unwrap();
+        for m in manifests {
+            for b in &m.blobs {
+                let bytes = read_blob(r, &repo, b).await.unwrap();
+                out.push(format!("{repo} {b} {}", bytes.len()));
+            }
+        }
     }
-    assert_eq!(out, b"written before the restart, and after");
+    out
+}
+
+#[tokio::test]
+async fn reopening_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (repo("fs/keep-a"), repo("fs/keep-b"));
+    let before = {
+        let r = Registry::builder(FsStore::open(dir.path()).await.unwrap()).build();
+        let (m1, s1) = push_image(&r, &a, "v1", b"{\"c\":1}", &[b"base", b"app one"]).await;
+        let (m2, s2) = push_image(&r, &a, "v2", b"{\"c\":2}", &[b"base", b"app two"]).await;
+        push_image(&r, &b, "latest", b"{\"c\":1}", &[b"base"]).await;
+        let index = index_manifest(&[(&m1, s1), (&m2, s2)]);
+        r.put_manifest(
+            &a,
+            &tag_ref("multi"),
+            media_type::OCI_INDEX,
+            Bytes::from(index),
+            PutManifestOptions::default(),
+        )
+        .await
+        .unwrap();
+        push_blob(&r, &a, b"{}").await;
+        push_blob(&r, &a, b"signature").await;
+        let sig = image_manifest_with(
+            b"{}",
+            &[b"signature"],
+            Some((&m1, s1)),
+            Some("application/vnd.example.sig"),
+        );
+        r.put_manifest(
+            &a,
+            &tag_ref("sig"),
+            media_type::OCI_MANIFEST,
+            Bytes::from(sig),
+            PutManifestOptions::default(),
+        )
+        .await
+        .unwrap();
+        // An upload in progress is part of the state too.
+        let s = r.start_upload(&b, Algorithm::Sha256).await.unwrap();
+        r.append_upload(&b, &s.id, Some(0), None, body(&[b"half"]))
+            .await
+            .unwrap();
+        observe(&r).await
+    };
+    let store = FsStore::open(dir.path()).await.unwrap();
+    let report = check(&store, REPORT).await;
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(
+        (report.manifests, report.repositories, report.orphans),
+        (5, 2, 0)
+    );
+    let r = Registry::builder(store.clone()).build();
+    assert_eq!(observe(&r).await, before);
+    let uploads = r.storage().blobs.list_uploads().await.unwrap();
+    assert_eq!(uploads.len(), 1);
+    assert_eq!((uploads[0].repo.as_str(), uploads[0].len), ("fs/keep-b", 4));
+    r.cancel_upload(&b, &uploads[0].id).await.unwrap();
+
+    assert_cleans_up(&r).await;
+    let report = check(&store, REPORT).await;
+    assert_eq!((report.blobs, report.problems.len()), (0, 0), "{report:?}");
 }
 
 #[tokio::test]
@@ -49,42 +177,324 @@ async fn a_blob_altered_on_disk_is_detected_and_never_served_as_valid() {
     let dir = tempfile::tempdir().unwrap();
     let store = FsStore::open(dir.path()).await.unwrap();
     let r = Registry::builder(store.clone()).build();
-    let repo = RepoName::parse("fs/corrupt").unwrap();
-    let d = Digest::sha256(b"original content");
-    r.put_blob(&repo, &d, None, body(b"original content"))
-        .await
-        .unwrap();
-    let clean = store
-        .check(CheckOptions {
-            verify_digests: true,
-            repair: false,
-        })
-        .await
-        .unwrap();
+    let repo = repo("fs/corrupt");
+    let d = push_blob(&r, &repo, b"original content").await;
+    let clean = check(&store, REPORT).await;
     assert!(clean.problems.is_empty(), "{:?}", clean.problems);
 
     // Same length, different bytes: only hashing can tell.
-    let path = dir
-        .path()
-        .join("blobs/sha256")
-        .join(&d.hex()[..2])
-        .join(d.hex());
-    std::fs::write(&path, b"tampered content").unwrap();
+    std::fs::write(blob_file(dir.path(), &d), b"tampered content").unwrap();
 
-    let report = store
-        .check(CheckOptions {
-            verify_digests: true,
-            repair: false,
-        })
-        .await
-        .unwrap();
+    assert!(
+        check(&store, CheckOptions::default())
+            .await
+            .problems
+            .is_empty(),
+        "without hashing, a same-size file looks fine"
+    );
+    let report = check(&store, REPORT).await;
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
     assert!(report.problems[0].contains("does not match its digest"));
 
     let mut s = r.get_blob(&repo, &d, None).await.unwrap().stream;
-    let mut failed = false;
+    let mut chunks = Vec::new();
     while let Some(c) = s.next().await {
-        failed |= c.is_err();
+        chunks.push(c);
     }
-    assert!(failed, "a full read of corrupt bytes must end in an error");
+    assert!(
+        chunks.last().is_some_and(|c| c.is_err()),
+        "a full read of corrupt bytes must end in an error"
+    );
+
+    // Repair leaves the evidence alone: still reported, still never served as valid.
+    check(&store, REPAIR).await;
+    assert_eq!(check(&store, REPORT).await.problems.len(), 1);
+    assert!(read_blob(&r, &repo, &d).await.is_err());
+
+    // A shorter file is caught without hashing.
+    std::fs::write(blob_file(dir.path(), &d), b"short").unwrap();
+    let report = check(&store, CheckOptions::default()).await;
+    assert!(
+        report.problems[0].contains("file has 5 bytes"),
+        "{report:?}"
+    );
+    assert!(read_blob(&r, &repo, &d).await.is_err());
+}
+
+/// Drift written straight into redb, behind the registry's back, as a bug or a torn
+/// write would leave it.
+#[tokio::test]
+async fn check_repairs_count_drift_written_into_redb() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo("fs/drift");
+    let (manifest, _) = {
+        let r = Registry::builder(FsStore::open(dir.path()).await.unwrap()).build();
+        push_image(&r, &repo, "v1", b"{}", &[b"layer"]).await
+    };
+    let layer = Digest::sha256(b"layer");
+    {
+        let db = redb::Database::open(dir.path().join("meta.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let def = |t: Table| redb::TableDefinition::<&[u8], &[u8]>::new(t.name());
+            let mut blobs = txn.open_table(def(Table::Blobs)).unwrap();
+            let mut rec: BlobRecord = serde_json::from_slice(
+                blobs
+                    .get(layer.as_str().as_bytes())
+                    .unwrap()
+                    .unwrap()
+                    .value(),
+            )
+            .unwrap();
+            rec.links = 9;
+            blobs
+                .insert(
+                    layer.as_str().as_bytes(),
+                    serde_json::to_vec(&rec).unwrap().as_slice(),
+                )
+                .unwrap();
+            let mut links = txn.open_table(def(Table::BlobLinks)).unwrap();
+            let lk = format!("{repo}\0{layer}");
+            let mut link: BlobLink =
+                serde_json::from_slice(links.get(lk.as_bytes()).unwrap().unwrap().value()).unwrap();
+            link.manifest_refs = 0;
+            links
+                .insert(lk.as_bytes(), serde_json::to_vec(&link).unwrap().as_slice())
+                .unwrap();
+            let mut repos = txn.open_table(def(Table::Repos)).unwrap();
+            let wrong = RepoRecord {
+                blobs: 40,
+                manifests: 2,
+            };
+            repos
+                .insert(
+                    repo.as_str().as_bytes(),
+                    serde_json::to_vec(&wrong).unwrap().as_slice(),
+                )
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    let store = FsStore::open(dir.path()).await.unwrap();
+    let found = check(&store, REPORT).await;
+    // The blob's link count, the link's manifest references, the repository record
+    // (the candidate indexes are recomputed from the manifests, so they still agree).
+    assert_eq!(found.problems.len(), 3, "{:?}", found.problems);
+    assert_eq!(found.repaired, 0);
+    assert_eq!(
+        check(&store, REPORT).await.problems,
+        found.problems,
+        "reporting changes nothing"
+    );
+    let fixed = check(&store, REPAIR).await;
+    assert_eq!(fixed.repaired, 3, "{:?}", fixed.problems);
+    let after = check(&store, REPORT).await;
+    assert!(after.problems.is_empty(), "{:?}", after.problems);
+
+    // The repaired counts are the ones the registry relies on: deleting the image and
+    // collecting leaves nothing behind.
+    let r = Registry::builder(store.clone()).build();
+    assert_eq!(
+        r.storage()
+            .metadata
+            .blob(&layer)
+            .await
+            .unwrap()
+            .unwrap()
+            .links,
+        1
+    );
+    assert!(
+        r.get_manifest(&repo, &Reference::Digest(manifest))
+            .await
+            .is_ok()
+    );
+    assert_cleans_up(&r).await;
+}
+
+#[tokio::test]
+async fn orphan_files_are_reported_apart_and_removed_after_the_grace_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsStore::open(dir.path()).await.unwrap();
+    let r = Registry::builder(store.clone()).build();
+    let repo = repo("fs/orphans");
+    let kept = push_blob(&r, &repo, b"kept").await;
+    // Bytes committed by a process that died before writing their metadata.
+    let orphan = Digest::sha256(b"orphan");
+    let path = blob_file(dir.path(), &orphan);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, b"orphan").unwrap();
+    // Something that is not a blob name at all is not ours to report or remove.
+    std::fs::create_dir_all(dir.path().join("blobs/sha256/00")).unwrap();
+    std::fs::write(dir.path().join("blobs/sha256/00/not-a-digest"), b"x").unwrap();
+
+    let report = check(&store, REPORT).await;
+    assert_eq!(
+        (report.orphans, report.problems.len()),
+        (1, 0),
+        "{report:?}"
+    );
+    assert!(
+        read_blob(&r, &repo, &orphan).await.is_err(),
+        "orphans are unreadable"
+    );
+
+    // Young orphans may belong to a commit in flight: kept.
+    let report = check(&store, REPAIR).await;
+    assert_eq!((report.orphans, report.repaired), (1, 0));
+    assert!(blob_file(dir.path(), &orphan).exists());
+
+    let eager = store.clone().with_orphan_grace(Duration::ZERO);
+    let report = check(&eager, REPAIR).await;
+    assert_eq!((report.orphans, report.repaired), (1, 1));
+    assert!(!blob_file(dir.path(), &orphan).exists());
+    let report = check(&store, REPORT).await;
+    assert_eq!(
+        (report.orphans, report.problems.len()),
+        (0, 0),
+        "{report:?}"
+    );
+    assert!(dir.path().join("blobs/sha256/00/not-a-digest").exists());
+    assert_eq!(read_blob(&r, &repo, &kept).await.unwrap(), b"kept");
+}
+
+#[tokio::test]
+async fn records_whose_bytes_are_gone_serve_404_and_are_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsStore::open(dir.path()).await.unwrap();
+    let r = Registry::builder(store.clone()).build();
+    let repo = repo("fs/missing");
+    let loose = push_blob(&r, &repo, b"loose blob").await;
+    push_image(&r, &repo, "v1", b"{}", &[b"used layer"]).await;
+    let used = Digest::sha256(b"used layer");
+    std::fs::remove_file(blob_file(dir.path(), &loose)).unwrap();
+    std::fs::remove_file(blob_file(dir.path(), &used)).unwrap();
+
+    let report = check(&store, REPORT).await;
+    assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+    assert!(matches!(
+        r.get_blob(&repo, &loose, None).await,
+        Err(Error::BlobUnknown { .. })
+    ));
+
+    // The loose blob loses its link and record; the referenced one cannot, and says
+    // how to restore it.
+    let report = check(&store, REPAIR).await;
+    assert_eq!(report.repaired, 1, "{:?}", report.problems);
+    assert!(
+        report.problems.iter().any(|p| p.contains("not repaired")),
+        "{:?}",
+        report.problems
+    );
+    assert!(r.storage().metadata.blob(&loose).await.unwrap().is_none());
+    assert!(matches!(
+        r.stat_blob(&repo, &loose).await,
+        Err(Error::BlobUnknown { .. })
+    ));
+    assert_eq!(check(&store, REPORT).await.problems.len(), 1);
+
+    // Pushing the referenced blob again brings its bytes back.
+    push_blob(&r, &repo, b"used layer").await;
+    let report = check(&store, REPORT).await;
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(read_blob(&r, &repo, &used).await.unwrap(), b"used layer");
+    assert_cleans_up(&r).await;
+}
+
+/// A body that yields `first`, then either fails or never finishes.
+fn stuck_body(first: usize, fail: bool) -> registry_core::ByteStream {
+    let head = futures::stream::iter([Ok(Bytes::from(vec![7u8; first]))]);
+    if fail {
+        head.chain(futures::stream::iter([Err(std::io::Error::other(
+            "client went away",
+        ))]))
+        .boxed()
+    } else {
+        head.chain(futures::stream::pending()).boxed()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_that_fail_or_are_cancelled_leave_the_upload_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsStore::open(dir.path()).await.unwrap();
+    let blobs = store.clone().into_storage().blobs;
+    let (id, repo) = (UploadId::random(), RepoName::parse("fs/append").unwrap());
+    let now = Timestamp(1_700_000_000_000);
+    blobs.create_upload(&id, &repo, now).await.unwrap();
+    assert_eq!(
+        blobs
+            .append_upload(&id, 0, body(&[b"0123456789"]), now)
+            .await
+            .unwrap(),
+        10
+    );
+
+    // Several large blocks reach the disk before the body fails.
+    let failed = blobs
+        .append_upload(&id, 10, stuck_body(5 << 20, true), now)
+        .await;
+    assert!(failed.is_err());
+    assert_eq!(blobs.upload_info(&id).await.unwrap().unwrap().len, 10);
+
+    // The request future is dropped mid-body (a timeout, a disconnect).
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(300),
+        blobs.append_upload(&id, 10, stuck_body(3 << 20, false), now),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the append never finishes by itself");
+    // The cut runs on the blocking pool; meanwhile the session refuses new appends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match blobs.append_upload(&id, 10, body(&[b"abc"]), now).await {
+            Ok(len) => {
+                assert_eq!(len, 13);
+                break;
+            }
+            Err(Error::TooManyRequests { .. }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("append after a cancelled one: {e}"),
+        }
+    }
+    let mut data = Vec::new();
+    let mut s = blobs.read_upload(&id).await.unwrap();
+    while let Some(c) = s.next().await {
+        data.extend_from_slice(&c.unwrap());
+    }
+    assert_eq!(data, b"0123456789abc");
+
+    // Commit is repeatable and leaves the upload readable until it is deleted.
+    let d = Digest::sha256(b"0123456789abc");
+    assert_eq!(
+        blobs.commit_upload(&id, &d).await.unwrap(),
+        CommitOutcome::Stored
+    );
+    assert_eq!(
+        blobs.commit_upload(&id, &d).await.unwrap(),
+        CommitOutcome::AlreadyPresent
+    );
+    assert_eq!(blobs.upload_info(&id).await.unwrap().unwrap().len, 13);
+    assert!(
+        blobs
+            .append_upload(&id, 13, body(&[b"x"]), now)
+            .await
+            .is_err(),
+        "a committed upload takes no more bytes"
+    );
+    assert!(blobs.delete_upload(&id).await.unwrap());
+    assert_eq!(blobs.stat(&d).await.unwrap(), Some(13));
+    // The collector's orphan scan reclaims bytes no record claims.
+    let r = Registry::builder(store).build();
+    let gc = r
+        .collect_garbage(&GcOptions {
+            orphans: true,
+            ..GcOptions::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(gc.orphans_deleted, 1);
+    assert_eq!(blobs.stat(&d).await.unwrap(), None);
 }
