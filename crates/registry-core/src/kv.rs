@@ -124,9 +124,12 @@ pub trait KvEngine: Send + Sync + 'static {
 
     /// Runs `f` in one serialisable write transaction, committed (durably, if the engine
     /// is durable) when `f` returns `Ok` and rolled back when it returns `Err`.
+    ///
+    /// `f` is `Fn`: an optimistic engine (one whose commit can lose a race with another
+    /// process) discards the transaction and runs `f` again on the newer state.
     fn write<R, F>(&self, f: F) -> impl Future<Output = Result<R>> + Send
     where
-        F: FnOnce(&mut dyn KvWrite) -> Result<R> + Send + 'static,
+        F: Fn(&mut dyn KvWrite) -> Result<R> + Send + Sync + 'static,
         R: Send + 'static;
 }
 
@@ -682,7 +685,7 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                     record,
                     referrer,
                     tags,
-                } = manifest;
+                } = manifest.clone();
                 let d = record.digest.clone();
                 if get::<BlobRecord>(t, Table::Blobs, &key(&[d.as_str()]))?
                     .is_some_and(|rec| rec.state.is_deleting())
@@ -768,7 +771,7 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                         put(t, Table::Manifests, &mk, &rec)?;
                         Ok(old)
                     }
-                    None => Ok(Some(d)),
+                    None => Ok(Some(d.clone())),
                 }
             })
             .await

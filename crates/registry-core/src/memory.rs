@@ -376,8 +376,19 @@ impl BlobStore for MemoryBlobStore {
         self.upload_mut(id, |u| Ok(u.data.stream(None)))
     }
 
-    async fn commit_upload(&self, id: &UploadId, digest: &Digest) -> Result<CommitOutcome> {
+    async fn commit_upload(
+        &self,
+        id: &UploadId,
+        digest: &Digest,
+        len: u64,
+    ) -> Result<CommitOutcome> {
         let data = self.upload_mut(id, |u| Ok(u.data.clone()))?;
+        if data.len != len {
+            return Err(Error::UploadOffset {
+                expected: data.len,
+                got: len,
+            });
+        }
         let mut blobs = self.blobs.write().map_err(poisoned)?;
         if blobs.contains_key(digest) {
             return Ok(CommitOutcome::AlreadyPresent);

@@ -639,7 +639,7 @@ impl Registry {
             .filter(|h| h.len() == info.len && h.algorithm() == digest.algorithm());
         let actual = match hasher {
             Some(h) => h.finish(),
-            None => self.rehash_upload(id, digest.algorithm()).await?,
+            None => self.rehash_upload(id, digest.algorithm(), info.len).await?,
         };
         if &actual != digest {
             self.discard_upload(repo, id).await?;
@@ -655,6 +655,7 @@ impl Registry {
                 repo,
                 size: info.len,
             },
+            info.len,
         )
         .await?;
         self.release_upload_slot(repo).await;
@@ -669,11 +670,24 @@ impl Registry {
         })
     }
 
-    async fn rehash_upload(&self, id: &UploadId, algorithm: Algorithm) -> Result<Digest> {
+    /// Hashes the first `len` bytes of an upload (the length the commit will publish;
+    /// an append landing meanwhile makes the commit fail rather than change the bytes).
+    async fn rehash_upload(&self, id: &UploadId, algorithm: Algorithm, len: u64) -> Result<Digest> {
         let mut stream = self.inner.blobs.read_upload(id).await?;
         let mut h = Hasher::new(algorithm);
         while let Some(chunk) = stream.next().await {
-            h.update(&chunk.map_err(Error::storage)?);
+            let chunk = chunk.map_err(Error::storage)?;
+            let want = (len - h.len()).min(chunk.len() as u64) as usize;
+            h.update(&chunk[..want]);
+            if h.len() == len {
+                break;
+            }
+        }
+        if h.len() != len {
+            return Err(Error::UploadOffset {
+                expected: h.len(),
+                got: len,
+            });
         }
         Ok(h.finish())
     }
@@ -711,12 +725,13 @@ impl Registry {
         id: &UploadId,
         digest: &Digest,
         step: LinkStep<'_>,
+        len: u64,
     ) -> Result<()> {
         let blobs = &self.inner.blobs;
         let mut linked = None;
         for _ in 0..COMMIT_ATTEMPTS {
             self.wait_for_deletion(digest).await?;
-            let committed = blobs.commit_upload(id, digest).await?;
+            let committed = blobs.commit_upload(id, digest, len).await?;
             let done = match self.link_step(digest, &step).await {
                 Ok(done) => done,
                 Err(e) => {
@@ -735,7 +750,7 @@ impl Registry {
                 // The link now pins the record; if a collection deleted the bytes between
                 // our commit and our link, commit them again (the upload is still there).
                 if blobs.stat(digest).await?.is_none() {
-                    blobs.commit_upload(id, digest).await?;
+                    blobs.commit_upload(id, digest, len).await?;
                 }
                 blobs.delete_upload(id).await?;
                 if let (Some(outcome), LinkStep::Manifest { repo, .. }) = (linked, &step) {
@@ -1062,6 +1077,7 @@ impl Registry {
         let id = UploadId::random();
         let blobs = &self.inner.blobs;
         blobs.create_upload(&id, repo, self.now()).await?;
+        let len = bytes.len() as u64;
         let result = async {
             blobs
                 .append_upload(&id, 0, stream::iter([Ok(bytes)]).boxed(), self.now())
@@ -1073,6 +1089,7 @@ impl Registry {
                     repo,
                     manifest: &manifest,
                 },
+                len,
             )
             .await
         }

@@ -166,8 +166,16 @@ pub trait BlobStore: Send + Sync + 'static {
     /// for example after a restart).
     async fn read_upload(&self, id: &UploadId) -> Result<ByteStream>;
 
-    /// Makes the upload's bytes readable as blob `digest`. See the trait docs.
-    async fn commit_upload(&self, id: &UploadId, digest: &Digest) -> Result<CommitOutcome>;
+    /// Makes the upload's bytes readable as blob `digest`. See the trait docs. `len` is
+    /// the length the caller hashed: if the session has another length (an append
+    /// landed since), nothing is committed and the answer is [`Error::UploadOffset`],
+    /// so a blob never holds bytes other than the ones its digest was computed from.
+    async fn commit_upload(
+        &self,
+        id: &UploadId,
+        digest: &Digest,
+        len: u64,
+    ) -> Result<CommitOutcome>;
 
     /// Discards an upload session; `false` if it did not exist.
     async fn delete_upload(&self, id: &UploadId) -> Result<bool>;

@@ -544,7 +544,12 @@ impl BlobStore for FsBlobStore {
         Ok(file_stream(file, len))
     }
 
-    async fn commit_upload(&self, id: &UploadId, digest: &Digest) -> Result<CommitOutcome> {
+    async fn commit_upload(
+        &self,
+        id: &UploadId,
+        digest: &Digest,
+        len: u64,
+    ) -> Result<CommitOutcome> {
         let _busy = self.mark_busy(id)?;
         let (data, committed, blob) = (
             self.upload_data(id),
@@ -560,9 +565,16 @@ impl BlobStore for FsBlobStore {
                     return Err(unknown);
                 }
                 // Durable bytes first, then the name: a crash never exposes a torn file.
-                File::open(&data)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io_err)?;
+                let f = File::open(&data).map_err(io_err)?;
+                // Appends are excluded (busy mark) from here to the rename.
+                let actual = f.metadata().map_err(io_err)?.len();
+                if actual != len {
+                    return Err(Error::UploadOffset {
+                        expected: actual,
+                        got: len,
+                    });
+                }
+                f.sync_all().map_err(io_err)?;
                 // Renamed away so no later append can write into a linked blob file.
                 fs::rename(&data, &committed).map_err(io_err)?;
                 fsync_dir(&session).map_err(io_err)?;

@@ -135,9 +135,14 @@ impl BlobStore for HookedBlobs {
     async fn read_upload(&self, id: &UploadId) -> Result<ByteStream> {
         self.inner.read_upload(id).await
     }
-    async fn commit_upload(&self, id: &UploadId, digest: &Digest) -> Result<CommitOutcome> {
+    async fn commit_upload(
+        &self,
+        id: &UploadId,
+        digest: &Digest,
+        len: u64,
+    ) -> Result<CommitOutcome> {
         self.hooks.point("blobs.commit_upload").await;
-        self.inner.commit_upload(id, digest).await
+        self.inner.commit_upload(id, digest, len).await
     }
     async fn delete_upload(&self, id: &UploadId) -> Result<bool> {
         self.inner.delete_upload(id).await

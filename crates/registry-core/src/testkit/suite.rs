@@ -1646,6 +1646,47 @@ pub async fn collection_policies(f: Fixture) {
     assert_cleans_up(&r).await;
 }
 
+/// A commit publishes exactly the bytes that were hashed: if the session grew since
+/// (an append through another request or process), the store refuses and nothing
+/// becomes readable under the digest.
+pub async fn commit_refuses_a_session_that_grew(f: Fixture) {
+    let (r, _) = f.registry();
+    let repo = repo("suite/grown");
+    let blobs = r.storage().blobs;
+    let id = UploadId::random();
+    blobs.create_upload(&id, &repo, Timestamp(0)).await.unwrap();
+    blobs
+        .append_upload(&id, 0, body(&[b"hashed"]), Timestamp(0))
+        .await
+        .unwrap();
+    blobs
+        .append_upload(&id, 6, body(&[b" and more"]), Timestamp(0))
+        .await
+        .unwrap();
+    let hashed = Digest::sha256(b"hashed");
+    let err = blobs.commit_upload(&id, &hashed, 6).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::UploadOffset {
+                expected: 15,
+                got: 6
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(blobs.stat(&hashed).await.unwrap(), None);
+    let whole = Digest::sha256(b"hashed and more");
+    assert_eq!(
+        blobs.commit_upload(&id, &whole, 15).await.unwrap(),
+        crate::store::CommitOutcome::Stored
+    );
+    assert_eq!(blobs.stat(&whole).await.unwrap(), Some(15));
+    blobs.delete_upload(&id).await.unwrap();
+    assert!(blobs.delete(&whole).await.unwrap());
+    assert_cleans_up(&r).await;
+}
+
 /// Orphan bytes (committed, never linked: a crash between commit and link) are found
 /// and deleted by the orphan scan; linked blobs are not touched.
 pub async fn collection_finds_orphans(f: Fixture) {
@@ -1660,7 +1701,7 @@ pub async fn collection_finds_orphans(f: Fixture) {
         .await
         .unwrap();
     let orphan = Digest::sha256(b"orphan");
-    blobs.commit_upload(&id, &orphan).await.unwrap();
+    blobs.commit_upload(&id, &orphan, 6).await.unwrap();
     blobs.delete_upload(&id).await.unwrap();
     let without = r.collect_garbage(&GcOptions::default()).await.unwrap();
     assert_eq!(without.orphans_deleted, 0, "only on request");
