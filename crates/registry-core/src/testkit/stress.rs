@@ -100,9 +100,27 @@ async fn pull_and_verify(r: &Registry, image: &Image) -> Result<(), String> {
 /// Runs the stress test on `storage` (which must start empty) and returns its counts.
 /// Panics on the first invariant violation.
 pub async fn run(storage: Storage, config: StressConfig) -> StressReport {
-    let r = Registry::builder(storage)
-        .with_protection_window(Duration::ZERO)
-        .build();
+    run_shared(vec![storage], config).await
+}
+
+/// The stress test over several registries sharing one store (several processes on one
+/// bucket, say): each `Storage` is one instance's view of the same stored state.
+/// Pushers spread over the instances and verify each push through the *next* instance
+/// (what one writes, another reads at once); every instance runs its own collector;
+/// deletes, tag moves and checks go through different instances. At the end every
+/// instance must see the same empty store.
+pub async fn run_shared(storages: Vec<Storage>, config: StressConfig) -> StressReport {
+    assert!(!storages.is_empty(), "at least one storage");
+    let regs: Vec<Registry> = storages
+        .into_iter()
+        .map(|s| {
+            Registry::builder(s)
+                .with_protection_window(Duration::ZERO)
+                .build()
+        })
+        .collect();
+    let n = regs.len();
+    let r = regs[0].clone();
     let deadline = Instant::now() + config.max_duration;
     // Accepted images not yet deleted; deleters remove an entry before deleting it, and
     // checks hold the lock, so every entry here must be fully readable.
@@ -112,7 +130,8 @@ pub async fn run(storage: Storage, config: StressConfig) -> StressReport {
 
     let mut pushers = Vec::new();
     for w in 0..config.pushers {
-        let (r, live, counters) = (r.clone(), live.clone(), counters.clone());
+        let (r, live, counters) = (regs[w % n].clone(), live.clone(), counters.clone());
+        let reader = regs[(w + 1) % n].clone();
         let images = config.images_per_pusher;
         pushers.push(tokio::spawn(async move {
             for i in 0..images {
@@ -163,7 +182,7 @@ pub async fn run(storage: Storage, config: StressConfig) -> StressReport {
                         .collect(),
                 };
                 let mut guard = live.lock().await;
-                pull_and_verify(&r, &image)
+                pull_and_verify(&reader, &image)
                     .await
                     .expect("pull right after push");
                 guard.insert(digest, image);
@@ -175,7 +194,12 @@ pub async fn run(storage: Storage, config: StressConfig) -> StressReport {
     }
 
     let deleter = {
-        let (r, live, counters, stop) = (r.clone(), live.clone(), counters.clone(), stop.clone());
+        let (r, live, counters, stop) = (
+            regs[1 % n].clone(),
+            live.clone(),
+            counters.clone(),
+            stop.clone(),
+        );
         tokio::spawn(async move {
             let mut n = 0usize;
             while !stop.load(Ordering::Relaxed) {
@@ -202,7 +226,12 @@ pub async fn run(storage: Storage, config: StressConfig) -> StressReport {
     };
 
     let tag_mover = {
-        let (r, live, counters, stop) = (r.clone(), live.clone(), counters.clone(), stop.clone());
+        let (r, live, counters, stop) = (
+            regs[2 % n].clone(),
+            live.clone(),
+            counters.clone(),
+            stop.clone(),
+        );
         tokio::spawn(async move {
             let mut n = 0usize;
             while !stop.load(Ordering::Relaxed) {
@@ -221,7 +250,7 @@ pub async fn run(storage: Storage, config: StressConfig) -> StressReport {
         })
     };
 
-    let collector = {
+    let collectors = regs.iter().map(|r| {
         let (r, counters, stop) = (r.clone(), counters.clone(), stop.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
@@ -242,15 +271,19 @@ pub async fn run(storage: Storage, config: StressConfig) -> StressReport {
                 tokio::time::sleep(Duration::from_millis(3)).await;
             }
         })
-    };
+    });
+    let collectors: Vec<_> = collectors.collect();
 
     let checker = {
-        let (r, live, counters, stop) = (r.clone(), live.clone(), counters.clone(), stop.clone());
+        let (regs, live, counters, stop) = (regs.clone(), live.clone(), counters.clone(), stop.clone());
         tokio::spawn(async move {
+            let mut round = 0;
             while !stop.load(Ordering::Relaxed) {
+                round += 1;
+                let r = &regs[round % regs.len()];
                 let guard = live.lock().await;
                 for image in guard.values() {
-                    if let Err(e) = pull_and_verify(&r, image).await {
+                    if let Err(e) = pull_and_verify(r, image).await {
                         panic!("a live image is broken while collections run: {e}");
                     }
                     counters.pulls.fetch_add(1, Ordering::Relaxed);
@@ -266,15 +299,25 @@ pub async fn run(storage: Storage, config: StressConfig) -> StressReport {
         p.await.expect("pusher");
     }
     stop.store(true, Ordering::Relaxed);
-    for t in [deleter, tag_mover, collector, checker] {
+    for t in [deleter, tag_mover, checker].into_iter().chain(collectors) {
         t.await.expect("worker");
     }
     for image in live.lock().await.values() {
-        pull_and_verify(&r, image)
-            .await
-            .expect("final verification");
+        for r in &regs {
+            pull_and_verify(r, image)
+                .await
+                .expect("final verification");
+        }
     }
     assert_cleans_up(&r).await;
+    for other in &regs[1..] {
+        let stats = other.storage().metadata.stats().await.expect("stats");
+        assert_eq!(
+            stats,
+            r.storage().metadata.stats().await.expect("stats"),
+            "every instance sees the same (empty) store"
+        );
+    }
     let c = &counters;
     StressReport {
         pushes: c.pushes.load(Ordering::Relaxed),

@@ -1,0 +1,245 @@
+//! Real object-storage emulators for the tests: moto (S3) and Azurite (Azure Blob),
+//! installed by `scripts/install-test-deps.sh` under `target/test-deps/`, started once
+//! per test binary on free loopback ports, with a fresh bucket or container per test.
+//!
+//! Each emulator runs under a small shell guard that kills it (SIGKILL, by PID) when
+//! the test binary exits, since statics are never dropped.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use object_store::ObjectStore;
+use object_store::aws::{AmazonS3Builder, S3CopyIfNotExists};
+use object_store::azure::MicrosoftAzureBuilder;
+use sha2::Digest as _;
+
+/// Azurite's well-known development account (public, documented by Microsoft).
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+fn test_deps() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    target.join("test-deps")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// Starts `program args` under a guard that kills it when this process ends, and waits
+/// until `port` accepts connections.
+fn start(name: &str, program: PathBuf, args: &[String], port: u16) {
+    assert!(
+        program.exists(),
+        "{name} is not installed at {}: run scripts/install-test-deps.sh",
+        program.display()
+    );
+    let mut command = vec![program.display().to_string()];
+    command.extend(args.iter().cloned());
+    let quoted: Vec<String> = command.iter().map(|a| format!("'{a}'")).collect();
+    let guard = format!(
+        "{} >/dev/null 2>&1 & child=$!; \
+         while kill -0 {parent} 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 0.5; done; \
+         kill -9 $child 2>/dev/null",
+        quoted.join(" "),
+        parent = std::process::id(),
+    );
+    Command::new("bash")
+        .args(["-c", &guard])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{name} did not start on port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends one HTTP/1.1 request and returns the status code.
+fn http(port: u16, request: &str) -> u16 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    s.write_all(request.as_bytes()).expect("send");
+    let mut response = Vec::new();
+    s.read_to_end(&mut response).expect("receive");
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text}"))
+}
+
+/// A name no other test (or earlier run) uses: 3-63 lowercase letters, digits, '-'.
+pub fn unique_name() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    format!(
+        "t{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// moto's port (started on first use).
+pub fn moto_port() -> u16 {
+    static PORT: OnceLock<u16> = OnceLock::new();
+    *PORT.get_or_init(|| {
+        let port = free_port();
+        let args = ["-H", "127.0.0.1", "-p", &port.to_string()].map(String::from);
+        start("moto", test_deps().join("venv/bin/moto_server"), &args, port);
+        port
+    })
+}
+
+/// Azurite's blob port (started on first use).
+pub fn azurite_port() -> u16 {
+    static PORT: OnceLock<u16> = OnceLock::new();
+    *PORT.get_or_init(|| {
+        let port = free_port();
+        let args = [
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            &port.to_string(),
+            "--inMemoryPersistence",
+            "--skipApiVersionCheck",
+            "--silent",
+        ]
+        .map(String::from);
+        let bin = test_deps().join("azurite/node_modules/.bin/azurite-blob");
+        start("azurite", bin, &args, port);
+        port
+    })
+}
+
+/// Creates a bucket on moto (moto needs no signature).
+pub fn create_s3_bucket(bucket: &str) {
+    let port = moto_port();
+    let status = http(
+        port,
+        &format!(
+            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 200, "creating bucket {bucket} on moto");
+}
+
+/// A client of bucket `bucket` on moto: a separate client per call, as separate
+/// processes would have.
+pub fn s3_client(bucket: &str) -> Arc<dyn ObjectStore> {
+    let store = AmazonS3Builder::new()
+        .with_endpoint(format!("http://127.0.0.1:{}", moto_port()))
+        .with_bucket_name(bucket)
+        .with_region("us-east-1")
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .with_allow_http(true)
+        .with_copy_if_not_exists(S3CopyIfNotExists::Multipart)
+        .build()
+        .expect("S3 client");
+    Arc::new(store)
+}
+
+fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
+    const BLOCK: usize = 64;
+    let mut k = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        k[..32].copy_from_slice(&sha2::Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = sha2::Sha256::new();
+    inner.update(k.map(|b| b ^ 0x36));
+    inner.update(message);
+    let mut outer = sha2::Sha256::new();
+    outer.update(k.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().to_vec()
+}
+
+/// Creates a container on Azurite with one request signed with the development
+/// account's shared key.
+pub fn create_azure_container(container: &str) {
+    let port = azurite_port();
+    let date = httpdate(std::time::SystemTime::now());
+    let version = "2021-08-06";
+    // Shared Key string-to-sign: verb, eleven empty standard headers, the x-ms-
+    // headers, then the resource (path-style emulator URLs repeat the account).
+    let to_sign = format!(
+        "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n\
+         /{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{container}\nrestype:container"
+    );
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(AZURITE_KEY)
+        .expect("dev key");
+    let signature =
+        base64::engine::general_purpose::STANDARD.encode(hmac_sha256(&key, to_sign.as_bytes()));
+    let status = http(
+        port,
+        &format!(
+            "PUT /{AZURITE_ACCOUNT}/{container}?restype=container HTTP/1.1\r\n\
+             Host: 127.0.0.1:{port}\r\nx-ms-date: {date}\r\nx-ms-version: {version}\r\n\
+             Authorization: SharedKey {AZURITE_ACCOUNT}:{signature}\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 201, "creating container {container} on Azurite");
+}
+
+/// A client of container `container` on Azurite (a separate client per call).
+pub fn azure_client(container: &str) -> Arc<dyn ObjectStore> {
+    let store = MicrosoftAzureBuilder::new()
+        .with_account(AZURITE_ACCOUNT)
+        .with_access_key(AZURITE_KEY)
+        .with_endpoint(format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", azurite_port()))
+        .with_allow_http(true)
+        .with_container_name(container)
+        .build()
+        .expect("Azure client");
+    Arc::new(store)
+}
+
+/// An RFC 7231 date (`Sun, 06 Nov 1994 08:49:37 GMT`), without a date crate.
+fn httpdate(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let month_name = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(month - 1) as usize];
+    format!("{weekday}, {day:02} {month_name} {year} {h:02}:{m:02}:{s:02} GMT")
+}
