@@ -2,24 +2,31 @@
 //! 127.0.0.1:5000.
 //!
 //! Flags (kept stable, scripts use them): `--addr HOST:PORT`, `--data-dir DIR`,
-//! `--storage memory|fs`, `--max-manifest-size BYTES`, `--gc-interval SECS`,
+//! `--storage memory|fs|s3://BUCKET|az://CONTAINER|gs://BUCKET`, `--max-manifest-size BYTES`, `--gc-interval SECS`,
 //! `--gc-window SECS`, `--read-only`, `--no-deletes`, `--base-url URL`. Logs go
 //! through `tracing` (`RUST_LOG=debug` for more).
+//!
+//! Object storage (`s3://`, `az://`, `gs://`, optionally with a path prefix after the
+//! bucket) is configured through object_store's standard environment variables, for
+//! example `AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+//! `AWS_REGION` for S3 and `AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`,
+//! `AZURE_STORAGE_USE_EMULATOR` for Azure. Several serve processes can share one bucket.
 //!
 //! Maintenance of a stopped fs store:
 //! - `serve check --data-dir DIR [--verify-digests] [--repair]` prints, as its last line,
 //!   `check: N blobs, M manifests, R repositories, P problems`;
-//! - `serve gc --data-dir DIR [--window SECS] [--dry-run] [--untagged]` collects and
+//! - `serve gc [--data-dir DIR | --storage URL] [--window SECS] [--dry-run] [--untagged]` collects and
 //!   prints its report as the last line, starting with `gc:`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use registry_core::{GcOptions, Registry, Storage, UntaggedPolicy};
 use registry_http::HttpConfig;
 use registry_store_fs::{CheckOptions, FsStore};
+use registry_store_object::{BucketOptions, BucketStore};
 
 #[derive(Parser, Debug)]
 #[command(about = "Serve an OCI registry")]
@@ -30,8 +37,10 @@ struct Args {
     /// Where the fs storage keeps its data.
     #[arg(long, global = true, default_value = "./registry-data")]
     data_dir: PathBuf,
-    /// Storage backend.
-    #[arg(long, value_enum, default_value_t = StorageKind::Fs)]
+    /// Storage: `fs` (files and redb under --data-dir), `memory` (gone on exit), or an
+    /// object store URL: `s3://BUCKET[/PREFIX]`, `az://CONTAINER[/PREFIX]`,
+    /// `gs://BUCKET[/PREFIX]`, configured from the environment.
+    #[arg(long, global = true, default_value = "fs", value_parser = parse_storage)]
     storage: StorageKind,
     /// Largest manifest accepted, in bytes.
     #[arg(long, default_value_t = registry_core::registry::DEFAULT_MAX_MANIFEST_SIZE)]
@@ -81,18 +90,39 @@ enum Command {
     },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Debug)]
 enum StorageKind {
     /// In memory: gone when the process exits.
     Memory,
     /// Files and redb under --data-dir.
     Fs,
+    /// An object store, by URL.
+    Object(String),
+}
+
+fn parse_storage(s: &str) -> Result<StorageKind, String> {
+    match s {
+        "memory" => Ok(StorageKind::Memory),
+        "fs" => Ok(StorageKind::Fs),
+        url if url.contains("://") => Ok(StorageKind::Object(url.to_owned())),
+        other => Err(format!(
+            "unknown storage {other:?}: expected fs, memory, s3://BUCKET, az://CONTAINER or gs://BUCKET"
+        )),
+    }
 }
 
 async fn open_storage(args: &Args) -> Result<Storage, Box<dyn std::error::Error>> {
-    Ok(match args.storage {
+    Ok(match &args.storage {
         StorageKind::Memory => registry_core::MemoryStore::new().into_storage(),
         StorageKind::Fs => FsStore::open(&args.data_dir).await?.into_storage(),
+        StorageKind::Object(url) => {
+            let (store, prefix) = registry_store_object::from_url(url)?;
+            let options = BucketOptions {
+                prefix,
+                ..BucketOptions::default()
+            };
+            BucketStore::open_with(store, options).await?.into_storage()
+        }
     })
 }
 
@@ -130,8 +160,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             dry_run,
             untagged,
         }) => {
-            let store = FsStore::open(&args.data_dir).await?;
-            let registry = Registry::builder(store).build();
+            let registry = Registry::builder(open_storage(&args).await?).build();
             let report = registry
                 .collect_garbage(&GcOptions {
                     window: Some(Duration::from_secs(window.unwrap_or(args.gc_window))),

@@ -469,11 +469,11 @@ async fn appends_that_fail_or_are_cancelled_leave_the_upload_as_it_was() {
     // Commit is repeatable and leaves the upload readable until it is deleted.
     let d = Digest::sha256(b"0123456789abc");
     assert_eq!(
-        blobs.commit_upload(&id, &d).await.unwrap(),
+        blobs.commit_upload(&id, &d, 13).await.unwrap(),
         CommitOutcome::Stored
     );
     assert_eq!(
-        blobs.commit_upload(&id, &d).await.unwrap(),
+        blobs.commit_upload(&id, &d, 13).await.unwrap(),
         CommitOutcome::AlreadyPresent
     );
     assert_eq!(blobs.upload_info(&id).await.unwrap().unwrap().len, 13);

@@ -15,8 +15,8 @@
 //! listing of the session's prefix; the claims are read only when a listing shows two
 //! candidates for one offset (a loser not yet cleaned up).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use futures::stream::{self, BoxStream};
@@ -42,7 +42,10 @@ pub(crate) const PART_SIZE: usize = 5 * 1024 * 1024;
 /// Multipart parts in flight per request.
 const PART_CONCURRENCY: usize = 2;
 
-#[derive(Serialize, Deserialize)]
+/// Session records kept per process before the cache starts over.
+const RECORD_CACHE: usize = 10_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct SessionRecord {
     repo: String,
     started_at: u64,
@@ -62,6 +65,9 @@ pub struct ObjectBlobStore {
     store: Arc<dyn ObjectStore>,
     blobs: Path,
     uploads: Path,
+    /// Session records read or written by this process (a cache: sessions are listed
+    /// for existence every time).
+    records: Arc<Mutex<HashMap<UploadId, SessionRecord>>>,
 }
 
 fn not_found(e: &object_store::Error) -> bool {
@@ -87,6 +93,7 @@ impl ObjectBlobStore {
             store,
             blobs: root.clone().join("blobs"),
             uploads: root.clone().join("uploads"),
+            records: Arc::default(),
         }
     }
 
@@ -106,19 +113,21 @@ impl ObjectBlobStore {
     /// if the session does not exist.
     async fn pieces(&self, id: &UploadId) -> Result<Option<(SessionRecord, Vec<Piece>)>> {
         let dir = self.session(id);
-        let record = match self.store.get(&dir.clone().join("info")).await {
-            Ok(r) => r.bytes().await.map_err(os_err)?,
-            Err(e) if not_found(&e) => return Ok(None),
-            Err(e) => return Err(os_err(e)),
-        };
-        let record: SessionRecord = serde_json::from_slice(&record).map_err(Error::storage)?;
-        // One listing shows every append and every claim of the session.
+        let info = dir.clone().join("info");
+        // One listing shows whether the session exists, and every append and claim.
         let listed: Vec<ObjectMeta> = self
             .store
             .list(Some(&dir))
             .try_collect()
             .await
             .map_err(os_err)?;
+        if !listed.iter().any(|m| m.location == info) {
+            self.forget(id);
+            return Ok(None);
+        }
+        let Some(record) = self.record(id, &info).await? else {
+            return Ok(None);
+        };
         let mut by_offset: BTreeMap<u64, Vec<Piece>> = BTreeMap::new();
         let mut claimed = std::collections::HashSet::new();
         for meta in listed {
@@ -174,6 +183,43 @@ impl ObjectBlobStore {
             pieces.push(winner);
         }
         Ok(Some((record, pieces)))
+    }
+
+    /// A session's record: immutable once created, so read once per process. `None`
+    /// if the session was deleted since it was listed.
+    async fn record(&self, id: &UploadId, info: &Path) -> Result<Option<SessionRecord>> {
+        if let Some(r) = self
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+        {
+            return Ok(Some(r.clone()));
+        }
+        let bytes = match self.store.get(info).await {
+            Ok(r) => r.bytes().await.map_err(os_err)?,
+            Err(e) if not_found(&e) => return Ok(None),
+            Err(e) => return Err(os_err(e)),
+        };
+        let record: SessionRecord = serde_json::from_slice(&bytes).map_err(Error::storage)?;
+        self.remember(id, &record);
+        Ok(Some(record))
+    }
+
+    fn remember(&self, id: &UploadId, record: &SessionRecord) {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        if records.len() >= RECORD_CACHE {
+            // Sessions other processes finished are never forgotten one by one here.
+            records.clear();
+        }
+        records.insert(id.clone(), record.clone());
+    }
+
+    fn forget(&self, id: &UploadId) {
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     /// The data object name the claim of `offset` names, if claimed.
@@ -352,6 +398,7 @@ impl BlobStore for ObjectBlobStore {
             )
             .await
             .map_err(os_err)?;
+        self.remember(id, &record);
         Ok(())
     }
 
@@ -441,9 +488,7 @@ impl BlobStore for ObjectBlobStore {
                 got: len,
             });
         }
-        if self.stat(digest).await?.is_some() {
-            return Ok(CommitOutcome::AlreadyPresent);
-        }
+        // No HEAD first: publishing is create-if-absent and reports an existing blob.
         match pieces.len() {
             0 => {
                 let put = self
@@ -495,9 +540,24 @@ impl BlobStore for ObjectBlobStore {
             .try_collect()
             .await
             .map_err(os_err)?;
+        self.forget(id);
         // The record last: until it is gone the session is whole or listed for cleanup.
-        for p in objects.iter().filter(|p| **p != info) {
-            delete_quietly(self.store.as_ref(), p).await?;
+        // The rest in one bulk request where the store has one (S3 DeleteObjects).
+        let rest: Vec<_> = objects
+            .iter()
+            .filter(|p| **p != info)
+            .cloned()
+            .map(Ok)
+            .collect();
+        if !rest.is_empty() {
+            let mut deleted = self.store.delete_stream(stream::iter(rest).boxed());
+            while let Some(result) = deleted.next().await {
+                match result {
+                    Ok(_) => {}
+                    Err(e) if not_found(&e) => {}
+                    Err(e) => return Err(os_err(e)),
+                }
+            }
         }
         delete_quietly(self.store.as_ref(), &info).await
     }

@@ -19,10 +19,13 @@
 //! checkpoint and the entries after it. Checkpoints are written every
 //! `checkpoint_interval` versions by the process that committed that version.
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use tokio::sync::oneshot;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::TryStreamExt;
@@ -262,26 +265,48 @@ fn numbered(dir: &Path, version: u64) -> Path {
     dir.clone().join(format!("{version:020}"))
 }
 
-/// The transaction-log engine. Cheap to share behind an `Arc`.
+/// A transaction waiting to be committed, its result type erased so that one batch can
+/// hold transactions of every kind.
+struct Pending {
+    run: Transaction,
+    reply: oneshot::Sender<Result<Answer>>,
+}
+
+/// A transaction's result, type-erased.
+type Answer = Box<dyn Any + Send>;
+
+/// A transaction, its result type erased.
+type Transaction = Box<dyn Fn(&mut dyn KvWrite) -> Result<Answer> + Send + Sync>;
+
+/// The transaction-log engine.
 #[derive(Debug)]
 pub struct LogKv {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     store: Arc<dyn ObjectStore>,
     log_dir: Path,
     checkpoint_dir: Path,
     checkpoint_interval: u64,
-    state: Arc<RwLock<State>>,
-    /// One committing writer per process: writers in one process would only race each
-    /// other for the same log entry.
-    writer: tokio::sync::Mutex<()>,
-    /// Refreshes from the bucket, one at a time; see [`LogKv::refresh`].
+    state: RwLock<State>,
+    /// Transactions submitted and not yet taken into a batch.
+    queue: Mutex<Vec<Pending>>,
+    /// Held while a batch commits: the transactions queued meanwhile form the next
+    /// batch (group commit), so concurrent writers of one process share log entries
+    /// instead of racing each other for them.
+    committer: Arc<tokio::sync::Mutex<()>>,
+    /// Refreshes from the bucket, one at a time; see [`Inner::refresh`].
     refresh: tokio::sync::Mutex<u64>,
     refreshes_started: AtomicU64,
 }
 
-impl std::fmt::Debug for State {
+impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("State")
-            .field("version", &self.version)
+        f.debug_struct("LogKv")
+            .field("store", &self.store)
+            .field("log_dir", &self.log_dir)
+            .field("version", &self.read_state().version)
             .finish_non_exhaustive()
     }
 }
@@ -294,24 +319,25 @@ impl LogKv {
         root: &Path,
         checkpoint_interval: u64,
     ) -> Result<LogKv> {
-        let kv = LogKv {
+        let inner = Inner {
             store,
             log_dir: root.clone().join("log"),
             checkpoint_dir: root.clone().join("checkpoint"),
             checkpoint_interval: checkpoint_interval.max(1),
-            state: Arc::default(),
-            writer: tokio::sync::Mutex::new(()),
+            state: RwLock::default(),
+            queue: Mutex::default(),
+            committer: Arc::default(),
             refresh: tokio::sync::Mutex::new(0),
             refreshes_started: AtomicU64::new(0),
         };
-        let checkpoints: Vec<_> = kv
+        let checkpoints: Vec<_> = inner
             .store
-            .list(Some(&kv.checkpoint_dir))
+            .list(Some(&inner.checkpoint_dir))
             .try_collect()
             .await
             .map_err(os_err)?;
         if let Some(newest) = checkpoints.iter().map(|m| &m.location).max() {
-            let bytes = kv
+            let bytes = inner
                 .store
                 .get(newest)
                 .await
@@ -320,49 +346,65 @@ impl LogKv {
                 .await
                 .map_err(os_err)?;
             let (version, ops) = decode(bytes)?;
-            let mut state = kv.write_state();
+            let mut state = inner.write_state();
             state.apply(ops);
             state.version = version;
         }
-        kv.catch_up().await?;
-        Ok(kv)
+        inner.catch_up().await?;
+        Ok(LogKv {
+            inner: Arc::new(inner),
+        })
     }
 
     /// The version of the newest log entry this process has applied.
     pub fn version(&self) -> u64 {
-        self.read_state().version
+        self.inner.read_state().version
     }
+}
 
+impl Inner {
     fn read_state(&self) -> RwLockReadGuard<'_, State> {
-        // A panic inside a transaction closure never leaves the state half-changed:
-        // transactions change it only in `State::apply`, which does not panic.
+        // The state changes only in `State::apply`, which does not panic midway, so a
+        // poisoned lock still guards a whole state.
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies entry `version` unless it is already applied.
+    fn apply(&self, version: u64, ops: Vec<Op>) {
+        let mut state = self.write_state();
+        if state.version + 1 == version {
+            state.apply(ops);
+            state.version = version;
+        }
+    }
+
+    /// Reads entry `version`; `None` if it does not exist (yet).
+    async fn entry(&self, version: u64) -> Result<Option<Vec<Op>>> {
+        let bytes = match self.store.get(&numbered(&self.log_dir, version)).await {
+            Ok(r) => r.bytes().await.map_err(os_err)?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(os_err(e)),
+        };
+        let (claimed, ops) = decode(bytes)?;
+        if claimed != version {
+            return Err(Error::storage(format!(
+                "metadata log entry {version} claims version {claimed}"
+            )));
+        }
+        Ok(Some(ops))
     }
 
     /// Applies entries after the local version until the next one does not exist.
     async fn catch_up(&self) -> Result<()> {
         loop {
-            let next = self.version() + 1;
-            let bytes = match self.store.get(&numbered(&self.log_dir, next)).await {
-                Ok(r) => r.bytes().await.map_err(os_err)?,
-                Err(object_store::Error::NotFound { .. }) => return Ok(()),
-                Err(e) => return Err(os_err(e)),
-            };
-            let (version, ops) = decode(bytes)?;
-            if version != next {
-                return Err(Error::storage(format!(
-                    "metadata log entry {next} claims version {version}"
-                )));
-            }
-            let mut state = self.write_state();
-            // A writer of this process may have applied its own entry meanwhile.
-            if state.version + 1 == next {
-                state.apply(ops);
-                state.version = next;
+            let next = self.read_state().version + 1;
+            match self.entry(next).await? {
+                Some(ops) => self.apply(next, ops),
+                None => return Ok(()),
             }
         }
     }
@@ -381,17 +423,95 @@ impl LogKv {
         Ok(())
     }
 
-    async fn write_checkpoint(
-        store: Arc<dyn ObjectStore>,
-        dir: Path,
-        state: Arc<RwLock<State>>,
-        version: u64,
-    ) -> Result<()> {
+    /// Commits `batch` as one log entry and answers each transaction. Runs on local
+    /// state without asking the bucket first: if that state is stale, the entry's
+    /// create fails, the process catches up and runs the batch again.
+    async fn commit(self: Arc<Self>, batch: Vec<Pending>) {
+        let mut results = Vec::with_capacity(batch.len());
+        loop {
+            results.clear();
+            let (version, ops) = {
+                let state = self.read_state();
+                let mut txn = Txn {
+                    base: &state,
+                    writes: Default::default(),
+                };
+                for (i, p) in batch.iter().enumerate() {
+                    // A transaction that fails leaves no writes in the batch (the first
+                    // one in a batch starts from none: nothing to save).
+                    let saved = (i > 0).then(|| txn.writes.clone());
+                    let result = (p.run)(&mut txn);
+                    if result.is_err() {
+                        txn.writes = saved.unwrap_or_default();
+                    }
+                    results.push(result);
+                }
+                (state.version + 1, txn.into_ops())
+            };
+            let outcome = if ops.is_empty() {
+                // Nothing to write: the answers stand if nothing was committed after
+                // the state they read.
+                match self.entry(version).await {
+                    Ok(None) => Ok(true),
+                    Ok(Some(ops)) => {
+                        self.apply(version, ops);
+                        Ok(false)
+                    }
+                    Err(e) => Err(e),
+                }
+            } else {
+                let entry = encode(version, ops.iter().map(|(t, k, v)| (*t, k, v.as_ref())));
+                let put = self
+                    .store
+                    .put_opts(
+                        &numbered(&self.log_dir, version),
+                        PutPayload::from(entry),
+                        PutOptions::from(PutMode::Create),
+                    )
+                    .await;
+                match put {
+                    Ok(_) => {
+                        self.apply(version, ops);
+                        if version % self.checkpoint_interval == 0 {
+                            // Off the request path: a checkpoint can be large.
+                            tokio::spawn(self.clone().write_checkpoint(version));
+                        }
+                        Ok(true)
+                    }
+                    Err(object_store::Error::AlreadyExists { .. }) => {
+                        tracing::debug!(version, "metadata log race lost; running the batch again");
+                        self.catch_up().await.map(|()| false)
+                    }
+                    // The entry may or may not exist now (a timeout after the write
+                    // landed, say); the next refresh reads whichever is true.
+                    Err(e) => Err(os_err(e)),
+                }
+            };
+            match outcome {
+                Ok(true) => {
+                    for (p, r) in batch.into_iter().zip(results.drain(..)) {
+                        let _ = p.reply.send(r);
+                    }
+                    return;
+                }
+                Ok(false) => continue,
+                Err(e) => {
+                    let message = e.to_string();
+                    for p in batch {
+                        let _ = p.reply.send(Err(Error::storage(message.clone())));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn write_checkpoint(self: Arc<Self>, version: u64) {
         let body = {
-            let state = state.read().unwrap_or_else(|p| p.into_inner());
+            let state = self.read_state();
             if state.version != version {
                 // Moved on already; the next interval writes one.
-                return Ok(());
+                return;
             }
             let ops = state
                 .tables
@@ -400,26 +520,34 @@ impl LogKv {
                 .flat_map(|(i, map)| map.iter().map(move |(k, v)| (Table::ALL[i], k, Some(v))));
             encode(version, ops)
         };
-        store
-            .put(&numbered(&dir, version), PutPayload::from(body))
-            .await
-            .map_err(os_err)?;
-        // Keep the two newest: a process opening right now may be reading the older.
-        let mut old: Vec<Path> = store
-            .list(Some(&dir))
-            .map_ok(|m| m.location)
-            .try_collect()
-            .await
-            .map_err(os_err)?;
-        old.sort();
-        old.truncate(old.len().saturating_sub(2));
-        for p in old {
-            match store.delete(&p).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(os_err(e)),
+        let result = async {
+            let store = &self.store;
+            store
+                .put(
+                    &numbered(&self.checkpoint_dir, version),
+                    PutPayload::from(body),
+                )
+                .await?;
+            // Keep the two newest: a process opening right now may be reading the older.
+            let mut old: Vec<Path> = store
+                .list(Some(&self.checkpoint_dir))
+                .map_ok(|m| m.location)
+                .try_collect()
+                .await?;
+            old.sort();
+            old.truncate(old.len().saturating_sub(2));
+            for p in old {
+                match store.delete(&p).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
             }
+            Ok(())
         }
-        Ok(())
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, version, "metadata checkpoint failed");
+        }
     }
 }
 
@@ -429,8 +557,8 @@ impl KvEngine for LogKv {
         F: FnOnce(&dyn KvRead) -> Result<R> + Send + 'static,
         R: Send + 'static,
     {
-        self.refresh().await?;
-        f(&*self.read_state())
+        self.inner.refresh().await?;
+        f(&*self.inner.read_state())
     }
 
     async fn write<R, F>(&self, f: F) -> Result<R>
@@ -438,66 +566,37 @@ impl KvEngine for LogKv {
         F: Fn(&mut dyn KvWrite) -> Result<R> + Send + Sync + 'static,
         R: Send + 'static,
     {
-        let _writer = self.writer.lock().await;
-        self.refresh().await?;
-        loop {
-            let (result, version, ops) = {
-                let state = self.read_state();
-                let mut txn = Txn {
-                    base: &state,
-                    writes: Default::default(),
-                };
-                let result = f(&mut txn)?;
-                (result, state.version + 1, txn.into_ops())
-            };
-            if ops.is_empty() {
-                // Read-only (or a no-op): serialised at the version it read.
-                return Ok(result);
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Pending {
+                run: Box::new(move |t| f(t).map(|r| Box::new(r) as Answer)),
+                reply,
+            });
+        {
+            let committing = self.inner.committer.clone().lock_owned().await;
+            let batch =
+                std::mem::take(&mut *self.inner.queue.lock().unwrap_or_else(|p| p.into_inner()));
+            if !batch.is_empty() {
+                // Spawned, so that a caller going away (a cancelled request) never stops
+                // a batch halfway, leaving other callers without an answer.
+                let inner = self.inner.clone();
+                let task = tokio::spawn(async move {
+                    inner.commit(batch).await;
+                    drop(committing);
+                });
+                let _ = task.await;
             }
-            let entry = encode(version, ops.iter().map(|(t, k, v)| (*t, k, v.as_ref())));
-            let put = self
-                .store
-                .put_opts(
-                    &numbered(&self.log_dir, version),
-                    PutPayload::from(entry),
-                    PutOptions::from(PutMode::Create),
-                )
-                .await;
-            match put {
-                Ok(_) => {
-                    {
-                        let mut state = self.write_state();
-                        if state.version + 1 == version {
-                            state.apply(ops);
-                            state.version = version;
-                        }
-                    }
-                    if version % self.checkpoint_interval == 0 {
-                        let (store, dir, state) = (
-                            self.store.clone(),
-                            self.checkpoint_dir.clone(),
-                            self.state.clone(),
-                        );
-                        // Off the request path: a checkpoint can be large.
-                        tokio::spawn(async move {
-                            if let Err(e) = Self::write_checkpoint(store, dir, state, version).await
-                            {
-                                tracing::warn!(error = %e, version, "metadata checkpoint failed");
-                            }
-                        });
-                    }
-                    return Ok(result);
-                }
-                Err(object_store::Error::AlreadyExists { .. }) => {
-                    // Another process committed this version first: read it, run again.
-                    tracing::debug!(version, "metadata log race lost; retrying");
-                    self.catch_up().await?;
-                }
-                // The entry may or may not exist now (a timeout after the write landed,
-                // say); the next refresh reads whichever is true.
-                Err(e) => return Err(os_err(e)),
-            }
+            // Else an earlier batch took this transaction and has answered it.
         }
+        let result = answer
+            .await
+            .map_err(|_| Error::storage("metadata commit task failed"))??;
+        Ok(*result
+            .downcast::<R>()
+            .expect("a transaction's own result type"))
     }
 }
 

@@ -22,6 +22,15 @@ pub struct StressConfig {
     pub images_per_pusher: usize,
     /// Stop early after this long.
     pub max_duration: Duration,
+    /// Pause between two collections of one collector. With a zero protection window a
+    /// collection refuses every push whose uploads it catches before their manifest;
+    /// on slow storage (an emulator over HTTP) a push takes long enough that back-to-
+    /// back collections would refuse nearly all of them.
+    pub collector_pause: Duration,
+    /// The registries' protection window (zero: collections race every push). On slow
+    /// storage, where a push takes seconds, a zero window starves pushers: each attempt
+    /// is refused by a collection that took its fresh blob links.
+    pub protection_window: Duration,
 }
 
 impl Default for StressConfig {
@@ -30,6 +39,8 @@ impl Default for StressConfig {
             pushers: 4,
             images_per_pusher: 40,
             max_duration: Duration::from_secs(60),
+            collector_pause: Duration::from_millis(3),
+            protection_window: Duration::ZERO,
         }
     }
 }
@@ -115,7 +126,7 @@ pub async fn run_shared(storages: Vec<Storage>, config: StressConfig) -> StressR
         .into_iter()
         .map(|s| {
             Registry::builder(s)
-                .with_protection_window(Duration::ZERO)
+                .with_protection_window(config.protection_window)
                 .build()
         })
         .collect();
@@ -250,13 +261,14 @@ pub async fn run_shared(storages: Vec<Storage>, config: StressConfig) -> StressR
         })
     };
 
+    let (pause, config_window) = (config.collector_pause, config.protection_window);
     let collectors = regs.iter().map(|r| {
         let (r, counters, stop) = (r.clone(), counters.clone(), stop.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let report = r
                     .collect_garbage(&GcOptions {
-                        window: Some(Duration::ZERO),
+                        window: Some(config_window),
                         ..GcOptions::default()
                     })
                     .await
@@ -268,14 +280,15 @@ pub async fn run_shared(storages: Vec<Storage>, config: StressConfig) -> StressR
                 // Back to back, but not spinning: with a zero window, a collector that
                 // never pauses would refuse every push between its uploads and its
                 // manifest, forever.
-                tokio::time::sleep(Duration::from_millis(3)).await;
+                tokio::time::sleep(pause).await;
             }
         })
     });
     let collectors: Vec<_> = collectors.collect();
 
     let checker = {
-        let (regs, live, counters, stop) = (regs.clone(), live.clone(), counters.clone(), stop.clone());
+        let (regs, live, counters, stop) =
+            (regs.clone(), live.clone(), counters.clone(), stop.clone());
         tokio::spawn(async move {
             let mut round = 0;
             while !stop.load(Ordering::Relaxed) {
@@ -304,9 +317,7 @@ pub async fn run_shared(storages: Vec<Storage>, config: StressConfig) -> StressR
     }
     for image in live.lock().await.values() {
         for r in &regs {
-            pull_and_verify(r, image)
-                .await
-                .expect("final verification");
+            pull_and_verify(r, image).await.expect("final verification");
         }
     }
     assert_cleans_up(&r).await;

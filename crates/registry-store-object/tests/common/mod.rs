@@ -58,16 +58,21 @@ fn start(name: &str, program: PathBuf, args: &[String], port: u16) {
         quoted.join(" "),
         parent = std::process::id(),
     );
-    Command::new("bash")
+    let mut guard = Command::new("bash")
         .args(["-c", &guard])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+    // Reaped if it ends while the tests run (the emulator died); see the guard above.
+    std::thread::spawn(move || guard.wait());
     let deadline = Instant::now() + Duration::from_secs(60);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{name} did not start on port {port}");
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not start on port {port}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -106,7 +111,12 @@ pub fn moto_port() -> u16 {
     *PORT.get_or_init(|| {
         let port = free_port();
         let args = ["-H", "127.0.0.1", "-p", &port.to_string()].map(String::from);
-        start("moto", test_deps().join("venv/bin/moto_server"), &args, port);
+        start(
+            "moto",
+            test_deps().join("venv/bin/moto_server"),
+            &args,
+            port,
+        );
         port
     })
 }
@@ -211,7 +221,10 @@ pub fn azure_client(container: &str) -> Arc<dyn ObjectStore> {
     let store = MicrosoftAzureBuilder::new()
         .with_account(AZURITE_ACCOUNT)
         .with_access_key(AZURITE_KEY)
-        .with_endpoint(format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", azurite_port()))
+        .with_endpoint(format!(
+            "http://127.0.0.1:{}/{AZURITE_ACCOUNT}",
+            azurite_port()
+        ))
         .with_allow_http(true)
         .with_container_name(container)
         .build()

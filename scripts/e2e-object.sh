@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# Two serve processes on one bucket, with a real client: for S3 (moto) and Azure Blob
+# (Azurite), both emulators on 127.0.0.1, started and stopped here (by PID).
+#
+#   scripts/e2e-object.sh            # both backends
+#   E2E_BACKENDS=s3 scripts/e2e-object.sh
+#
+# Per backend: skopeo pushes an image (umoci-built, three layers) through process A and
+# copies it back through process B, comparing every blob; tags pushed through B are
+# listed through A; a chunked upload is started on A, continued on B and finished on A;
+# a delete through A is seen by B. The last line is `N passed, M failed`.
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+E2E_BACKENDS=${E2E_BACKENDS:-s3 az}
+
+scripts/install-test-deps.sh >/dev/null || { echo "installing test dependencies failed" >&2; exit 2; }
+DEPS=$ROOT/target/test-deps
+PYTHON=$DEPS/venv/bin/python
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/e2e-object.XXXXXX")
+PIDS=()
+cleanup() {
+    local pid
+    # Azurite ignores SIGTERM; every process here is ours and holds nothing to flush.
+    for pid in "${PIDS[@]}"; do
+        kill -9 "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+wait_port() { # wait_port PORT NAME LOG
+    local i
+    for ((i = 0; i < 300; i++)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "$2 did not start on port $1:" >&2
+    cat "$3" >&2
+    exit 2
+}
+
+echo "building the serve example (release)"
+cargo build --release --example serve --quiet || { echo "build failed" >&2; exit 2; }
+SERVE=${CARGO_TARGET_DIR:-target}/release/examples/serve
+
+# ---------------------------------------------------------------- emulators
+MOTO_PORT=$(free_port)
+"$DEPS/venv/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.log" 2>&1 &
+PIDS+=($!)
+AZ_PORT=$(free_port)
+"$DEPS/azurite/node_modules/.bin/azurite-blob" --blobHost 127.0.0.1 --blobPort "$AZ_PORT" \
+    --inMemoryPersistence --skipApiVersionCheck --silent >"$WORK/azurite.log" 2>&1 &
+PIDS+=($!)
+wait_port "$MOTO_PORT" moto "$WORK/moto.log"
+wait_port "$AZ_PORT" azurite "$WORK/azurite.log"
+
+AZ_KEY='Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=='
+curl -sf -X PUT "http://127.0.0.1:$MOTO_PORT/e2e" >/dev/null || { echo "creating the S3 bucket failed" >&2; exit 2; }
+# An Azure container, with one request signed with the emulator's public development key.
+"$PYTHON" - "$AZ_PORT" "$AZ_KEY" <<'EOF' || { echo "creating the Azure container failed" >&2; exit 2; }
+import base64, hashlib, hmac, sys, urllib.request
+from email.utils import formatdate
+port, key = sys.argv[1], sys.argv[2]
+date, version, account = formatdate(usegmt=True), "2021-08-06", "devstoreaccount1"
+to_sign = ("PUT\n" + "\n" * 11 + f"x-ms-date:{date}\nx-ms-version:{version}\n"
+           f"/{account}/{account}/e2e\nrestype:container")
+sig = base64.b64encode(hmac.new(base64.b64decode(key), to_sign.encode(), hashlib.sha256).digest())
+req = urllib.request.Request(f"http://127.0.0.1:{port}/{account}/e2e?restype=container", method="PUT",
+    headers={"x-ms-date": date, "x-ms-version": version,
+             "Authorization": f"SharedKey {account}:{sig.decode()}", "Content-Length": "0"})
+assert urllib.request.urlopen(req).status == 201
+EOF
+
+# ---------------------------------------------------------------- check harness
+PASSED=0
+FAILED=0
+check() { # check NAME COMMAND...
+    local name=$1 out=$WORK/check.out
+    shift
+    if ( set -euo pipefail; "$@" ) >"$out" 2>&1; then
+        PASSED=$((PASSED + 1))
+        echo "ok - $name"
+    else
+        FAILED=$((FAILED + 1))
+        echo "not ok - $name"
+        sed 's/^/    # /' "$out" | head -n 60
+    fi
+}
+fail() { echo "FAILED: $*" >&2; return 1; }
+
+POLICY=$WORK/policy.json
+echo '{"default":[{"type":"insecureAcceptAnything"}]}' >"$POLICY"
+export REGISTRY_AUTH_FILE=$WORK/auth.json
+echo '{"auths":{}}' >"$REGISTRY_AUTH_FILE"
+
+# An image with three layers, built once.
+IMG=$WORK/image
+mkdir -p "$WORK/files"
+head -c 3000000 /dev/urandom >"$WORK/files/a.bin"
+head -c 700000 /dev/urandom >"$WORK/files/b.bin"
+echo "small file" >"$WORK/files/c.txt"
+umoci init --layout "$IMG" >/dev/null
+umoci new --image "$IMG:v1" >/dev/null
+for f in a.bin b.bin c.txt; do
+    umoci insert --image "$IMG:v1" "$WORK/files/$f" "/$f" >/dev/null
+done
+
+# start_serve NAME STORAGE: starts a serve process; sets ${NAME}_URL.
+start_serve() {
+    local port
+    port=$(free_port)
+    "$SERVE" --addr "127.0.0.1:$port" --storage "$2" >"$WORK/$1.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$port" "serve $1" "$WORK/$1.log"
+    printf -v "${1}_URL" '%s' "127.0.0.1:$port"
+}
+
+layout_blobs() { # layout_blobs LAYOUT: every blob digest of the layout, sorted
+    (cd "$1/blobs/sha256" && ls | sort)
+}
+
+push_a_pull_b() {
+    skopeo copy --quiet --policy "$POLICY" --dest-tls-verify=false \
+        "oci:$IMG:v1" "docker://$A_URL/e2e/app:v1"
+    rm -rf "$WORK/back"
+    skopeo copy --quiet --policy "$POLICY" --src-tls-verify=false \
+        "docker://$B_URL/e2e/app:v1" "oci:$WORK/back:v1"
+    local want got
+    want=$(umoci stat --image "$IMG:v1" --json | jq -r '.history | length')
+    [ "$want" -ge 3 ] || fail "the image should have three layers"
+    diff <(layout_blobs "$IMG") <(layout_blobs "$WORK/back") || fail "blobs differ"
+    got=$(skopeo inspect --raw --tls-verify=false "docker://$B_URL/e2e/app:v1" | sha256sum | cut -d' ' -f1)
+    want=$(jq -r '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"]=="v1") | .digest' \
+        "$IMG/index.json")
+    [ "sha256:$got" = "$want" ] || fail "manifest through B is $got, pushed $want"
+}
+
+tags_b_seen_by_a() {
+    skopeo copy --quiet --policy "$POLICY" --src-tls-verify=false --dest-tls-verify=false \
+        "docker://$B_URL/e2e/app:v1" "docker://$B_URL/e2e/app:v2"
+    local tags
+    tags=$(skopeo list-tags --tls-verify=false "docker://$A_URL/e2e/app" | jq -c '.Tags')
+    [ "$tags" = '["v1","v2"]' ] || fail "tags through A: $tags"
+}
+
+chunked_across_processes() {
+    local data=$WORK/chunked.bin loc digest
+    head -c 2500000 /dev/urandom >"$data"
+    digest="sha256:$(sha256sum "$data" | cut -d' ' -f1)"
+    head -c 1000000 "$data" >"$WORK/part1"
+    tail -c +1000001 "$data" >"$WORK/part2"
+    loc=$(curl -sSf -o /dev/null -D - -X POST "http://$A_URL/v2/e2e/chunked/blobs/uploads/" |
+        tr -d '\r' | awk 'tolower($1)=="location:" {print $2}')
+    [ -n "$loc" ] || fail "no upload location from A"
+    # The first chunk through B, the second through A, finished through B.
+    loc=$(curl -sSf -o /dev/null -D - -X PATCH -H 'Content-Type: application/octet-stream' \
+        -H 'Content-Range: 0-999999' --data-binary @"$WORK/part1" "http://$B_URL$loc" |
+        tr -d '\r' | awk 'tolower($1)=="location:" {print $2}')
+    loc=$(curl -sSf -o /dev/null -D - -X PATCH -H 'Content-Type: application/octet-stream' \
+        -H 'Content-Range: 1000000-2499999' --data-binary @"$WORK/part2" "http://$A_URL$loc" |
+        tr -d '\r' | awk 'tolower($1)=="location:" {print $2}')
+    case "$loc" in *\?*) loc="$loc&digest=$digest" ;; *) loc="$loc?digest=$digest" ;; esac
+    [ "$(curl -sS -o /dev/null -w '%{http_code}' -X PUT "http://$B_URL$loc")" = 201 ] ||
+        fail "finishing the upload through B"
+    [ "$(curl -sSf "http://$A_URL/v2/e2e/chunked/blobs/$digest" | sha256sum | cut -d' ' -f1)" = "${digest#sha256:}" ] ||
+        fail "the blob read through A differs"
+}
+
+delete_a_seen_by_b() {
+    skopeo delete --tls-verify=false "docker://$A_URL/e2e/app:v2"
+    local code
+    code=$(curl -s -o /dev/null -w '%{http_code}' \
+        -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$B_URL/v2/e2e/app/manifests/v2")
+    [ "$code" = 404 ] || fail "B still serves a manifest deleted through A ($code)"
+}
+
+for backend in $E2E_BACKENDS; do
+    case "$backend" in
+    s3)
+        export AWS_ENDPOINT=http://127.0.0.1:$MOTO_PORT AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
+            AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test
+        STORAGE=s3://e2e/registry
+        ;;
+    az)
+        export AZURE_STORAGE_USE_EMULATOR=true AZURITE_BLOB_STORAGE_URL=http://127.0.0.1:$AZ_PORT
+        STORAGE=az://e2e/registry
+        ;;
+    *) echo "unknown backend $backend" >&2; exit 2 ;;
+    esac
+    start_serve A "$STORAGE"
+    start_serve B "$STORAGE"
+    echo "# $backend: $STORAGE through A ($A_URL) and B ($B_URL)"
+    check "$backend: skopeo pushes through A, copies back through B" push_a_pull_b
+    check "$backend: a tag pushed through B is listed through A" tags_b_seen_by_a
+    check "$backend: a chunked upload moves between processes" chunked_across_processes
+    check "$backend: a delete through A is seen by B" delete_a_seen_by_b
+done
+
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" = 0 ]
