@@ -3,7 +3,9 @@
 # installs what the tests need (Debian and PyPI packages), then runs the gates of
 # STYLE.md and every test: unit, behaviour suite on each store, model-based, stress,
 # kill -9 crash, in-process HTTP, real clients (skopeo, umoci, oras, oci-client), doc
-# tests; then the out-of-process client suite against the serve binary.
+# tests (the object store against moto and Azurite among them); then the
+# out-of-process client suites against the serve binary (fs, and two processes on one
+# bucket).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,3 +31,6 @@ cargo test --workspace --all-features --locked
 
 step "real clients against the serve binary (skopeo, oras, buildah, raw HTTP)"
 scripts/e2e-clients.sh
+
+step "two serve processes on one bucket: S3 (moto) and Azure Blob (Azurite), with skopeo"
+scripts/e2e-object.sh
