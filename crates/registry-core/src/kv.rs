@@ -114,6 +114,23 @@ pub trait KvWrite: KvRead {
     fn delete(&mut self, table: Table, key: &[u8]) -> Result<bool>;
 }
 
+/// The entries of an ordered map that [`KvRead::scan`] selects: keys starting with
+/// `prefix` and sorting strictly after `after`, in ascending order. For engines that
+/// keep their tables (or a transaction's own writes) in `BTreeMap`s.
+pub fn scan_range<'a, V>(
+    map: &'a std::collections::BTreeMap<Vec<u8>, V>,
+    prefix: &'a [u8],
+    after: Option<&[u8]>,
+) -> impl Iterator<Item = (&'a Vec<u8>, &'a V)> + 'a {
+    use std::ops::Bound;
+    let lower = match after {
+        Some(a) if a >= prefix => Bound::Excluded(a.to_vec()),
+        _ => Bound::Included(prefix.to_vec()),
+    };
+    map.range((lower, Bound::Unbounded))
+        .take_while(move |(k, _)| k.starts_with(prefix))
+}
+
 /// A transactional ordered key-value engine.
 pub trait KvEngine: Send + Sync + 'static {
     /// Runs `f` on a consistent snapshot.

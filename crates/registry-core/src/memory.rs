@@ -2,7 +2,6 @@
 //! when dropped.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ops::Bound;
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
@@ -87,12 +86,7 @@ fn scan_map(
     after: Option<&[u8]>,
     limit: usize,
 ) -> Vec<KvPair> {
-    let lower = match after {
-        Some(a) if a >= prefix => Bound::Excluded(a.to_vec()),
-        _ => Bound::Included(prefix.to_vec()),
-    };
-    map.range((lower, Bound::Unbounded))
-        .take_while(|(k, _)| k.starts_with(prefix))
+    crate::kv::scan_range(map, prefix, after)
         .take(limit)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()

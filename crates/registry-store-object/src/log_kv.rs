@@ -21,7 +21,6 @@
 
 use std::any::Any;
 use std::collections::BTreeMap;
-use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -31,7 +30,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
-use registry_core::kv::{KvEngine, KvPair, KvRead, KvWrite, Table};
+use registry_core::kv::{KvEngine, KvPair, KvRead, KvWrite, Table, scan_range};
 use registry_core::{Error, Result};
 
 use crate::os_err;
@@ -64,22 +63,6 @@ impl State {
     }
 }
 
-fn scan_map<'a>(
-    map: &'a BTreeMap<Vec<u8>, Vec<u8>>,
-    prefix: &'a [u8],
-    after: Option<&[u8]>,
-) -> impl Iterator<Item = (&'a Vec<u8>, &'a Vec<u8>)> + 'a {
-    map.range((lower_bound(prefix, after), Bound::Unbounded))
-        .take_while(move |(k, _)| k.starts_with(prefix))
-}
-
-fn lower_bound(prefix: &[u8], after: Option<&[u8]>) -> Bound<Vec<u8>> {
-    match after {
-        Some(a) if a >= prefix => Bound::Excluded(a.to_vec()),
-        _ => Bound::Included(prefix.to_vec()),
-    }
-}
-
 impl KvRead for State {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.tables[table.index()].get(key).cloned())
@@ -92,7 +75,7 @@ impl KvRead for State {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KvPair>> {
-        Ok(scan_map(&self.tables[table.index()], prefix, after)
+        Ok(scan_range(&self.tables[table.index()], prefix, after)
             .take(limit)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
@@ -141,12 +124,9 @@ impl KvRead for Txn<'_> {
         limit: usize,
     ) -> Result<Vec<KvPair>> {
         // Merge the two ordered ranges; an own write wins over the base entry.
-        let mut base = scan_map(&self.base.tables[table.index()], prefix, after).peekable();
+        let mut base = scan_range(&self.base.tables[table.index()], prefix, after).peekable();
         let writes = &self.writes[table.index()];
-        let mut own = writes
-            .range((lower_bound(prefix, after), Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .peekable();
+        let mut own = scan_range(writes, prefix, after).peekable();
         let mut out = Vec::new();
         while out.len() < limit {
             let take_own = match (base.peek(), own.peek()) {

@@ -256,3 +256,61 @@ fn httpdate(t: std::time::SystemTime) -> String {
     ][(month - 1) as usize];
     format!("{weekday}, {day:02} {month_name} {year} {h:02}:{m:02}:{s:02} GMT")
 }
+
+/// The tests every emulator runs: the behaviour suite, the model test and three
+/// adapters (each with its own client) sharing nothing but one bucket. `$create` makes
+/// a bucket or container by name; `$client` makes a new client of it.
+#[macro_export]
+macro_rules! emulator_tests {
+    ($name:literal, $create:path, $client:path) => {
+        async fn fixture() -> registry_core::testkit::Fixture {
+            let bucket = common::unique_name();
+            $create(&bucket);
+            let store = registry_store_object::BucketStore::open($client(&bucket))
+                .await
+                .expect("open store");
+            registry_core::testkit::Fixture::new(store, bucket)
+        }
+
+        registry_core::behaviour_suite!(fixture);
+
+        #[test]
+        fn model_based() {
+            let cases = std::env::var("MODEL_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(3);
+            registry_core::testkit::model::run(cases, fixture);
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn three_instances_share_one_bucket() {
+            use registry_core::testkit::stress;
+            let bucket = common::unique_name();
+            $create(&bucket);
+            let mut storages = Vec::new();
+            for _ in 0..3 {
+                let store = registry_store_object::BucketStore::open($client(&bucket))
+                    .await
+                    .expect("open store");
+                storages.push(store.into_storage());
+            }
+            let report = stress::run_shared(
+                storages,
+                stress::StressConfig {
+                    pushers: 3,
+                    images_per_pusher: 3,
+                    collector_pause: std::time::Duration::from_millis(200),
+                    // A push to an emulator takes seconds; see
+                    // `StressConfig::protection_window`.
+                    protection_window: std::time::Duration::from_secs(30),
+                    ..Default::default()
+                },
+            )
+            .await;
+            println!("three instances ({}): {report:?}", $name);
+            assert_eq!(report.pushes, 9);
+            assert!(report.collections > 0);
+        }
+    };
+}
