@@ -17,13 +17,22 @@
 //!   `check: N blobs, M manifests, R repositories, P problems`;
 //! - `serve gc [--data-dir DIR | --storage URL] [--window SECS] [--dry-run] [--untagged]` collects and
 //!   prints its report as the last line, starting with `gc:`.
+//!
+//! Policies: `--immutable-tags PATTERN` (repeatable; `[REPO_PREFIX:]GLOB` with `*`, for
+//! example `v*` or `prod/app:release-*`; also honoured by `gc`), `--quota PREFIX=BYTES`
+//! (repeatable). Retention, for `gc` only: `--keep-last N:PATTERN` and
+//! `--keep-younger-than DURATION[:PATTERN]` (DURATION like `30d`, `12h`, `90m`, `45s`;
+//! PATTERN defaults to `*`), each repeatable; the removed tags are printed before the
+//! report.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use registry_core::{GcOptions, Registry, Storage, UntaggedPolicy};
+use registry_core::{
+    GcOptions, Registry, RepoName, RetentionRule, Storage, TagPattern, UntaggedPolicy,
+};
 use registry_http::HttpConfig;
 use registry_store_fs::{CheckOptions, FsStore};
 use registry_store_object::{BucketOptions, BucketStore};
@@ -61,6 +70,12 @@ struct Args {
     /// a proxy under another address (default: relative URLs).
     #[arg(long)]
     base_url: Option<String>,
+    /// Make tags matching `[REPO_PREFIX:]GLOB` immutable (repeatable).
+    #[arg(long = "immutable-tags", global = true, value_parser = parse_tag_pattern)]
+    immutable_tags: Vec<TagPattern>,
+    /// Limit the bytes stored under a repository prefix: `PREFIX=BYTES` (repeatable).
+    #[arg(long = "quota", value_parser = parse_quota)]
+    quotas: Vec<(RepoName, u64)>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -87,6 +102,14 @@ enum Command {
         /// Also collect untagged manifests (referrers of live subjects are kept).
         #[arg(long)]
         untagged: bool,
+        /// Retention: keep the N most recently tagged matches of PATTERN per
+        /// repository, remove the other matches: `N:PATTERN` (repeatable).
+        #[arg(long = "keep-last", value_parser = parse_keep_last)]
+        keep_last: Vec<RetentionRule>,
+        /// Retention: keep matches of PATTERN tagged less than DURATION ago, remove the
+        /// other matches: `DURATION[:PATTERN]` (repeatable).
+        #[arg(long = "keep-younger-than", value_parser = parse_keep_younger)]
+        keep_younger_than: Vec<RetentionRule>,
     },
 }
 
@@ -98,6 +121,65 @@ enum StorageKind {
     Fs,
     /// An object store, by URL.
     Object(String),
+}
+
+fn parse_tag_pattern(s: &str) -> Result<TagPattern, String> {
+    TagPattern::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_quota(s: &str) -> Result<(RepoName, u64), String> {
+    let (prefix, bytes) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected PREFIX=BYTES"))?;
+    let prefix = RepoName::parse(prefix).map_err(|e| e.to_string())?;
+    let bytes = bytes
+        .parse()
+        .map_err(|_| format!("{s:?}: BYTES must be a whole number of bytes"))?;
+    Ok((prefix, bytes))
+}
+
+fn parse_keep_last(s: &str) -> Result<RetentionRule, String> {
+    let (n, pattern) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected N:PATTERN"))?;
+    let n = n
+        .parse()
+        .map_err(|_| format!("{s:?}: N must be a whole number"))?;
+    Ok(RetentionRule::keep_last(n, parse_tag_pattern(pattern)?))
+}
+
+fn parse_keep_younger(s: &str) -> Result<RetentionRule, String> {
+    let (age, pattern) = s.split_once(':').unwrap_or((s, "*"));
+    Ok(RetentionRule::keep_younger_than(
+        parse_duration(age)?,
+        parse_tag_pattern(pattern)?,
+    ))
+}
+
+/// `30d`, `12h`, `90m`, `45s`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?}: expected a duration like 30d, 12h, 90m or 45s");
+    let unit = s.chars().last().ok_or_else(bad)?;
+    let n: u64 = s[..s.len() - unit.len_utf8()].parse().map_err(|_| bad())?;
+    let secs = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(bad)
+}
+
+/// A registry builder with the policy flags applied.
+fn with_policies(mut builder: registry_core::RegistryBuilder, args: &Args) -> registry_core::RegistryBuilder {
+    for pattern in &args.immutable_tags {
+        builder = builder.with_immutable_tags(pattern.clone());
+    }
+    for (prefix, bytes) in &args.quotas {
+        builder = builder.with_quota(prefix.clone(), *bytes);
+    }
+    builder
 }
 
 fn parse_storage(s: &str) -> Result<StorageKind, String> {
@@ -159,8 +241,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             window,
             dry_run,
             untagged,
+            keep_last,
+            keep_younger_than,
         }) => {
-            let registry = Registry::builder(open_storage(&args).await?).build();
+            let registry =
+                with_policies(Registry::builder(open_storage(&args).await?), &args).build();
             let report = registry
                 .collect_garbage(&GcOptions {
                     window: Some(Duration::from_secs(window.unwrap_or(args.gc_window))),
@@ -172,15 +257,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     orphans: true,
                     audit: true,
                     dry_run: *dry_run,
+                    retention: keep_last.iter().chain(keep_younger_than).cloned().collect(),
                 })
                 .await?;
+            for r in &report.retention {
+                println!(
+                    "retention: {}{}:{} ({}){}",
+                    if report.dry_run { "would remove " } else { "removed " },
+                    r.repo,
+                    r.tag,
+                    r.digest,
+                    if r.manifest_removed { " with its manifest" } else { "" }
+                );
+            }
             println!("gc: {report}");
             return Ok(());
         }
         None => {}
     }
     let storage = open_storage(&args).await?;
-    let registry = Registry::builder(storage)
+    let registry = with_policies(Registry::builder(storage), &args)
         .with_max_manifest_size(args.max_manifest_size)
         .with_protection_window(Duration::from_secs(args.gc_window))
         .build();

@@ -1,7 +1,7 @@
 //! Errors of the registry core. Only `registry-http` maps them to OCI error codes.
 
 use crate::digest::Digest;
-use crate::names::RepoName;
+use crate::names::{RepoName, Tag};
 
 /// Input that does not parse: a name, tag, digest or algorithm.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -19,6 +19,9 @@ pub enum InvalidInput {
     /// Not a valid tag.
     #[error("invalid tag {0:?}")]
     Tag(String),
+    /// A policy setting that does not parse (a tag pattern, a quota, a retention rule).
+    #[error("invalid policy: {0}")]
+    Policy(String),
 }
 
 /// What went wrong in a registry operation.
@@ -127,6 +130,38 @@ pub enum Error {
     TooManyRequests {
         /// Which limit.
         reason: String,
+    },
+    /// The tag is immutable (it matches an immutable-tag pattern) and already points at
+    /// another manifest: it cannot be moved or deleted.
+    #[error("tag {tag} of {repo} is immutable: it points at {current} and cannot be moved or deleted")]
+    ImmutableTag {
+        /// The repository.
+        repo: RepoName,
+        /// The tag.
+        tag: Tag,
+        /// The manifest it points at, for good.
+        current: Digest,
+    },
+    /// Linking the blob or manifest would take the repositories under `prefix` past
+    /// their storage quota. Nothing was linked.
+    #[error("storage quota of {prefix} exceeded: {used} of {limit} bytes used, {size} more needed for {digest}")]
+    QuotaExceeded {
+        /// The quota's repository prefix.
+        prefix: RepoName,
+        /// The quota in bytes.
+        limit: u64,
+        /// Bytes counted against it before this push.
+        used: u64,
+        /// The blob or manifest refused.
+        digest: Digest,
+        /// Its size.
+        size: u64,
+    },
+    /// The registry is read-only: every write is refused.
+    #[error("the registry is read-only: {operation} refused")]
+    ReadOnly {
+        /// What was refused.
+        operation: &'static str,
     },
     /// The storage backend failed.
     #[error("storage error: {0}")]

@@ -13,9 +13,11 @@ use futures::StreamExt;
 use crate::digest::Digest;
 use crate::error::Result;
 use crate::events::Event;
-use crate::names::RepoName;
+use crate::names::{RepoName, Tag};
+use crate::policy::{Keep, RetentionRule};
 use crate::registry::{AllowAll, ListOptions, Registry};
-use crate::store::ManifestCollectRule;
+use crate::store::{ManifestCollectRule, TagEntry};
+use crate::time::Timestamp;
 
 /// What happens to manifests that no tag, index or live subject keeps.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -47,6 +49,25 @@ pub struct GcOptions {
     pub audit: bool,
     /// Report what would be freed without freeing anything.
     pub dry_run: bool,
+    /// Retention rules: tags they do not keep are removed first (immutable tags never
+    /// are), with their manifest once it has no tag left (see [`RetentionRule`]).
+    pub retention: Vec<RetentionRule>,
+}
+
+/// A tag removed (or, in a dry run, to be removed) by a retention rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionRemoval {
+    /// The repository.
+    pub repo: RepoName,
+    /// The tag.
+    pub tag: Tag,
+    /// The manifest it pointed at.
+    pub digest: Digest,
+    /// When it was tagged.
+    pub tagged_at: Timestamp,
+    /// Whether the manifest went too (it had no other tag and no parent index, and was
+    /// outside the protection window). In a dry run: whether it would.
+    pub manifest_removed: bool,
 }
 
 /// What a collection did (or, in a dry run, would do).
@@ -70,6 +91,9 @@ pub struct GcReport {
     pub drift_found: u64,
     /// Of those, how many it repaired.
     pub drift_repaired: u64,
+    /// Tags removed by retention rules (would be removed, in a dry run), in repository
+    /// and tag order.
+    pub retention: Vec<RetentionRemoval>,
     /// Whether this was a dry run.
     pub dry_run: bool,
     /// How long it took.
@@ -80,8 +104,9 @@ impl std::fmt::Display for GcReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}{} manifests, {} links, {} blobs, {} orphans, {} bytes freed; {} links protected; {} uploads expired; {} drift found, {} repaired; {:.3}s",
+            "{}{} tags by retention, {} manifests, {} links, {} blobs, {} orphans, {} bytes freed; {} links protected; {} uploads expired; {} drift found, {} repaired; {:.3}s",
             if self.dry_run { "(dry run) " } else { "" },
+            self.retention.len(),
             self.manifests_removed,
             self.links_removed,
             self.blobs_deleted,
@@ -97,6 +122,38 @@ impl std::fmt::Display for GcReport {
 }
 
 const PAGE: usize = 512;
+
+/// The tags of one repository that the rules remove: matched by at least one rule and
+/// kept by none. Recency is by tagging time, newest first; equal times order by tag,
+/// greatest first, so the choice is deterministic.
+fn retention_victims<'a>(
+    repo: &RepoName,
+    entries: &'a [TagEntry],
+    rules: &[RetentionRule],
+    now: Timestamp,
+) -> Vec<&'a TagEntry> {
+    let mut matched = vec![false; entries.len()];
+    let mut kept = vec![false; entries.len()];
+    for rule in rules {
+        let mut mine: Vec<usize> = (0..entries.len())
+            .filter(|&i| rule.tags.matches(repo, &entries[i].tag))
+            .collect();
+        mine.sort_by(|&a, &b| {
+            (entries[b].tagged_at, &entries[b].tag).cmp(&(entries[a].tagged_at, &entries[a].tag))
+        });
+        for (rank, &i) in mine.iter().enumerate() {
+            matched[i] = true;
+            kept[i] |= match rule.keep {
+                Keep::Last(n) => rank < n,
+                Keep::YoungerThan(age) => now.since(entries[i].tagged_at) < age,
+            };
+        }
+    }
+    (0..entries.len())
+        .filter(|&i| matched[i] && !kept[i])
+        .map(|i| &entries[i])
+        .collect()
+}
 /// Collecting an index frees its children for the next pass; bound the cascade.
 const MAX_MANIFEST_PASSES: usize = 16;
 
@@ -108,7 +165,13 @@ impl Registry {
     /// 3. bytes of blobs left with no link (and, with [`GcOptions::orphans`], bytes
     ///    with no record at all);
     /// 4. upload sessions idle past the expiry.
+    ///
+    /// Retention rules ([`GcOptions::retention`]) run before step 1. A read-only
+    /// registry refuses every collection except a dry run.
     pub async fn collect_garbage(&self, options: &GcOptions) -> Result<GcReport> {
+        if !options.dry_run {
+            self.check_writable("garbage collection")?;
+        }
         let started = Instant::now();
         let window = options
             .window
@@ -127,6 +190,10 @@ impl Registry {
             report.drift_found = audit.problems.len() as u64;
             report.drift_repaired = audit.repaired;
         }
+        if !options.retention.is_empty() {
+            self.apply_retention(options, now, cutoff, &mut report)
+                .await?;
+        }
         self.collect_manifests(options, cutoff, &mut report).await?;
         self.collect_links(options, cutoff, &mut report).await?;
         self.collect_blobs(options, &mut report).await?;
@@ -144,6 +211,113 @@ impl Registry {
         report.duration = started.elapsed();
         tracing::info!(%report, "garbage collection finished");
         Ok(report)
+    }
+
+    /// Removes the tags no retention rule keeps, repository by repository. Each removal
+    /// is conditional (the tag still points where the listing said, tagged at the same
+    /// time), and the manifest goes only if, in its own atomic change, it has no tag and
+    /// no parent left and was pushed before `cutoff`.
+    async fn apply_retention(
+        &self,
+        options: &GcOptions,
+        now: Timestamp,
+        cutoff: Timestamp,
+        report: &mut GcReport,
+    ) -> Result<()> {
+        let meta = &self.inner.meta;
+        let policy = &self.inner.config.policy;
+        let collect = ManifestCollectRule {
+            cutoff,
+            untagged: true,
+        };
+        let mut repos_after: Option<RepoName> = None;
+        loop {
+            let repos = self
+                .list_repositories(
+                    &ListOptions {
+                        n: Some(PAGE),
+                        last: repos_after.as_ref().map(|r| r.to_string()),
+                    },
+                    &AllowAll,
+                )
+                .await?;
+            for repo in &repos.items {
+                let covered = options.retention.iter().any(|r| {
+                    r.tags
+                        .prefix()
+                        .is_none_or(|p| crate::policy::repo_under(repo.as_str(), p.as_str()))
+                });
+                if !covered {
+                    continue;
+                }
+                let mut entries = Vec::new();
+                let mut after: Option<Tag> = None;
+                loop {
+                    let page = meta.list_tag_entries(repo, after.as_ref(), PAGE).await?;
+                    let full = page.len() == PAGE;
+                    after = page.last().map(|e| e.tag.clone());
+                    entries.extend(page);
+                    if !full {
+                        break;
+                    }
+                }
+                let doomed = retention_victims(repo, &entries, &options.retention, now)
+                    .into_iter()
+                    .filter(|e| !policy.is_immutable(repo, &e.tag))
+                    .collect::<Vec<_>>();
+                for e in &doomed {
+                    let manifest_removed = if options.dry_run {
+                        // Would the manifest lose its last tag?
+                        let rest = entries
+                            .iter()
+                            .filter(|o| o.digest == e.digest)
+                            .all(|o| doomed.iter().any(|d| d.tag == o.tag));
+                        // Reported on the manifest's last removed tag, as a real run
+                        // removes it when that tag goes.
+                        let last = doomed.iter().rev().find(|d| d.digest == e.digest);
+                        rest && last.is_some_and(|l| l.tag == e.tag)
+                            && meta.manifest(repo, &e.digest).await?.is_some_and(|m| {
+                                m.parents == 0 && m.pushed_at <= cutoff && m.subject.is_none()
+                            })
+                    } else {
+                        if !meta
+                            .delete_tag_if(repo, &e.tag, &e.digest, e.tagged_at, policy)
+                            .await?
+                        {
+                            continue; // moved or deleted meanwhile: not ours to remove
+                        }
+                        self.emit(Event::TagDeleted {
+                            repo: repo.clone(),
+                            tag: e.tag.clone(),
+                            digest: e.digest.clone(),
+                        });
+                        match meta.collect_manifest(repo, &e.digest, collect).await? {
+                            Some(deleted) => {
+                                self.emit(Event::ManifestDeleted {
+                                    repo: repo.clone(),
+                                    digest: e.digest.clone(),
+                                    tags: deleted.tags,
+                                });
+                                true
+                            }
+                            None => false,
+                        }
+                    };
+                    report.manifests_removed += u64::from(manifest_removed);
+                    report.retention.push(RetentionRemoval {
+                        repo: repo.clone(),
+                        tag: e.tag.clone(),
+                        digest: e.digest.clone(),
+                        tagged_at: e.tagged_at,
+                        manifest_removed,
+                    });
+                }
+            }
+            match repos.next {
+                Some(_) => repos_after = repos.items.last().cloned(),
+                None => return Ok(()),
+            }
+        }
     }
 
     async fn collect_manifests(

@@ -16,10 +16,11 @@ use serde::de::DeserializeOwned;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::names::{RepoName, Tag};
+use crate::policy::{Policy, repo_under};
 use crate::store::{
     AuditReport, BlobLink, BlobRecord, BlobState, DeletedManifest, LinkOutcome,
     ManifestCollectRule, ManifestRecord, MetaStats, MetadataStore, NewManifest, PutManifestOutcome,
-    Referrer, RepoRecord,
+    Referrer, RepoRecord, TagEntry,
 };
 use crate::time::Timestamp;
 
@@ -47,11 +48,15 @@ pub enum Table {
     LinkCandidates,
     /// digest → () (blob records with no links)
     BlobCandidates,
+    /// quota prefix → bytes counted (u64): the prefixes whose usage is maintained
+    QuotaUsage,
+    /// quota prefix, digest → links under the prefix and size (one digest counts once)
+    QuotaRefs,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 10] = [
+    pub const ALL: [Table; 12] = [
         Table::Blobs,
         Table::BlobLinks,
         Table::BlobRepos,
@@ -62,6 +67,8 @@ impl Table {
         Table::Repos,
         Table::LinkCandidates,
         Table::BlobCandidates,
+        Table::QuotaUsage,
+        Table::QuotaRefs,
     ];
 
     /// A stable name, for engines that name their tables.
@@ -77,6 +84,8 @@ impl Table {
             Table::Repos => "repos",
             Table::LinkCandidates => "link_candidates",
             Table::BlobCandidates => "blob_candidates",
+            Table::QuotaUsage => "quota_usage",
+            Table::QuotaRefs => "quota_refs",
         }
     }
 
@@ -282,6 +291,7 @@ fn link_blob_txn(
     d: &Digest,
     size: u64,
     now: Timestamp,
+    policy: &Policy,
 ) -> Result<LinkOutcome> {
     let lk = key(&[repo.as_str(), d.as_str()]);
     if let Some(mut link) = get::<BlobLink>(t, Table::BlobLinks, &lk)? {
@@ -303,6 +313,7 @@ fn link_blob_txn(
     t.put(Table::LinkCandidates, &lk, b"")?;
     t.put(Table::BlobRepos, &key(&[d.as_str(), repo.as_str()]), b"")?;
     adjust_repo(t, repo, 1, 0)?;
+    quota_add(t, repo, d, size, policy, true)?;
     Ok(LinkOutcome::Linked { created: true })
 }
 
@@ -312,7 +323,160 @@ fn remove_blob_link(t: &mut dyn KvWrite, repo: &RepoName, d: &Digest) -> Result<
     t.delete(Table::LinkCandidates, &lk)?;
     t.delete(Table::BlobRepos, &key(&[d.as_str(), repo.as_str()]))?;
     release_blob_link(t, d)?;
-    adjust_repo(t, repo, -1, 0)
+    adjust_repo(t, repo, -1, 0)?;
+    quota_release(t, repo, d)
+}
+
+/// How many links (blob and manifest links) under one quota prefix hold a digest, and
+/// its size: a digest counts against the quota once, however many links it has there.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+struct QuotaRef {
+    links: u64,
+    size: u64,
+}
+
+/// What the quota of `prefix` counts, recomputed from the links (blob links and manifest
+/// links of the repositories under it). Scans the links of those repositories only.
+fn quota_compute(t: &dyn KvRead, prefix: &str) -> Result<std::collections::BTreeMap<String, QuotaRef>> {
+    let mut out: std::collections::BTreeMap<String, QuotaRef> = Default::default();
+    for table in [Table::BlobLinks, Table::Manifests] {
+        // Keys are `repo NUL digest`: every repository under `prefix` starts with its
+        // bytes (so do a few siblings like `prefixx`, filtered below).
+        for (k, v) in t.scan(table, prefix.as_bytes(), None, usize::MAX)? {
+            let p = parts(&k)?;
+            let [repo, d] = p[..] else {
+                return Err(Error::storage("corrupt link key"));
+            };
+            if !repo_under(repo, prefix) {
+                continue;
+            }
+            let size = if table == Table::BlobLinks {
+                decode::<BlobLink>(&v)?.size
+            } else {
+                decode::<ManifestRecord>(&v)?.size
+            };
+            let e = out.entry(d.to_owned()).or_default();
+            e.links += 1;
+            e.size = size;
+        }
+    }
+    Ok(out)
+}
+
+/// Starts maintaining the usage of `prefix` from the links that exist now.
+fn quota_track(t: &mut dyn KvWrite, prefix: &str) -> Result<()> {
+    let refs = quota_compute(t, prefix)?;
+    let used: u64 = refs.values().map(|r| r.size).sum();
+    for (d, r) in &refs {
+        put(t, Table::QuotaRefs, &key(&[prefix, d]), r)?;
+    }
+    put(t, Table::QuotaUsage, &key(&[prefix]), &used)
+}
+
+/// The prefixes whose usage is maintained and that cover `repo`, with their usage.
+fn tracked_quotas(t: &dyn KvRead, repo: &RepoName) -> Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    for (k, v) in t.scan(Table::QuotaUsage, b"", None, usize::MAX)? {
+        let p = std::str::from_utf8(&k).map_err(Error::storage)?;
+        if repo_under(repo.as_str(), p) {
+            out.push((p.to_owned(), decode(&v)?));
+        }
+    }
+    Ok(out)
+}
+
+/// Counts a link just created (`repo` → `d`) against every quota covering `repo`, and
+/// fails the change with [`Error::QuotaExceeded`] if a quota of `policy` is passed.
+/// Being part of the link's own atomic change, two concurrent pushes are counted one
+/// after the other and cannot together pass the limit. `visible`: the link is already
+/// written (so a first scan of a prefix counts it).
+fn quota_add(
+    t: &mut dyn KvWrite,
+    repo: &RepoName,
+    d: &Digest,
+    size: u64,
+    policy: &Policy,
+    visible: bool,
+) -> Result<()> {
+    let mut fresh = Vec::new();
+    for q in policy.quotas_for(repo) {
+        let p = q.prefix.as_str();
+        if t.get(Table::QuotaUsage, &key(&[p]))?.is_none() && !fresh.iter().any(|f| f == p) {
+            // First link under this quota: count what is there, this link included.
+            quota_track(t, p)?;
+            fresh.push(p.to_owned());
+        }
+    }
+    for (p, mut used) in tracked_quotas(t, repo)? {
+        let rk = key(&[&p, d.as_str()]);
+        let mut r: QuotaRef = get(t, Table::QuotaRefs, &rk)?.unwrap_or_default();
+        let counted_by_scan = visible && fresh.contains(&p);
+        if !counted_by_scan {
+            r.links += 1;
+            r.size = size;
+            put(t, Table::QuotaRefs, &rk, &r)?;
+            if r.links == 1 {
+                used = used.saturating_add(size);
+                put(t, Table::QuotaUsage, &key(&[&p]), &used)?;
+            }
+        }
+        // New bytes for this prefix: only then can the push pass the limit. (A digest
+        // already counted here costs nothing, even if a lowered quota is already passed.)
+        if r.links == 1 {
+            for q in policy.quotas.iter().filter(|q| q.prefix.as_str() == p) {
+                if used > q.bytes {
+                    return Err(Error::QuotaExceeded {
+                        prefix: q.prefix.clone(),
+                        limit: q.bytes,
+                        used: used - size,
+                        digest: d.clone(),
+                        size,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Releases a link just removed (`repo` → `d`) from every quota covering `repo`. Quotas
+/// are tracked by data, not by the policy in force, so a removal is counted even by a
+/// registry configured without that quota.
+fn quota_release(t: &mut dyn KvWrite, repo: &RepoName, d: &Digest) -> Result<()> {
+    for (p, mut used) in tracked_quotas(t, repo)? {
+        let rk = key(&[&p, d.as_str()]);
+        let Some(mut r) = get::<QuotaRef>(t, Table::QuotaRefs, &rk)? else {
+            continue;
+        };
+        r.links = r.links.saturating_sub(1);
+        if r.links == 0 {
+            t.delete(Table::QuotaRefs, &rk)?;
+            used = used.saturating_sub(r.size);
+        } else {
+            put(t, Table::QuotaRefs, &rk, &r)?;
+        }
+        let uk = key(&[&p]);
+        if used == 0 && t.scan(Table::QuotaRefs, &prefix(&[&p]), None, 1)?.is_empty() {
+            // Nothing left under the prefix: stop tracking (an empty store stays empty;
+            // the next link under a quota starts counting again from a scan).
+            t.delete(Table::QuotaUsage, &uk)?;
+        } else {
+            put(t, Table::QuotaUsage, &uk, &used)?;
+        }
+    }
+    Ok(())
+}
+
+/// When `tag` was pointed at `d`.
+fn tag_time(t: &dyn KvRead, repo: &RepoName, d: &Digest, tag: &Tag) -> Result<Timestamp> {
+    let mt = key(&[repo.as_str(), d.as_str(), tag.as_str()]);
+    Ok(match t.get(Table::ManifestTags, &mt)? {
+        Some(v) if !v.is_empty() => decode(&v)?,
+        // Written before tagging times were kept (or rebuilt by an audit): the
+        // manifest's push time is the best estimate.
+        _ => get::<ManifestRecord>(t, Table::Manifests, &key(&[repo.as_str(), d.as_str()]))?
+            .map_or(Timestamp(0), |m| m.pushed_at),
+    })
 }
 
 /// Points `tag` at `d` (whose record is `rec`, updated in place but not stored).
@@ -323,6 +487,8 @@ fn point_tag(
     tag: &Tag,
     d: &Digest,
     rec: &mut ManifestRecord,
+    now: Timestamp,
+    policy: &Policy,
 ) -> Result<Option<Option<Digest>>> {
     let tk = key(&[repo.as_str(), tag.as_str()]);
     let old: Option<Digest> = get(t, Table::Tags, &tk)?;
@@ -330,6 +496,15 @@ fn point_tag(
         return Ok(None);
     }
     if let Some(old) = &old {
+        // Checked here, inside the change that would move the tag, so two concurrent
+        // pushes to a new immutable tag cannot both win: the second sees the first.
+        if policy.is_immutable(repo, tag) {
+            return Err(Error::ImmutableTag {
+                repo: repo.clone(),
+                tag: tag.clone(),
+                current: old.clone(),
+            });
+        }
         let mk = key(&[repo.as_str(), old.as_str()]);
         if let Some(mut old_rec) = get::<ManifestRecord>(t, Table::Manifests, &mk)? {
             old_rec.tags = old_rec.tags.saturating_sub(1);
@@ -341,10 +516,12 @@ fn point_tag(
         )?;
     }
     put(t, Table::Tags, &tk, d)?;
-    t.put(
+    // The index entry carries the tagging time, for retention by age and by recency.
+    put(
+        t,
         Table::ManifestTags,
         &key(&[repo.as_str(), d.as_str(), tag.as_str()]),
-        b"",
+        &now,
     )?;
     rec.tags += 1;
     Ok(Some(old))
@@ -354,6 +531,7 @@ fn delete_manifest_txn(
     t: &mut dyn KvWrite,
     repo: &RepoName,
     d: &Digest,
+    policy: &Policy,
 ) -> Result<Option<DeletedManifest>> {
     let mk = key(&[repo.as_str(), d.as_str()]);
     let Some(rec) = get::<ManifestRecord>(t, Table::Manifests, &mk)? else {
@@ -372,6 +550,13 @@ fn delete_manifest_txn(
     let tp = prefix(&[repo.as_str(), d.as_str()]);
     for (k, _) in t.scan(Table::ManifestTags, &tp, None, usize::MAX)? {
         let tag = parse_stored(Tag::parse(last_part(&k)?))?;
+        if policy.is_immutable(repo, &tag) {
+            return Err(Error::ImmutableTag {
+                repo: repo.clone(),
+                tag,
+                current: d.clone(),
+            });
+        }
         t.delete(Table::ManifestTags, &k)?;
         t.delete(Table::Tags, &key(&[repo.as_str(), tag.as_str()]))?;
         tags.push(tag);
@@ -402,6 +587,7 @@ fn delete_manifest_txn(
     t.delete(Table::Manifests, &mk)?;
     release_blob_link(t, d)?;
     adjust_repo(t, repo, 0, -1)?;
+    quota_release(t, repo, d)?;
     Ok(Some(DeletedManifest { record: rec, tags }))
 }
 
@@ -470,6 +656,38 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                     .collect()
             })
             .await
+    }
+
+    async fn list_tag_entries(
+        &self,
+        repo: &RepoName,
+        after: Option<&Tag>,
+        limit: usize,
+    ) -> Result<Vec<TagEntry>> {
+        let p = prefix(&[repo.as_str()]);
+        let after = after.map(|a| key(&[repo.as_str(), a.as_str()]));
+        let repo = repo.clone();
+        self.engine
+            .read(move |t| {
+                let mut out = Vec::new();
+                for (k, v) in t.scan(Table::Tags, &p, after.as_deref(), limit)? {
+                    let tag = parse_stored(Tag::parse(last_part(&k)?))?;
+                    let digest: Digest = decode(&v)?;
+                    let tagged_at = tag_time(t, &repo, &digest, &tag)?;
+                    out.push(TagEntry {
+                        tag,
+                        digest,
+                        tagged_at,
+                    });
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn quota_usage(&self, prefix: &RepoName) -> Result<Option<u64>> {
+        let k = key(&[prefix.as_str()]);
+        self.engine.read(move |t| get(t, Table::QuotaUsage, &k)).await
     }
 
     async fn list_manifests(
@@ -618,10 +836,11 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
         digest: &Digest,
         size: u64,
         now: Timestamp,
+        policy: &Policy,
     ) -> Result<LinkOutcome> {
-        let (repo, d) = (repo.clone(), digest.clone());
+        let (repo, d, policy) = (repo.clone(), digest.clone(), policy.clone());
         self.engine
-            .write(move |t| link_blob_txn(t, &repo, &d, size, now))
+            .write(move |t| link_blob_txn(t, &repo, &d, size, now, &policy))
             .await
     }
 
@@ -631,8 +850,10 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
         to: &RepoName,
         digest: &Digest,
         now: Timestamp,
+        policy: &Policy,
     ) -> Result<Option<LinkOutcome>> {
         let (from, to, d) = (from.clone(), to.clone(), digest.clone());
+        let policy = policy.clone();
         self.engine
             .write(move |t| {
                 let Some(src) =
@@ -640,7 +861,7 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                 else {
                     return Ok(None);
                 };
-                link_blob_txn(t, &to, &d, src.size, now).map(Some)
+                link_blob_txn(t, &to, &d, src.size, now, &policy).map(Some)
             })
             .await
     }
@@ -694,8 +915,9 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
         repo: &RepoName,
         manifest: NewManifest,
         now: Timestamp,
+        policy: &Policy,
     ) -> Result<Option<PutManifestOutcome>> {
-        let repo = repo.clone();
+        let (repo, policy) = (repo.clone(), policy.clone());
         self.engine
             .write(move |t| {
                 let NewManifest {
@@ -738,6 +960,9 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                         add_blob_link(t, &d, record.size, now)?.ok_or_else(|| {
                             Error::storage("blob record changed state mid-transaction")
                         })?;
+                        // The manifest link itself counts (its bytes are stored too);
+                        // its record is written below, after the quota allowed it.
+                        quota_add(t, &repo, &d, record.size, &policy, false)?;
                         if let (Some(subject), Some(descriptor)) = (&record.subject, referrer) {
                             put(
                                 t,
@@ -760,7 +985,7 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                 };
                 let mut moved_tags = Vec::new();
                 for tag in tags {
-                    if let Some(old) = point_tag(t, &repo, &tag, &d, &mut rec)? {
+                    if let Some(old) = point_tag(t, &repo, &tag, &d, &mut rec, now, &policy)? {
                         moved_tags.push((tag, old));
                     }
                 }
@@ -773,8 +998,16 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
             .await
     }
 
-    async fn set_tag(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> Result<Option<Digest>> {
+    async fn set_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+        now: Timestamp,
+        policy: &Policy,
+    ) -> Result<Option<Digest>> {
         let (repo, tag, d) = (repo.clone(), tag.clone(), digest.clone());
+        let policy = policy.clone();
         self.engine
             .write(move |t| {
                 let mk = key(&[repo.as_str(), d.as_str()]);
@@ -783,7 +1016,7 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                         reference: d.to_string(),
                     });
                 };
-                match point_tag(t, &repo, &tag, &d, &mut rec)? {
+                match point_tag(t, &repo, &tag, &d, &mut rec, now, &policy)? {
                     Some(old) => {
                         put(t, Table::Manifests, &mk, &rec)?;
                         Ok(old)
@@ -794,14 +1027,27 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
             .await
     }
 
-    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
+    async fn delete_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        policy: &Policy,
+    ) -> Result<Option<Digest>> {
         let (repo, tag) = (repo.clone(), tag.clone());
+        let immutable = policy.is_immutable(&repo, &tag);
         self.engine
             .write(move |t| {
                 let tk = key(&[repo.as_str(), tag.as_str()]);
                 let Some(d) = get::<Digest>(t, Table::Tags, &tk)? else {
                     return Ok(None);
                 };
+                if immutable {
+                    return Err(Error::ImmutableTag {
+                        repo: repo.clone(),
+                        tag: tag.clone(),
+                        current: d,
+                    });
+                }
                 t.delete(Table::Tags, &tk)?;
                 t.delete(
                     Table::ManifestTags,
@@ -817,14 +1063,55 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
             .await
     }
 
+    async fn delete_tag_if(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+        tagged_at: Timestamp,
+        policy: &Policy,
+    ) -> Result<bool> {
+        let (repo, tag, d) = (repo.clone(), tag.clone(), digest.clone());
+        let immutable = policy.is_immutable(&repo, &tag);
+        self.engine
+            .write(move |t| {
+                let tk = key(&[repo.as_str(), tag.as_str()]);
+                if get::<Digest>(t, Table::Tags, &tk)?.as_ref() != Some(&d)
+                    || tag_time(t, &repo, &d, &tag)? != tagged_at
+                {
+                    return Ok(false);
+                }
+                if immutable {
+                    return Err(Error::ImmutableTag {
+                        repo: repo.clone(),
+                        tag: tag.clone(),
+                        current: d.clone(),
+                    });
+                }
+                t.delete(Table::Tags, &tk)?;
+                t.delete(
+                    Table::ManifestTags,
+                    &key(&[repo.as_str(), d.as_str(), tag.as_str()]),
+                )?;
+                let mk = key(&[repo.as_str(), d.as_str()]);
+                if let Some(mut rec) = get::<ManifestRecord>(t, Table::Manifests, &mk)? {
+                    rec.tags = rec.tags.saturating_sub(1);
+                    put(t, Table::Manifests, &mk, &rec)?;
+                }
+                Ok(true)
+            })
+            .await
+    }
+
     async fn delete_manifest(
         &self,
         repo: &RepoName,
         digest: &Digest,
+        policy: &Policy,
     ) -> Result<Option<DeletedManifest>> {
-        let (repo, d) = (repo.clone(), digest.clone());
+        let (repo, d, policy) = (repo.clone(), digest.clone(), policy.clone());
         self.engine
-            .write(move |t| delete_manifest_txn(t, &repo, &d))
+            .write(move |t| delete_manifest_txn(t, &repo, &d, &policy))
             .await
     }
 
@@ -854,7 +1141,8 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                 if !collect {
                     return Ok(None);
                 }
-                delete_manifest_txn(t, &repo, &d)
+                // Only untagged manifests are collected: no tag can be immutable here.
+                delete_manifest_txn(t, &repo, &d, &Policy::default())
             })
             .await
     }
@@ -1221,7 +1509,67 @@ fn audit_txn(t: &mut dyn KvWrite, repair: bool) -> Result<AuditReport> {
         }
     }
     report.repositories = repos.len() as u64;
+    audit_quotas(t, repair, &mut report)?;
     Ok(report)
+}
+
+/// The quota part of the audit: every tracked prefix's per-digest counts and usage are
+/// recomputed from the links; counts of untracked prefixes are stale.
+fn audit_quotas(t: &mut dyn KvWrite, repair: bool, report: &mut AuditReport) -> Result<()> {
+    let mut tracked = Vec::new();
+    for (k, v) in t.scan(Table::QuotaUsage, b"", None, usize::MAX)? {
+        let p = std::str::from_utf8(&k).map_err(Error::storage)?.to_owned();
+        tracked.push((p, decode::<u64>(&v)?));
+    }
+    for (k, _) in t.scan(Table::QuotaRefs, b"", None, usize::MAX)? {
+        let p = parts(&k)?;
+        if !tracked.iter().any(|(q, _)| q == p[0]) {
+            report.problems.push(format!(
+                "quota count of untracked prefix {}",
+                String::from_utf8_lossy(&k).replace('\0', " ")
+            ));
+            if repair {
+                t.delete(Table::QuotaRefs, &k)?;
+                report.repaired += 1;
+            }
+        }
+    }
+    for (p, used) in tracked {
+        let expected = quota_compute(t, &p)?;
+        let actual: std::collections::BTreeMap<String, QuotaRef> = t
+            .scan(Table::QuotaRefs, &prefix(&[&p]), None, usize::MAX)?
+            .into_iter()
+            .map(|(k, v)| Ok((last_part(&k)?.to_owned(), decode(&v)?)))
+            .collect::<Result<_>>()?;
+        let expected_used: u64 = expected.values().map(|r| r.size).sum();
+        if expected != actual || expected_used != used {
+            report.problems.push(format!(
+                "quota of {p} counts {used} bytes in {} digests, links say {expected_used} in {}",
+                actual.len(),
+                expected.len()
+            ));
+            if repair {
+                for d in actual.keys() {
+                    t.delete(Table::QuotaRefs, &key(&[&p, d]))?;
+                }
+                if expected.is_empty() {
+                    t.delete(Table::QuotaUsage, &key(&[&p]))?;
+                } else {
+                    quota_track(t, &p)?;
+                }
+                report.repaired += 1;
+            }
+        } else if expected.is_empty() {
+            report
+                .problems
+                .push(format!("quota of {p} is tracked with nothing under it"));
+            if repair {
+                t.delete(Table::QuotaUsage, &key(&[&p]))?;
+                report.repaired += 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -57,6 +57,7 @@ pub mod kv;
 pub mod manifest;
 pub mod memory;
 pub mod names;
+pub mod policy;
 pub mod registry;
 pub mod store;
 #[cfg(feature = "testkit")]
@@ -66,14 +67,15 @@ pub mod time;
 pub use digest::{Algorithm, Digest, Hasher};
 pub use error::{Error, InvalidInput, Result};
 pub use events::Event;
-pub use gc::{GcOptions, GcReport, UntaggedPolicy};
+pub use gc::{GcOptions, GcReport, RetentionRemoval, UntaggedPolicy};
 pub use manifest::{Descriptor, ManifestInfo, ManifestKind, media_type};
 pub use memory::{MemoryBlobStore, MemoryKv, MemoryStore};
 pub use names::{Reference, RepoName, Tag};
+pub use policy::{Keep, Policy, Quota, RetentionRule, TagPattern};
 pub use registry::{
     AllowAll, BlobBody, BlobInfo, ListOptions, Manifest, ManifestMeta, Page, PutManifestOptions,
     PutManifestResult, RangeRequest, ReadAccess, Registry, RegistryBuilder, RegistryConfig,
     UploadStatus,
 };
-pub use store::{BlobStore, ByteRange, ByteStream, MetadataStore, Storage, UploadId};
+pub use store::{BlobStore, ByteRange, ByteStream, MetadataStore, Storage, TagEntry, UploadId};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::manifest::{Descriptor, ManifestInfo};
 use crate::names::{Reference, RepoName, Tag};
+use crate::policy::{Policy, Quota, TagPattern};
 use crate::store::{
     BlobStore, ByteRange, ByteStream, LinkOutcome, ManifestRecord, MetadataStore, NewManifest,
     Storage, UploadId, UploadInfo,
@@ -63,6 +64,10 @@ pub struct RegistryConfig {
     pub max_open_uploads: u64,
     /// Most upload sessions open at once in this process in one repository.
     pub max_open_uploads_per_repo: u64,
+    /// Immutable tags and quotas, enforced inside the metadata store's atomic changes.
+    pub policy: Policy,
+    /// Refuse every write ([`Error::ReadOnly`]); the collector only runs dry.
+    pub read_only: bool,
 }
 
 impl Default for RegistryConfig {
@@ -77,6 +82,8 @@ impl Default for RegistryConfig {
             deletion_lease: DEFAULT_DELETION_LEASE,
             max_open_uploads: DEFAULT_MAX_OPEN_UPLOADS,
             max_open_uploads_per_repo: DEFAULT_MAX_OPEN_UPLOADS_PER_REPO,
+            policy: Policy::default(),
+            read_only: false,
         }
     }
 }
@@ -136,6 +143,29 @@ impl RegistryBuilder {
     pub fn with_max_open_uploads(mut self, total: u64, per_repo: u64) -> Self {
         self.config.max_open_uploads = total;
         self.config.max_open_uploads_per_repo = per_repo;
+        self
+    }
+    /// Makes the tags matching `pattern` immutable: once such a tag exists, pushing
+    /// another manifest under it, re-tagging it, or deleting it (directly, or by deleting
+    /// its manifest) is refused with [`Error::ImmutableTag`]. Pushing the manifest it
+    /// already points at again is allowed. May be called several times.
+    pub fn with_immutable_tags(mut self, pattern: TagPattern) -> Self {
+        self.config.policy.immutable_tags.push(pattern);
+        self
+    }
+    /// Limits the distinct blobs and manifests linked in the repositories under `prefix`
+    /// to `bytes` bytes together. A push that would exceed it is refused with
+    /// [`Error::QuotaExceeded`] and links nothing. May be called for several prefixes
+    /// (nested prefixes are each enforced).
+    pub fn with_quota(mut self, prefix: RepoName, bytes: u64) -> Self {
+        self.config.policy.quotas.push(Quota { prefix, bytes });
+        self
+    }
+    /// Makes the registry read-only: uploads, manifest pushes, tags, deletes and
+    /// collection are refused with [`Error::ReadOnly`] (a dry-run collection still
+    /// reports). Reads do not even refresh blob protection.
+    pub fn read_only(mut self, on: bool) -> Self {
+        self.config.read_only = on;
         self
     }
     /// Uses another clock (tests use [`ManualClock`](crate::ManualClock)).
@@ -405,6 +435,18 @@ impl Registry {
         let _ = self.inner.events.send(event);
     }
 
+    /// Refuses writes in read-only mode.
+    pub(crate) fn check_writable(&self, operation: &'static str) -> Result<()> {
+        if self.inner.config.read_only {
+            return Err(Error::ReadOnly { operation });
+        }
+        Ok(())
+    }
+
+    fn policy(&self) -> &Policy {
+        &self.inner.config.policy
+    }
+
     fn hashers(&self) -> std::sync::MutexGuard<'_, HashMap<UploadId, Hasher>> {
         // The map holds plain values; a panic elsewhere cannot leave it inconsistent.
         self.inner
@@ -423,6 +465,7 @@ impl Registry {
         repo: &RepoName,
         algorithm: Algorithm,
     ) -> Result<UploadStatus> {
+        self.check_writable("blob upload")?;
         self.reserve_upload_slot(repo).await?;
         let id = UploadId::random();
         if let Err(e) = self.inner.blobs.create_upload(&id, repo, self.now()).await {
@@ -518,6 +561,7 @@ impl Registry {
         declared_len: Option<u64>,
         data: ByteStream,
     ) -> Result<UploadStatus> {
+        self.check_writable("blob upload")?;
         let info = self.session(repo, id).await?;
         if let Some(o) = offset {
             if o != info.len {
@@ -628,6 +672,7 @@ impl Registry {
         digest: &Digest,
         last_chunk: Option<(ByteStream, Option<u64>)>,
     ) -> Result<BlobInfo> {
+        self.check_writable("blob upload")?;
         if let Some((data, declared_len)) = last_chunk {
             self.append_upload(repo, id, None, declared_len, data)
                 .await?;
@@ -648,16 +693,25 @@ impl Registry {
                 actual,
             });
         }
-        self.commit_and_link(
-            id,
-            digest,
-            LinkStep::Blob {
-                repo,
-                size: info.len,
-            },
-            info.len,
-        )
-        .await?;
+        let linked = self
+            .commit_and_link(
+                id,
+                digest,
+                LinkStep::Blob {
+                    repo,
+                    size: info.len,
+                },
+                info.len,
+            )
+            .await;
+        if let Err(e) = linked {
+            if matches!(e, Error::QuotaExceeded { .. }) {
+                // Retrying cannot succeed until something is deleted: free the session
+                // now rather than at expiry, so a refusal leaves nothing behind.
+                self.discard_upload(repo, id).await?;
+            }
+            return Err(e);
+        }
         self.release_upload_slot(repo).await;
         self.emit(Event::BlobStored {
             repo: repo.clone(),
@@ -694,6 +748,7 @@ impl Registry {
 
     /// Cancels an upload session and frees what it received.
     pub async fn cancel_upload(&self, repo: &RepoName, id: &UploadId) -> Result<()> {
+        self.check_writable("upload cancel")?;
         self.session(repo, id).await?;
         self.discard_upload(repo, id).await?;
         Ok(())
@@ -781,13 +836,16 @@ impl Registry {
         let meta = &self.inner.meta;
         match step {
             LinkStep::Blob { repo, size } => Ok(
-                match meta.link_blob(repo, digest, *size, self.now()).await? {
+                match meta
+                    .link_blob(repo, digest, *size, self.now(), self.policy())
+                    .await?
+                {
                     LinkOutcome::Linked { .. } => Some(None),
                     LinkOutcome::BlobDeleting => None,
                 },
             ),
             LinkStep::Manifest { repo, manifest } => Ok(meta
-                .put_manifest(repo, (*manifest).clone(), self.now())
+                .put_manifest(repo, (*manifest).clone(), self.now(), self.policy())
                 .await?
                 .map(Some)),
         }
@@ -871,6 +929,7 @@ impl Registry {
         from: Option<&RepoName>,
         access: &dyn ReadAccess,
     ) -> Result<bool> {
+        self.check_writable("blob mount")?;
         let source = match from {
             Some(from) if access.can_read(from) => Some(from.clone()),
             Some(_) => None,
@@ -882,7 +941,7 @@ impl Registry {
         let outcome = self
             .inner
             .meta
-            .mount_blob(&source, repo, digest, self.now())
+            .mount_blob(&source, repo, digest, self.now(), self.policy())
             .await?;
         match outcome {
             Some(LinkOutcome::Linked { .. }) => {
@@ -936,7 +995,11 @@ impl Registry {
             // Refresh only when a good part of the window has passed: one write per
             // window per blob, not one per request (and none without a window).
             let window = self.inner.config.protection_window;
-            if !window.is_zero() && now.since(link.protected_at) > window / 4 {
+            // A read-only registry writes nothing, not even this.
+            if !window.is_zero()
+                && !self.inner.config.read_only
+                && now.since(link.protected_at) > window / 4
+            {
                 meta.touch_blob_link(repo, digest, now).await?;
             }
             return Ok(link.size);
@@ -981,6 +1044,7 @@ impl Registry {
     /// Removes `repo`'s link to a blob. Refused ([`Error::InUse`]) while manifests of
     /// the repository reference it.
     pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        self.check_writable("blob delete")?;
         if !self.inner.meta.unlink_blob(repo, digest).await? {
             return Err(Error::BlobUnknown {
                 digest: digest.clone(),
@@ -1007,6 +1071,7 @@ impl Registry {
         bytes: Bytes,
         options: PutManifestOptions,
     ) -> Result<PutManifestResult> {
+        self.check_writable("manifest push")?;
         let limit = self.inner.config.max_manifest_size;
         if bytes.len() as u64 > limit {
             return Err(Error::TooLarge {
@@ -1177,6 +1242,7 @@ impl Registry {
     /// pointing at it go). Refused ([`Error::InUse`]) for a manifest an index of the
     /// repository still lists.
     pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+        self.check_writable("manifest delete")?;
         let unknown = || Error::ManifestUnknown {
             reference: reference.to_string(),
         };
@@ -1185,7 +1251,7 @@ impl Registry {
                 let digest = self
                     .inner
                     .meta
-                    .delete_tag(repo, tag)
+                    .delete_tag(repo, tag, self.policy())
                     .await?
                     .ok_or_else(unknown)?;
                 self.emit(Event::TagDeleted {
@@ -1198,7 +1264,7 @@ impl Registry {
                 let deleted = self
                     .inner
                     .meta
-                    .delete_manifest(repo, d)
+                    .delete_manifest(repo, d, self.policy())
                     .await?
                     .ok_or_else(unknown)?;
                 self.emit(Event::ManifestDeleted {
@@ -1213,7 +1279,12 @@ impl Registry {
 
     /// Points `tag` at a manifest already in `repo`.
     pub async fn tag_manifest(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> Result<()> {
-        let from = self.inner.meta.set_tag(repo, tag, digest).await?;
+        self.check_writable("tag")?;
+        let from = self
+            .inner
+            .meta
+            .set_tag(repo, tag, digest, self.now(), self.policy())
+            .await?;
         if from.as_ref() != Some(digest) {
             self.emit(Event::TagMoved {
                 repo: repo.clone(),

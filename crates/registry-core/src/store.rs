@@ -14,6 +14,7 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::manifest::Descriptor;
 use crate::names::{RepoName, Tag};
+use crate::policy::Policy;
 use crate::time::Timestamp;
 
 /// A stream of bytes moving into or out of storage.
@@ -310,6 +311,18 @@ pub struct Referrer {
     pub descriptor: Descriptor,
 }
 
+/// A tag with the time it started pointing at its manifest (for retention by age).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagEntry {
+    /// The tag.
+    pub tag: Tag,
+    /// The manifest it points at.
+    pub digest: Digest,
+    /// When the tag was last moved to `digest` (for tags written before this was
+    /// recorded: when the manifest was pushed to the repository).
+    pub tagged_at: Timestamp,
+}
+
 /// Counts of everything in a metadata store; all zero when it is empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MetaStats {
@@ -387,6 +400,18 @@ pub trait MetadataStore: Send + Sync + 'static {
         after: Option<&Tag>,
         limit: usize,
     ) -> Result<Vec<(Tag, Digest)>>;
+    /// Tags of a repository with their tagging times, in lexical order, strictly after
+    /// `after`, at most `limit`.
+    async fn list_tag_entries(
+        &self,
+        repo: &RepoName,
+        after: Option<&Tag>,
+        limit: usize,
+    ) -> Result<Vec<TagEntry>>;
+    /// Bytes counted against the quota of `prefix`: the distinct blobs and manifests
+    /// linked under it. `None` when no quota on `prefix` has been enforced yet (the count
+    /// starts, from a scan, with the first link under a quota).
+    async fn quota_usage(&self, prefix: &RepoName) -> Result<Option<u64>>;
     /// Manifests of a repository in digest order, strictly after `after`, at most `limit`.
     async fn list_manifests(
         &self,
@@ -431,21 +456,26 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn audit(&self, repair: bool) -> Result<AuditReport>;
 
     /// Links blob `digest` (whose bytes are committed) into `repo`, creating its blob
-    /// record if needed and setting the link's `protected_at` to `now`.
+    /// record if needed and setting the link's `protected_at` to `now`. A new link is
+    /// counted against every quota covering `repo`, in the same atomic change; past one
+    /// of `policy`'s quotas the change fails with [`Error::QuotaExceeded`].
     async fn link_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
         size: u64,
         now: Timestamp,
+        policy: &Policy,
     ) -> Result<LinkOutcome>;
     /// Links a blob into `to` if `from` links it (a mount). `Ok(None)` if `from` does not.
+    /// Quotas as for [`link_blob`](Self::link_blob).
     async fn mount_blob(
         &self,
         from: &RepoName,
         to: &RepoName,
         digest: &Digest,
         now: Timestamp,
+        policy: &Policy,
     ) -> Result<Option<LinkOutcome>>;
     /// Sets an existing link's `protected_at` to `now`; `false` if there is no link.
     async fn touch_blob_link(
@@ -464,23 +494,51 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// any child manifest is not in `repo`, at the moment of the change. Returns `None`
     /// when the manifest's own bytes are being collected (blob record `Deleting`): the
     /// caller finishes that deletion, commits the bytes again and retries.
+    /// [`Error::ImmutableTag`] if a tag is immutable under `policy` and points at another
+    /// manifest; [`Error::QuotaExceeded`] if the new manifest link passes a quota.
     async fn put_manifest(
         &self,
         repo: &RepoName,
         manifest: NewManifest,
         now: Timestamp,
+        policy: &Policy,
     ) -> Result<Option<PutManifestOutcome>>;
-    /// Points `tag` at manifest `digest`, which must be in `repo`. Returns the previous
-    /// target; [`Error::ManifestUnknown`] if the manifest is not there.
-    async fn set_tag(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> Result<Option<Digest>>;
-    /// Removes a tag; returns what it pointed at.
-    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>>;
+    /// Points `tag` at manifest `digest`, which must be in `repo`, recording `now` as its
+    /// tagging time if it moves. Returns the previous
+    /// target; [`Error::ManifestUnknown`] if the manifest is not there,
+    /// [`Error::ImmutableTag`] if the tag is immutable and points elsewhere.
+    async fn set_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+        now: Timestamp,
+        policy: &Policy,
+    ) -> Result<Option<Digest>>;
+    /// Removes a tag; returns what it pointed at. [`Error::ImmutableTag`] if it is
+    /// immutable under `policy`.
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag, policy: &Policy)
+    -> Result<Option<Digest>>;
+    /// Removes a tag only if it still points at `digest` and was tagged at `tagged_at`
+    /// (as [`list_tag_entries`](Self::list_tag_entries) reported it), so a decision made
+    /// on a listing never removes a tag moved since. Whether it was removed;
+    /// [`Error::ImmutableTag`] if it is immutable under `policy`.
+    async fn delete_tag_if(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+        tagged_at: Timestamp,
+        policy: &Policy,
+    ) -> Result<bool>;
     /// Unlinks a manifest from `repo` with every tag pointing at it, releasing the counts
     /// it held on blobs and children and removing it from the referrers index.
+    /// [`Error::ImmutableTag`] if one of those tags is immutable under `policy`.
     async fn delete_manifest(
         &self,
         repo: &RepoName,
         digest: &Digest,
+        policy: &Policy,
     ) -> Result<Option<DeletedManifest>>;
 
     /// Deletes a manifest (as [`delete_manifest`](Self::delete_manifest)) if, at the

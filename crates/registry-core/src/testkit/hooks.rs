@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use crate::digest::Digest;
 use crate::error::Result;
 use crate::names::{RepoName, Tag};
+use crate::policy::Policy;
 use crate::store::*;
 use crate::time::Timestamp;
 
@@ -185,6 +186,17 @@ impl MetadataStore for HookedMeta {
     ) -> Result<Vec<(Tag, Digest)>> {
         self.inner.list_tags(repo, after, limit).await
     }
+    async fn list_tag_entries(
+        &self,
+        repo: &RepoName,
+        after: Option<&Tag>,
+        limit: usize,
+    ) -> Result<Vec<TagEntry>> {
+        self.inner.list_tag_entries(repo, after, limit).await
+    }
+    async fn quota_usage(&self, prefix: &RepoName) -> Result<Option<u64>> {
+        self.inner.quota_usage(prefix).await
+    }
     async fn list_manifests(
         &self,
         repo: &RepoName,
@@ -235,9 +247,10 @@ impl MetadataStore for HookedMeta {
         digest: &Digest,
         size: u64,
         now: Timestamp,
+        policy: &Policy,
     ) -> Result<LinkOutcome> {
         self.hooks.point("meta.link_blob").await;
-        self.inner.link_blob(repo, digest, size, now).await
+        self.inner.link_blob(repo, digest, size, now, policy).await
     }
     async fn mount_blob(
         &self,
@@ -245,9 +258,10 @@ impl MetadataStore for HookedMeta {
         to: &RepoName,
         digest: &Digest,
         now: Timestamp,
+        policy: &Policy,
     ) -> Result<Option<LinkOutcome>> {
         self.hooks.point("meta.mount_blob").await;
-        self.inner.mount_blob(from, to, digest, now).await
+        self.inner.mount_blob(from, to, digest, now, policy).await
     }
     async fn touch_blob_link(
         &self,
@@ -266,23 +280,50 @@ impl MetadataStore for HookedMeta {
         repo: &RepoName,
         manifest: NewManifest,
         now: Timestamp,
+        policy: &Policy,
     ) -> Result<Option<PutManifestOutcome>> {
         self.hooks.point("meta.put_manifest").await;
-        self.inner.put_manifest(repo, manifest, now).await
+        self.inner.put_manifest(repo, manifest, now, policy).await
     }
-    async fn set_tag(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> Result<Option<Digest>> {
+    async fn set_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+        now: Timestamp,
+        policy: &Policy,
+    ) -> Result<Option<Digest>> {
         self.hooks.point("meta.set_tag").await;
-        self.inner.set_tag(repo, tag, digest).await
+        self.inner.set_tag(repo, tag, digest, now, policy).await
     }
-    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
-        self.inner.delete_tag(repo, tag).await
+    async fn delete_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        policy: &Policy,
+    ) -> Result<Option<Digest>> {
+        self.inner.delete_tag(repo, tag, policy).await
+    }
+    async fn delete_tag_if(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+        tagged_at: Timestamp,
+        policy: &Policy,
+    ) -> Result<bool> {
+        self.hooks.point("meta.delete_tag_if").await;
+        self.inner
+            .delete_tag_if(repo, tag, digest, tagged_at, policy)
+            .await
     }
     async fn delete_manifest(
         &self,
         repo: &RepoName,
         digest: &Digest,
+        policy: &Policy,
     ) -> Result<Option<DeletedManifest>> {
-        self.inner.delete_manifest(repo, digest).await
+        self.inner.delete_manifest(repo, digest, policy).await
     }
     async fn collect_manifest(
         &self,

@@ -1,0 +1,233 @@
+//! Policy hooks as typed configuration: immutable tags, storage quotas per repository
+//! prefix, and retention rules for the collector.
+//!
+//! Policies that must hold under concurrency (immutability, quotas) are enforced by the
+//! metadata store inside the same atomic change that moves a tag or creates a link, so
+//! two concurrent requests cannot together break them (`docs/design.md`, section 8).
+
+use std::time::Duration;
+
+use crate::error::{Error, InvalidInput, Result};
+use crate::names::{RepoName, Tag};
+
+/// Whether `repo` is `prefix` or lies below it (`team` covers `team` and `team/app`,
+/// not `teamx`): prefixes are whole path components.
+pub fn repo_under(repo: &str, prefix: &str) -> bool {
+    repo == prefix
+        || (repo.len() > prefix.len()
+            && repo.starts_with(prefix)
+            && repo.as_bytes()[prefix.len()] == b'/')
+}
+
+/// A glob over tag names, optionally limited to the repositories under a prefix.
+///
+/// Syntax: `[REPO_PREFIX:]GLOB`, where `GLOB` holds tag characters
+/// (`[A-Za-z0-9._-]`) and `*` (any run of characters, possibly empty), for example
+/// `v*`, `release-*`, `*`, or `prod/app:v*`. Repository names cannot contain `:`, so the
+/// split is unambiguous.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagPattern {
+    prefix: Option<RepoName>,
+    glob: String,
+}
+
+impl TagPattern {
+    /// Parses `[REPO_PREFIX:]GLOB`; anything else is [`InvalidInput::Policy`].
+    pub fn parse(s: &str) -> Result<Self> {
+        let invalid = |why: &str| Error::Invalid(InvalidInput::Policy(format!("tag pattern {s:?}: {why}")));
+        let (prefix, glob) = match s.split_once(':') {
+            Some((p, g)) => (
+                Some(RepoName::parse(p).map_err(|_| invalid("invalid repository prefix"))?),
+                g,
+            ),
+            None => (None, s),
+        };
+        if glob.is_empty() || glob.len() > 128 {
+            return Err(invalid("the glob must hold 1 to 128 characters"));
+        }
+        if !glob
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'*'))
+        {
+            return Err(invalid("only tag characters and `*` are allowed"));
+        }
+        Ok(TagPattern {
+            prefix,
+            glob: glob.to_owned(),
+        })
+    }
+
+    /// The same glob, limited to repositories under `prefix`.
+    pub fn under(mut self, prefix: RepoName) -> Self {
+        self.prefix = Some(prefix);
+        self
+    }
+
+    /// The repository prefix, if the pattern is limited to one.
+    pub fn prefix(&self) -> Option<&RepoName> {
+        self.prefix.as_ref()
+    }
+
+    /// Whether tag `tag` of repository `repo` matches.
+    pub fn matches(&self, repo: &RepoName, tag: &Tag) -> bool {
+        self.prefix
+            .as_ref()
+            .is_none_or(|p| repo_under(repo.as_str(), p.as_str()))
+            && glob_match(self.glob.as_bytes(), tag.as_str().as_bytes())
+    }
+}
+
+impl std::fmt::Display for TagPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.prefix {
+            Some(p) => write!(f, "{p}:{}", self.glob),
+            None => f.write_str(&self.glob),
+        }
+    }
+}
+
+impl std::str::FromStr for TagPattern {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        TagPattern::parse(s)
+    }
+}
+
+/// `*`-only glob matching. Greedy with one backtrack point (the last `*`), which is
+/// enough for `*` (no other metacharacter) and linear-ish in practice: tags are at most
+/// 128 bytes.
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((sp, st)) = star {
+            // Let the last `*` swallow one more character and retry from there.
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&b| b == b'*')
+}
+
+/// A storage quota: the distinct blobs (layers, configs, manifests) linked in the
+/// repositories under `prefix` may hold at most `bytes` bytes together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quota {
+    /// The repositories counted (`prefix` itself and everything below it).
+    pub prefix: RepoName,
+    /// The limit in bytes; reaching it exactly is allowed.
+    pub bytes: u64,
+}
+
+/// The write policies the metadata store enforces inside its atomic changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Tags that, once they exist, never move to another manifest and are never deleted.
+    pub immutable_tags: Vec<TagPattern>,
+    /// Storage quotas per repository prefix.
+    pub quotas: Vec<Quota>,
+}
+
+impl Policy {
+    /// Whether tag `tag` of `repo` is immutable.
+    pub fn is_immutable(&self, repo: &RepoName, tag: &Tag) -> bool {
+        self.immutable_tags.iter().any(|p| p.matches(repo, tag))
+    }
+
+    /// The quotas that apply to `repo`.
+    pub fn quotas_for<'a>(&'a self, repo: &'a RepoName) -> impl Iterator<Item = &'a Quota> + 'a {
+        self.quotas
+            .iter()
+            .filter(move |q| repo_under(repo.as_str(), q.prefix.as_str()))
+    }
+}
+
+/// What a retention rule keeps among the tags it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// The `n` most recently tagged, per repository.
+    Last(usize),
+    /// Those tagged less than this long ago.
+    YoungerThan(Duration),
+}
+
+/// A retention rule applied by the collector: among the tags matching `tags` (per
+/// repository, limited to the pattern's prefix if it has one), remove those `keep` does
+/// not keep. A tag is removed only if at least one rule matches it and no matching rule
+/// keeps it; immutable tags are never removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionRule {
+    /// The tags the rule governs.
+    pub tags: TagPattern,
+    /// Which of them it keeps.
+    pub keep: Keep,
+}
+
+impl RetentionRule {
+    /// Keeps the `n` most recently tagged matches of `tags` in each repository.
+    pub fn keep_last(n: usize, tags: TagPattern) -> Self {
+        RetentionRule {
+            tags,
+            keep: Keep::Last(n),
+        }
+    }
+
+    /// Keeps the matches of `tags` tagged less than `age` ago.
+    pub fn keep_younger_than(age: Duration, tags: TagPattern) -> Self {
+        RetentionRule {
+            tags,
+            keep: Keep::YoungerThan(age),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(p: &str, repo: &str, tag: &str) -> bool {
+        TagPattern::parse(p)
+            .unwrap()
+            .matches(&RepoName::parse(repo).unwrap(), &Tag::parse(tag).unwrap())
+    }
+
+    #[test]
+    fn globs() {
+        assert!(m("v*", "a", "v1.2"));
+        assert!(m("v*", "a", "v"));
+        assert!(!m("v*", "a", "latest"));
+        assert!(m("*", "a", "anything"));
+        assert!(m("release-*-final", "a", "release-1-2-final"));
+        assert!(!m("release-*-final", "a", "release-1-final-x"));
+        assert!(m("*-rc*", "a", "1.0-rc2"));
+        assert!(m("latest", "a", "latest"));
+        assert!(!m("latest", "a", "latest2"));
+        assert!(m("prod/app:v*", "prod/app", "v1"));
+        assert!(m("prod:v*", "prod/app/x", "v1"));
+        assert!(!m("prod:v*", "production", "v1"));
+        assert!(!m("prod/app:v*", "dev/app", "v1"));
+    }
+
+    #[test]
+    fn bad_patterns_are_refused() {
+        for bad in ["", "v?", "a b", "UPPER/x:v*", "x:", &"a".repeat(129)] {
+            assert!(
+                matches!(
+                    TagPattern::parse(bad),
+                    Err(Error::Invalid(InvalidInput::Policy(_)))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(TagPattern::parse("p/q:v*").unwrap().to_string(), "p/q:v*");
+    }
+}
