@@ -90,6 +90,13 @@ impl From<Error> for ApiError {
             }
             Error::Unsupported { .. } => Self::new(S::METHOD_NOT_ALLOWED, "UNSUPPORTED", message),
             Error::Denied { .. } => Self::new(S::FORBIDDEN, "DENIED", message),
+            // Policy refusals. DENIED is the spec's code for "not allowed", and 403 tells
+            // clients that retrying the same request will not help (unlike 429), while
+            // the message names the tag or the quota so that a user can act on it.
+            Error::ImmutableTag { .. } => Self::new(S::FORBIDDEN, "DENIED", message),
+            Error::QuotaExceeded { .. } => Self::new(S::FORBIDDEN, "DENIED", message),
+            // As `HttpConfig::with_read_only` answers: the operation is switched off.
+            Error::ReadOnly { .. } => Self::new(S::METHOD_NOT_ALLOWED, "UNSUPPORTED", message),
             Error::TooManyRequests { .. } => {
                 Self::new(S::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", message)
                     .with_header(header::RETRY_AFTER, "1".to_owned())
