@@ -172,7 +172,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// A registry builder with the policy flags applied.
-fn with_policies(mut builder: registry_core::RegistryBuilder, args: &Args) -> registry_core::RegistryBuilder {
+fn with_policies(
+    mut builder: registry_core::RegistryBuilder,
+    args: &Args,
+) -> registry_core::RegistryBuilder {
     for pattern in &args.immutable_tags {
         builder = builder.with_immutable_tags(pattern.clone());
     }
@@ -263,11 +266,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             for r in &report.retention {
                 println!(
                     "retention: {}{}:{} ({}){}",
-                    if report.dry_run { "would remove " } else { "removed " },
+                    if report.dry_run {
+                        "would remove "
+                    } else {
+                        "removed "
+                    },
                     r.repo,
                     r.tag,
                     r.digest,
-                    if r.manifest_removed { " with its manifest" } else { "" }
+                    if r.manifest_removed {
+                        " with its manifest"
+                    } else {
+                        ""
+                    }
                 );
             }
             println!("gc: {report}");

@@ -133,7 +133,9 @@ pub enum Error {
     },
     /// The tag is immutable (it matches an immutable-tag pattern) and already points at
     /// another manifest: it cannot be moved or deleted.
-    #[error("tag {tag} of {repo} is immutable: it points at {current} and cannot be moved or deleted")]
+    #[error(
+        "tag {tag} of {repo} is immutable: it points at {current} and cannot be moved or deleted"
+    )]
     ImmutableTag {
         /// The repository.
         repo: RepoName,
@@ -144,7 +146,9 @@ pub enum Error {
     },
     /// Linking the blob or manifest would take the repositories under `prefix` past
     /// their storage quota. Nothing was linked.
-    #[error("storage quota of {prefix} exceeded: {used} of {limit} bytes used, {size} more needed for {digest}")]
+    #[error(
+        "storage quota of {prefix} exceeded: {used} of {limit} bytes used, {size} more needed for {digest}"
+    )]
     QuotaExceeded {
         /// The quota's repository prefix.
         prefix: RepoName,

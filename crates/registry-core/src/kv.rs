@@ -337,7 +337,10 @@ struct QuotaRef {
 
 /// What the quota of `prefix` counts, recomputed from the links (blob links and manifest
 /// links of the repositories under it). Scans the links of those repositories only.
-fn quota_compute(t: &dyn KvRead, prefix: &str) -> Result<std::collections::BTreeMap<String, QuotaRef>> {
+fn quota_compute(
+    t: &dyn KvRead,
+    prefix: &str,
+) -> Result<std::collections::BTreeMap<String, QuotaRef>> {
     let mut out: std::collections::BTreeMap<String, QuotaRef> = Default::default();
     for table in [Table::BlobLinks, Table::Manifests] {
         // Keys are `repo NUL digest`: every repository under `prefix` starts with its
@@ -456,7 +459,10 @@ fn quota_release(t: &mut dyn KvWrite, repo: &RepoName, d: &Digest) -> Result<()>
             put(t, Table::QuotaRefs, &rk, &r)?;
         }
         let uk = key(&[&p]);
-        if used == 0 && t.scan(Table::QuotaRefs, &prefix(&[&p]), None, 1)?.is_empty() {
+        if used == 0
+            && t.scan(Table::QuotaRefs, &prefix(&[&p]), None, 1)?
+                .is_empty()
+        {
             // Nothing left under the prefix: stop tracking (an empty store stays empty;
             // the next link under a quota starts counting again from a scan).
             t.delete(Table::QuotaUsage, &uk)?;
@@ -687,7 +693,9 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
 
     async fn quota_usage(&self, prefix: &RepoName) -> Result<Option<u64>> {
         let k = key(&[prefix.as_str()]);
-        self.engine.read(move |t| get(t, Table::QuotaUsage, &k)).await
+        self.engine
+            .read(move |t| get(t, Table::QuotaUsage, &k))
+            .await
     }
 
     async fn list_manifests(

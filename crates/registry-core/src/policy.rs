@@ -34,7 +34,8 @@ pub struct TagPattern {
 impl TagPattern {
     /// Parses `[REPO_PREFIX:]GLOB`; anything else is [`InvalidInput::Policy`].
     pub fn parse(s: &str) -> Result<Self> {
-        let invalid = |why: &str| Error::Invalid(InvalidInput::Policy(format!("tag pattern {s:?}: {why}")));
+        let invalid =
+            |why: &str| Error::Invalid(InvalidInput::Policy(format!("tag pattern {s:?}: {why}")));
         let (prefix, glob) = match s.split_once(':') {
             Some((p, g)) => (
                 Some(RepoName::parse(p).map_err(|_| invalid("invalid repository prefix"))?),

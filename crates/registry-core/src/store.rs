@@ -517,8 +517,12 @@ pub trait MetadataStore: Send + Sync + 'static {
     ) -> Result<Option<Digest>>;
     /// Removes a tag; returns what it pointed at. [`Error::ImmutableTag`] if it is
     /// immutable under `policy`.
-    async fn delete_tag(&self, repo: &RepoName, tag: &Tag, policy: &Policy)
-    -> Result<Option<Digest>>;
+    async fn delete_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        policy: &Policy,
+    ) -> Result<Option<Digest>>;
     /// Removes a tag only if it still points at `digest` and was tagged at `tagged_at`
     /// (as [`list_tag_entries`](Self::list_tag_entries) reported it), so a decision made
     /// on a listing never removes a tag moved since. Whether it was removed;

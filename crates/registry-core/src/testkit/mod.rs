@@ -34,6 +34,7 @@ use crate::time::{ManualClock, Timestamp};
 
 pub mod hooks;
 pub mod model;
+pub mod policy_suite;
 pub mod stress;
 pub mod suite;
 
@@ -319,6 +320,12 @@ macro_rules! behaviour_suite {
             race_two_collectors,
             race_collector_crash_mid_sweep,
             cleanup_leaves_store_empty,
+            policy_immutable_tags,
+            policy_read_only,
+            policy_quota_boundary,
+            policy_quota_concurrent,
+            retention_keep_last_and_younger,
+            retention_spares_immutable_tags,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {

@@ -16,6 +16,8 @@ use crate::testkit::hooks;
 use crate::time::ManualClock;
 use std::sync::Arc;
 
+pub use super::policy_suite::*;
+
 fn put_options() -> PutManifestOptions {
     PutManifestOptions::default()
 }
