@@ -444,6 +444,10 @@ pub async fn retention_keep_last_and_younger(f: Fixture) {
     let (b, clock) = f.builder();
     let r = b.with_protection_window(Duration::from_secs(60)).build();
     let repo = repo("suite/retention");
+    // `v0` is matched by two rules: `keep_last` alone would remove it, but the other
+    // rule keeps it, and one keeping rule is enough.
+    push_image(&r, &repo, "v0", b"{\"v\":0}", &[b"base"]).await;
+    clock.advance(Duration::from_secs(600));
     let mut images = Vec::new();
     for i in 1..=4 {
         let config = format!("{{\"v\":{i}}}");
@@ -463,6 +467,9 @@ pub async fn retention_keep_last_and_younger(f: Fixture) {
         retention: vec![
             RetentionRule::keep_last(2, pattern("v*")),
             RetentionRule::keep_younger_than(Duration::from_secs(3600), pattern("nightly-*")),
+            RetentionRule::keep_younger_than(Duration::from_secs(86_400), pattern("v0")),
+            // Scoped to other repositories: no effect here.
+            RetentionRule::keep_last(0, pattern("suite/elsewhere:*")),
         ],
         ..GcOptions::default()
     };
@@ -503,7 +510,7 @@ pub async fn retention_keep_last_and_younger(f: Fixture) {
             Err(Error::ManifestUnknown { .. })
         ));
     }
-    for t in ["v3", "v4", "stable", "nightly-2"] {
+    for t in ["v0", "v3", "v4", "stable", "nightly-2"] {
         assert!(
             r.stat_manifest(&repo, &tag_ref(t)).await.is_ok(),
             "{t} kept"
