@@ -143,7 +143,14 @@ fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<(), TestCaseError> 
 /// Runs one sequence against a fresh store and the model.
 pub async fn run_sequence(f: Fixture, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let (b, clock) = f.builder();
-    let r = b.with_protection_window(Duration::ZERO).build();
+    // Quotas that never refuse: the audit after every step then also checks that the
+    // quota counters (nested prefixes, one repository outside `m/c`) follow every
+    // link change.
+    let r = b
+        .with_protection_window(Duration::ZERO)
+        .with_quota(super::repo("m"), u64::MAX)
+        .with_quota(super::repo("m/c"), u64::MAX)
+        .build();
     let mut model = Model::default();
     for (step, op) in ops.into_iter().enumerate() {
         clock.advance(Duration::from_millis(1));
