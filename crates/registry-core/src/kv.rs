@@ -1587,6 +1587,49 @@ mod tests {
     use crate::testkit::{push_image, repo};
     use crate::{MemoryBlobStore, Reference, Registry, Storage};
 
+    /// Tag index entries written before tagging times were recorded (empty values, as
+    /// in older stores and after an audit rebuilt the index) fall back to the manifest's
+    /// push time; new entries carry the time the tag moved.
+    #[tokio::test]
+    async fn tag_times_fall_back_to_push_time() {
+        let meta = Arc::new(KvMetadata::new(MemoryKv::default()));
+        let storage = Storage {
+            blobs: Arc::new(MemoryBlobStore::default()),
+            metadata: meta.clone(),
+        };
+        let clock = crate::ManualClock::new(Timestamp(1_000));
+        let r = Registry::builder(storage)
+            .with_clock(Arc::new(clock.clone()))
+            .build();
+        let repo = repo("times/x");
+        let (m, _) = push_image(&r, &repo, "old", b"{}", &[b"layer"]).await;
+        clock.advance(std::time::Duration::from_secs(5));
+        r.tag_manifest(&repo, &Tag::parse("new").unwrap(), &m)
+            .await
+            .unwrap();
+        let m2 = m.clone();
+        meta.engine()
+            .write(move |t| {
+                t.put(
+                    Table::ManifestTags,
+                    &key(&["times/x", m2.as_str(), "old"]),
+                    b"",
+                )
+            })
+            .await
+            .unwrap();
+        clock.advance(std::time::Duration::from_secs(5));
+        let entries = meta.list_tag_entries(&repo, None, 10).await.unwrap();
+        let times: Vec<(&str, Timestamp)> = entries
+            .iter()
+            .map(|e| (e.tag.as_str(), e.tagged_at))
+            .collect();
+        assert_eq!(
+            times,
+            [("new", Timestamp(6_000)), ("old", Timestamp(1_000))]
+        );
+    }
+
     /// Drift written behind the registry's back is found, repaired, and gone after.
     #[tokio::test]
     async fn audit_finds_and_repairs_drift() {

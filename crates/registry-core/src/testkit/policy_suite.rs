@@ -397,6 +397,21 @@ pub async fn policy_quota_boundary(f: Fixture) {
         Err(Error::BlobUnknown { .. })
     ));
     assert_eq!(meta.quota_usage(&team).await.unwrap(), Some(limit));
+
+    // A lowered quota (the usage is already past it): bytes already counted under the
+    // prefix still cost nothing, new bytes are refused.
+    let (b, _) = f.builder();
+    let low = b
+        .with_quota(team.clone(), 1)
+        .with_clock(Arc::new(clock.clone()))
+        .build();
+    push_blob(&low, &repo("suite/quota/third"), &layer).await;
+    assert!(matches!(
+        low.put_blob(&web, &Digest::sha256(b"z"), None, body(&[b"z"]))
+            .await,
+        Err(Error::QuotaExceeded { limit: 1, .. })
+    ));
+    assert_eq!(meta.quota_usage(&team).await.unwrap(), Some(limit));
     clock.advance(Duration::from_secs(1));
     assert_cleans_up(&r).await;
     assert_eq!(
@@ -535,6 +550,47 @@ pub async fn retention_keep_last_and_younger(f: Fixture) {
             .digest,
         n_new
     );
+    // Removals are conditional: a tag moved (or re-tagged) since the listing stays.
+    let meta = r.storage().metadata;
+    let listed_v3 = meta
+        .list_tag_entries(&repo, None, usize::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.tag.as_str() == "v3")
+        .unwrap();
+    clock.advance(Duration::from_secs(1));
+    r.tag_manifest(&repo, &tag("v3"), &images[3]).await.unwrap();
+    let none = crate::Policy::default();
+    assert!(
+        !meta
+            .delete_tag_if(
+                &repo,
+                &tag("v3"),
+                &listed_v3.digest,
+                listed_v3.tagged_at,
+                &none
+            )
+            .await
+            .unwrap(),
+        "a moved tag is not removed"
+    );
+    r.tag_manifest(&repo, &tag("v3"), &images[2]).await.unwrap();
+    assert!(
+        !meta
+            .delete_tag_if(
+                &repo,
+                &tag("v3"),
+                &listed_v3.digest,
+                listed_v3.tagged_at,
+                &none
+            )
+            .await
+            .unwrap(),
+        "moved back, it was tagged anew: not the tag that was listed"
+    );
+    assert!(r.stat_manifest(&repo, &tag_ref("v3")).await.is_ok());
+
     // Nothing more to do: a second run removes nothing.
     assert!(
         r.collect_garbage(&options)
