@@ -153,6 +153,7 @@ async fn quota_refusals_are_403_denied() {
     let app = router(
         builder()
             .with_quota(RepoName::parse("team").unwrap(), 10)
+            .with_quota(RepoName::parse("tiny").unwrap(), 7)
             .build(),
         HttpConfig::default(),
     );
@@ -196,6 +197,21 @@ async fn quota_refusals_are_403_denied() {
         (r.status, r.error().0.as_str()),
         (StatusCode::FORBIDDEN, "DENIED")
     );
+
+    // A manifest counts too: config and layer fit exactly, the manifest does not.
+    for blob in [&b"{}"[..], b"layer"] {
+        assert_eq!(
+            post_blob(&app, "tiny", blob).await.status,
+            StatusCode::CREATED
+        );
+    }
+    let r = put_manifest(&app, "tiny", "v1", &manifest(b"{}", b"layer")).await;
+    assert_eq!(
+        (r.status, r.error().0.as_str()),
+        (StatusCode::FORBIDDEN, "DENIED")
+    );
+    let r = send(&app, Method::GET, "/v2/tiny/manifests/v1", None, Vec::new()).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
 
     // Outside the prefix: no quota.
     assert_eq!(
