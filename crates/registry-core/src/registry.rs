@@ -526,7 +526,10 @@ impl Registry {
             return Err(unknown());
         }
         if self.now().since(info.updated_at) > self.inner.config.upload_expiry {
-            self.discard_upload(repo, id).await?;
+            // A read-only registry reports the session gone but leaves it to a writer.
+            if !self.inner.config.read_only {
+                self.discard_upload(repo, id).await?;
+            }
             return Err(unknown());
         }
         Ok(info)

@@ -266,6 +266,12 @@ pub async fn policy_read_only(f: Fixture) {
         })
         .await,
     );
+    // The session has been idle past the expiry: reported gone, but not deleted.
+    clock.advance(Duration::from_secs(1));
+    assert!(matches!(
+        r.upload_status(&repo, &open.id).await,
+        Err(Error::UploadUnknown { .. })
+    ));
     // Reads work and a dry run reports.
     assert!(r.get_manifest(&repo, &tag_ref("v1")).await.is_ok());
     assert_eq!(read_blob(&r, &repo, &loose).await.unwrap(), b"loose");
@@ -284,7 +290,13 @@ pub async fn policy_read_only(f: Fixture) {
         before,
         "a read-only registry changed the store"
     );
-    w.cancel_upload(&repo, &open.id).await.unwrap();
+    assert!(
+        matches!(
+            w.cancel_upload(&repo, &open.id).await,
+            Err(Error::UploadUnknown { .. })
+        ),
+        "the writer discards the expired session"
+    );
     assert_cleans_up(&w).await;
 }
 
