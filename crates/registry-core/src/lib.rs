@@ -49,6 +49,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod access;
 pub mod digest;
 pub mod error;
 pub mod events;
