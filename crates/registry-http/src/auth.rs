@@ -528,6 +528,16 @@ impl Auth {
     /// repository); a token must carry `registry:catalog:*`.
     pub(crate) fn check_catalog(&self, caller: &Caller, realm_base: &str) -> Result<(), ApiError> {
         match &caller.scopes {
+            // Anonymous and tokenless: send the client for a token first when there is a
+            // token server (it may come back with one carrying the catalog scope).
+            None if caller.identity == Identity::Anonymous && self.bearer() => Err(self.challenge(
+                realm_base,
+                Some(&Scope {
+                    resource: Resource::Catalog,
+                    actions: Vec::new(),
+                }),
+                None,
+            )),
             Some(scopes) if !scopes.iter().any(|s| s.covers(&Resource::Catalog, None)) => Err(self
                 .challenge(
                     realm_base,
@@ -550,6 +560,11 @@ impl Auth {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Whether clients are sent to a token server (otherwise to Basic credentials).
+    fn bearer(&self) -> bool {
+        self.external.is_some() || self.issuer.is_some()
     }
 
     /// A 401 with the `WWW-Authenticate` challenge that tells the client how to

@@ -247,6 +247,14 @@ impl AppState {
             .is_none_or(|auth| auth.may(caller, repo, action))
     }
 
+    /// Whether `caller` may see `repo` in the catalog; always with auth off.
+    fn may_list(&self, caller: &Caller, repo: &RepoName) -> bool {
+        self.config.auth.as_ref().is_none_or(|auth| {
+            auth.authorizer()
+                .allows(&caller.identity, repo, Action::List)
+        })
+    }
+
     fn check_write(&self) -> Result<(), ApiError> {
         if self.config.read_only {
             return Err(ApiError::unsupported("this registry is read-only"));
@@ -309,7 +317,8 @@ pub(crate) async fn catalog(State(state): State<AppState>, req: Request) -> ApiR
     let q = query_pairs(&req);
     let options = list_options(&q)?;
     // Only what the caller may see; paging runs over the filtered listing.
-    let visible = |r: &RepoName| state.may(&caller, r, Action::List);
+    // The token's `registry:catalog:*` scope admits the caller; the policy filters.
+    let visible = |r: &RepoName| state.may_list(&caller, r);
     let page = state.registry.list_repositories(&options, &visible).await?;
     let names: Vec<String> = page.items.iter().map(|r| r.to_string()).collect();
     let mut r = axum::Json(serde_json::json!({ "repositories": names })).into_response();
@@ -846,6 +855,10 @@ pub(crate) async fn token_form(State(state): State<AppState>, req: Request) -> A
                     StatusCode::UNAUTHORIZED,
                     "UNAUTHORIZED",
                     "invalid credentials",
+                )
+                .with_header(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    "Basic realm=\"registry\"".to_owned(),
                 )
             })?
         }
