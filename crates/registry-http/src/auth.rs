@@ -137,13 +137,20 @@ pub enum TokenError {
     WrongService,
 }
 
-impl fmt::Display for TokenError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl TokenError {
+    /// The reason, as told to the client.
+    pub fn as_str(&self) -> &'static str {
+        match self {
             TokenError::Invalid => "invalid token",
             TokenError::Expired => "token expired",
             TokenError::WrongService => "token issued for another service",
-        })
+        }
+    }
+}
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -466,7 +473,11 @@ impl Auth {
             {
                 return Ok(caller);
             }
-            return Err(self.challenge(realm_base, None, Some("invalid credentials")));
+            return Err(self.challenge(
+                realm_base,
+                None,
+                Refusal::InvalidCredentials("invalid credentials"),
+            ));
         }
         if scheme.eq_ignore_ascii_case("bearer") {
             return match self.verify_token(rest.trim()) {
@@ -474,10 +485,16 @@ impl Auth {
                     identity: claims.identity,
                     scopes: Some(claims.scopes),
                 }),
-                Err(e) => Err(self.challenge(realm_base, None, Some(&e.to_string()))),
+                Err(e) => {
+                    Err(self.challenge(realm_base, None, Refusal::InvalidCredentials(e.as_str())))
+                }
             };
         }
-        Err(self.challenge(realm_base, None, Some("unsupported authorization scheme")))
+        Err(self.challenge(
+            realm_base,
+            None,
+            Refusal::InvalidCredentials("unsupported authorization scheme"),
+        ))
     }
 
     /// Whether `caller` may perform `action` on `repo` (the policy, and the token's
@@ -495,7 +512,7 @@ impl Auth {
                 Identity::Anonymous => self.challenge(
                     realm_base,
                     Some(&Scope::repository(repo.as_str(), &scope_actions(action))),
-                    None,
+                    Refusal::Unauthenticated,
                 ),
                 Identity::User(_) => denied(),
             });
@@ -507,7 +524,7 @@ impl Auth {
                 return Err(self.challenge(
                     realm_base,
                     Some(&Scope::repository(repo.as_str(), &scope_actions(action))),
-                    Some("insufficient_scope"),
+                    Refusal::InsufficientScope,
                 ));
             }
         }
@@ -536,7 +553,7 @@ impl Auth {
                     resource: Resource::Catalog,
                     actions: Vec::new(),
                 }),
-                None,
+                Refusal::Unauthenticated,
             )),
             Some(scopes) if !scopes.iter().any(|s| s.covers(&Resource::Catalog, None)) => Err(self
                 .challenge(
@@ -545,7 +562,7 @@ impl Auth {
                         resource: Resource::Catalog,
                         actions: Vec::new(),
                     }),
-                    Some("insufficient_scope"),
+                    Refusal::InsufficientScope,
                 )),
             _ => Ok(()),
         }
@@ -556,7 +573,7 @@ impl Auth {
     pub(crate) fn check_base(&self, caller: &Caller, realm_base: &str) -> Result<(), ApiError> {
         match caller.identity {
             Identity::Anonymous if caller.scopes.is_none() => {
-                Err(self.challenge(realm_base, None, None))
+                Err(self.challenge(realm_base, None, Refusal::Unauthenticated))
             }
             _ => Ok(()),
         }
@@ -569,7 +586,7 @@ impl Auth {
 
     /// A 401 with the `WWW-Authenticate` challenge that tells the client how to
     /// authenticate for `scope`.
-    fn challenge(&self, realm_base: &str, scope: Option<&Scope>, error: Option<&str>) -> ApiError {
+    fn challenge(&self, realm_base: &str, scope: Option<&Scope>, error: Refusal<'_>) -> ApiError {
         let bearer = match (&self.external, &self.issuer) {
             (Some((_, realm, service)), _) => Some((realm.clone(), service.clone())),
             (None, Some(issuer)) => Some((format!("{realm_base}/token"), issuer.service.clone())),
@@ -582,21 +599,32 @@ impl Auth {
                     v.push_str(&format!(",scope=\"{scope}\""));
                 }
                 match error {
-                    Some("insufficient_scope") => v.push_str(",error=\"insufficient_scope\""),
-                    Some(_) => v.push_str(",error=\"invalid_token\""),
-                    None => {}
+                    Refusal::InsufficientScope => v.push_str(",error=\"insufficient_scope\""),
+                    Refusal::InvalidCredentials(_) => v.push_str(",error=\"invalid_token\""),
+                    Refusal::Unauthenticated => {}
                 }
                 v
             }
             None => "Basic realm=\"registry\"".to_owned(),
         };
-        let message = match error {
-            Some("insufficient_scope") => "the token does not grant this access".to_owned(),
-            Some(e) => e.to_owned(),
-            None => "authentication required".to_owned(),
+        let e = match error {
+            // RFC 6750: a valid token without the needed scope is 403, with the
+            // challenge naming the scope, so clients fetch a wider token and retry.
+            Refusal::InsufficientScope => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "DENIED",
+                "the token does not grant this access",
+            ),
+            Refusal::InvalidCredentials(why) => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", why)
+            }
+            Refusal::Unauthenticated => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "authentication required",
+            ),
         };
-        ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message)
-            .with_header(header::WWW_AUTHENTICATE, value)
+        e.with_header(header::WWW_AUTHENTICATE, value)
     }
 
     /// The token endpoint: authenticates the client (Basic, or anonymous) and grants
@@ -670,6 +698,17 @@ fn scope_actions(action: Action) -> Vec<Action> {
         Action::Push => vec![Action::Pull, Action::Push],
         a => vec![a],
     }
+}
+
+/// Why a request is sent back with a challenge.
+#[derive(Clone, Copy)]
+enum Refusal<'a> {
+    /// No credentials: 401, authenticate.
+    Unauthenticated,
+    /// Credentials that do not verify: 401, with the reason (never the credentials).
+    InvalidCredentials(&'a str),
+    /// A valid token without the needed scope: 403, fetch a wider token.
+    InsufficientScope,
 }
 
 fn denied() -> ApiError {

@@ -541,7 +541,7 @@ async fn tokens_are_bound_to_their_scopes() {
         StatusCode::OK
     );
     let r = get(&app, "/v2/team/other/manifests/v1", Some(&bearer(&t))).await;
-    r.assert_refused(StatusCode::UNAUTHORIZED);
+    r.assert_refused(StatusCode::FORBIDDEN);
     assert!(
         r.header("www-authenticate")
             .contains("error=\"insufficient_scope\"")
@@ -559,7 +559,7 @@ async fn tokens_are_bound_to_their_scopes() {
         Body::empty(),
     )
     .await
-    .assert_refused(StatusCode::UNAUTHORIZED);
+    .assert_refused(StatusCode::FORBIDDEN);
     send(
         &app,
         Method::DELETE,
@@ -569,7 +569,7 @@ async fn tokens_are_bound_to_their_scopes() {
         Body::empty(),
     )
     .await
-    .assert_refused(StatusCode::UNAUTHORIZED);
+    .assert_refused(StatusCode::FORBIDDEN);
     // Push rights do not include deletes.
     let t = token(&app, Some(&ci), &["repository:team/app:pull,push"]).await;
     send(
@@ -581,11 +581,11 @@ async fn tokens_are_bound_to_their_scopes() {
         Body::empty(),
     )
     .await
-    .assert_refused(StatusCode::UNAUTHORIZED);
+    .assert_refused(StatusCode::FORBIDDEN);
     // The catalog needs its own scope.
     get(&app, "/v2/_catalog", Some(&bearer(&t)))
         .await
-        .assert_refused(StatusCode::UNAUTHORIZED);
+        .assert_refused(StatusCode::FORBIDDEN);
     assert_eq!(snapshot(&registry).await, before);
 }
 
