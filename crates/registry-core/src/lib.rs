@@ -58,6 +58,7 @@ pub mod kv;
 pub mod manifest;
 pub mod memory;
 pub mod names;
+pub mod promote;
 pub mod registry;
 pub mod store;
 #[cfg(feature = "testkit")]
@@ -71,6 +72,7 @@ pub use gc::{GcOptions, GcReport, UntaggedPolicy};
 pub use manifest::{Descriptor, ManifestInfo, ManifestKind, media_type};
 pub use memory::{MemoryBlobStore, MemoryKv, MemoryStore};
 pub use names::{Reference, RepoName, Tag};
+pub use promote::{PromoteError, PromoteOptions, PromoteReport, promote, same_storage};
 pub use registry::{
     AllowAll, BlobBody, BlobInfo, ListOptions, Manifest, ManifestMeta, Page, PutManifestOptions,
     PutManifestResult, RangeRequest, ReadAccess, Registry, RegistryBuilder, RegistryConfig,
