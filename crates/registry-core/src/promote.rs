@@ -1250,6 +1250,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn failure_after_the_root_is_copied_still_leaves_it_untagged() {
+        let (ci, prod) = (Registry::in_memory(), Registry::in_memory());
+        let (src, dst) = (repo("ci/app"), repo("prod/app"));
+        let img = push_multi_arch(&ci, &src).await;
+        // The index's signature is copied after the index itself (subject first).
+        let lost = Digest::sha256(BLOBS[6]);
+        assert!(ci.storage().blobs.delete(&lost).await.unwrap());
+
+        let options = PromoteOptions::default().with_tag(tag("stable"));
+        let err = promote(&ci, &src, &img.index.0, &prod, &dst, &options)
+            .await
+            .unwrap_err();
+
+        assert!(
+            matches!(&err, PromoteError::SourceBlobMissing { digest, referenced_by, .. }
+                if digest == &lost && referenced_by == &img.index_signature),
+            "{err:?}"
+        );
+        // The index made it into the destination, but by digest only.
+        let root = Reference::Digest(img.index.0.clone());
+        assert!(prod.stat_manifest(&dst, &root).await.is_ok());
+        assert!(matches!(
+            prod.stat_manifest(&dst, &tag_ref("stable")).await,
+            Err(Error::ManifestUnknown { .. })
+        ));
+    }
+
+    #[tokio::test]
     async fn missing_source_manifests_are_typed_errors() {
         let (ci, prod) = (Registry::in_memory(), Registry::in_memory());
         let (src, dst) = (repo("ci/app"), repo("prod/app"));
