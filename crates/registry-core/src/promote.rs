@@ -45,7 +45,7 @@
 //! # }
 //! ```
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use futures::stream::StreamExt;
@@ -300,7 +300,8 @@ struct Visited {
 
 /// One unit of work. The walk keeps an explicit stack rather than recursing, so a deep
 /// chain of referrers (a signature of an attestation of a signature...) cannot exhaust
-/// the call stack, and only the manifests on the current path are held in memory.
+/// the call stack, and only the manifests on the current path of index children are
+/// held in memory.
 enum Step {
     /// Decide what to do with a manifest.
     Visit { digest: Digest, via: Via },
@@ -334,9 +335,21 @@ impl Promotion<'_> {
             digest: root.clone(),
             via: Via::Root,
         }];
-        // The stack is last-in first-out: what must happen after something else is
-        // pushed before it.
-        while let Some(step) = stack.pop() {
+        // Referrer listings wait until the stack is empty, that is until every manifest
+        // visited so far is in the destination. Then a manifest met again is always
+        // finished, never half-way: a referrer may well list, as an index child, the
+        // image it refers to (or that image's index), and must be put after it.
+        let mut referrers: VecDeque<(Digest, Option<String>)> = VecDeque::new();
+        loop {
+            // The stack is last-in first-out: what must happen after something else is
+            // pushed before it.
+            let step = match stack.pop() {
+                Some(step) => step,
+                None => match referrers.pop_front() {
+                    Some((subject, last)) => Step::Referrers { subject, last },
+                    None => return Ok(()),
+                },
+            };
             match step {
                 Step::Visit { digest, via } => {
                     if !self.manifests_seen.insert(digest.clone()) {
@@ -346,11 +359,7 @@ impl Promotion<'_> {
                         continue;
                     };
                     if self.referrers {
-                        // Runs after the manifest is in the destination: subject first.
-                        stack.push(Step::Referrers {
-                            subject: digest.clone(),
-                            last: None,
-                        });
+                        referrers.push_back((digest.clone(), None));
                     }
                     if let Some(fetched) = visit.put {
                         stack.push(Step::Put(fetched));
@@ -382,10 +391,7 @@ impl Promotion<'_> {
                             error,
                         })?;
                     if page.next.is_some() {
-                        stack.push(Step::Referrers {
-                            subject,
-                            last: page.next,
-                        });
+                        referrers.push_front((subject, page.next));
                     }
                     for r in page.items.into_iter().rev() {
                         stack.push(Step::Visit {
@@ -396,7 +402,6 @@ impl Promotion<'_> {
                 }
             }
         }
-        Ok(())
     }
 
     /// Looks a manifest up in the destination, else fetches it from the source. Returns
@@ -978,6 +983,40 @@ mod tests {
             (3, 3, 4)
         );
         assert_same_content(&ci, &src, &prod, &dst, &img.manifests(), &img.blobs).await;
+    }
+
+    #[tokio::test]
+    async fn a_referrer_listing_the_promoted_index_is_put_after_it() {
+        let (ci, prod) = (Registry::in_memory(), Registry::in_memory());
+        let (src, dst) = (repo("ci/app"), repo("prod/app"));
+        let img = push_multi_arch(&ci, &src).await;
+        // A referrer of a child that is itself an index listing the whole image (as an
+        // attestation bundle might): it can only be put once the image's index is in.
+        let bundle_json = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","artifactType":"application/vnd.example.bundle","manifests":[{{"mediaType":"{}","digest":"{}","size":{}}}],"subject":{{"mediaType":"{}","digest":"{}","size":{}}}}}"#,
+            media_type::OCI_INDEX,
+            media_type::OCI_INDEX,
+            img.index.0,
+            img.index.1,
+            media_type::OCI_MANIFEST,
+            img.arm64.0,
+            img.arm64.1,
+        );
+        let (bundle, _) = push_manifest(&ci, &src, media_type::OCI_INDEX, bundle_json).await;
+
+        let options = PromoteOptions::default().with_tag(tag("v1"));
+        let report = promote(&ci, &src, &img.index.0, &prod, &dst, &options)
+            .await
+            .unwrap();
+
+        assert_eq!(report.manifests_copied, 7);
+        let mut all = img.manifests();
+        all.push(bundle.clone());
+        assert_same_content(&ci, &src, &prod, &dst, &all, &img.blobs).await;
+        assert_eq!(
+            referrer_digests(&prod, &dst, &img.arm64.0).await,
+            vec![bundle]
+        );
     }
 
     #[tokio::test]
