@@ -132,13 +132,14 @@ pub struct PromoteReport {
 #[non_exhaustive]
 pub enum PromoteError {
     /// The source repository does not have a manifest the promotion needs.
-    #[error("source repository {repo} has no manifest {digest}{}", referenced_by_suffix(.referenced_by))]
+    #[error("source repository {repo} has no manifest {digest}{}", needed_by(.referenced_by))]
     SourceManifestMissing {
         /// The source repository.
         repo: RepoName,
         /// The missing manifest.
         digest: Digest,
-        /// The index that lists it as a child; `None` for the root.
+        /// The manifest that led to it: the index listing it as a child, or the subject
+        /// it is a referrer of; `None` for the root.
         referenced_by: Option<Digest>,
     },
     /// The source repository does not have (or no longer has the bytes of) a blob that a
@@ -176,10 +177,10 @@ pub enum PromoteError {
     },
 }
 
-fn referenced_by_suffix(parent: &Option<Digest>) -> String {
+fn needed_by(parent: &Option<Digest>) -> String {
     parent
         .as_ref()
-        .map(|p| format!(" (listed by index {p})"))
+        .map(|p| format!(" (needed by {p})"))
         .unwrap_or_default()
 }
 
@@ -274,12 +275,14 @@ pub async fn promote(
     Ok(run.report)
 }
 
-/// How a manifest was reached, for error messages and for how a missing one is treated.
+/// How a manifest was reached, to name what needed it when it is missing.
 #[derive(Debug, Clone)]
 enum Via {
     Root,
+    /// A child of this index.
     Child(Digest),
-    Referrer,
+    /// A referrer of this subject.
+    Referrer(Digest),
 }
 
 /// A manifest read from the source, waiting for its children to be copied first.
@@ -355,9 +358,7 @@ impl Promotion<'_> {
                     if !self.manifests_seen.insert(digest.clone()) {
                         continue;
                     }
-                    let Some(visit) = self.visit(&digest, via).await? else {
-                        continue;
-                    };
+                    let visit = self.visit(&digest, via).await?;
                     if self.referrers {
                         referrers.push_back((digest.clone(), None));
                     }
@@ -391,12 +392,12 @@ impl Promotion<'_> {
                             error,
                         })?;
                     if page.next.is_some() {
-                        referrers.push_front((subject, page.next));
+                        referrers.push_front((subject.clone(), page.next));
                     }
                     for r in page.items.into_iter().rev() {
                         stack.push(Step::Visit {
                             digest: r.digest,
-                            via: Via::Referrer,
+                            via: Via::Referrer(subject.clone()),
                         });
                     }
                 }
@@ -405,10 +406,8 @@ impl Promotion<'_> {
     }
 
     /// Looks a manifest up in the destination, else fetches it from the source. Returns
-    /// the manifest to put (if it must be copied) and its children to visit first;
-    /// `None` when there is nothing to do (a referrer deleted from the source since it
-    /// was listed: it is no longer part of what is promoted).
-    async fn visit(&mut self, digest: &Digest, via: Via) -> Result<Option<Visited>, PromoteError> {
+    /// the manifest to put (if it must be copied) and its children to visit first.
+    async fn visit(&mut self, digest: &Digest, via: Via) -> Result<Visited, PromoteError> {
         let present = self
             .to
             .inner
@@ -425,10 +424,10 @@ impl Promotion<'_> {
                     self.report.blobs_skipped += 1;
                 }
             }
-            return Ok(Some(Visited {
+            return Ok(Visited {
                 put: None,
                 children: record.children,
-            }));
+            });
         }
         let manifest = match self
             .from
@@ -436,14 +435,16 @@ impl Promotion<'_> {
             .await
         {
             Ok(m) => m,
-            Err(Error::ManifestUnknown { .. }) if matches!(via, Via::Referrer) => return Ok(None),
+            // Also for a referrer deleted from the source since it was listed: failing
+            // is safer than promoting without a signature nobody meant to drop, and a
+            // retry no longer lists it.
             Err(Error::ManifestUnknown { .. }) => {
                 return Err(PromoteError::SourceManifestMissing {
                     repo: self.from_repo.clone(),
                     digest: digest.clone(),
                     referenced_by: match via {
-                        Via::Child(parent) => Some(parent),
-                        Via::Root | Via::Referrer => None,
+                        Via::Child(parent) | Via::Referrer(parent) => Some(parent),
+                        Via::Root => None,
                     },
                 });
             }
@@ -467,10 +468,10 @@ impl Promotion<'_> {
             bytes: manifest.bytes,
             blobs: info.blob_references(),
         };
-        Ok(Some(Visited {
+        Ok(Visited {
             put: Some(fetched),
             children: info.manifest_references(),
-        }))
+        })
     }
 
     async fn put(&mut self, m: Fetched) -> Result<(), PromoteError> {
@@ -1314,6 +1315,34 @@ mod tests {
             prod.stat_manifest(&dst, &tag_ref("stable")).await,
             Err(Error::ManifestUnknown { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_referrer_the_source_cannot_serve_fails_the_promotion() {
+        let (ci, prod) = (Registry::in_memory(), Registry::in_memory());
+        let (src, dst) = (repo("ci/app"), repo("prod/app"));
+        let img = push_multi_arch(&ci, &src).await;
+        // The source still lists the signature but lost its bytes: promoting without it
+        // would silently drop a signature, so the promotion fails and names it.
+        assert!(
+            ci.storage()
+                .blobs
+                .delete(&img.index_signature)
+                .await
+                .unwrap()
+        );
+
+        let options = PromoteOptions::default().with_tag(tag("v1"));
+        let err = promote(&ci, &src, &img.index.0, &prod, &dst, &options)
+            .await
+            .unwrap_err();
+
+        assert!(
+            matches!(&err, PromoteError::SourceManifestMissing { digest, referenced_by: Some(s), .. }
+                if digest == &img.index_signature && s == &img.index.0),
+            "{err:?}"
+        );
+        assert!(prod.stat_manifest(&dst, &tag_ref("v1")).await.is_err());
     }
 
     #[tokio::test]
