@@ -1021,6 +1021,74 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn referrers_beyond_one_page_are_all_copied() {
+        let (ci, prod) = (Registry::in_memory(), Registry::in_memory());
+        let (src, dst) = (repo("ci/app"), repo("prod/app"));
+        let image = push_image(&ci, &src, b"{}", &[b"layer"], None, None).await;
+        let count = 2 * REFERRER_PAGE + 1;
+        let mut expected = Vec::new();
+        for i in 0..count {
+            let sig = format!("signature {i}");
+            let (d, _) = push_image(
+                &ci,
+                &src,
+                b"{}",
+                &[sig.as_bytes()],
+                Some(&image),
+                Some("application/vnd.example.signature"),
+            )
+            .await;
+            expected.push(d);
+        }
+        expected.sort();
+
+        let report = promote(&ci, &src, &image.0, &prod, &dst, &PromoteOptions::default())
+            .await
+            .unwrap();
+
+        assert_eq!(report.manifests_copied, 1 + count as u64);
+        let listed = prod
+            .referrers(
+                &dst,
+                &image.0,
+                None,
+                &ListOptions {
+                    n: Some(count + 1),
+                    last: None,
+                },
+            )
+            .await
+            .unwrap();
+        let listed: Vec<Digest> = listed.items.into_iter().map(|d| d.digest).collect();
+        assert_eq!(listed, expected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_promotions_of_one_image_both_succeed() {
+        let (ci, prod) = (Registry::in_memory(), Registry::in_memory());
+        let (src, dst) = (repo("ci/app"), repo("prod/app"));
+        let img = push_multi_arch(&ci, &src).await;
+        let options = PromoteOptions::default().with_tag(tag("v1"));
+
+        let (a, b) = tokio::join!(
+            promote(&ci, &src, &img.index.0, &prod, &dst, &options),
+            promote(&ci, &src, &img.index.0, &prod, &dst, &options),
+        );
+
+        let (a, b) = (a.unwrap(), b.unwrap());
+        // Between them every manifest was put at least once; each saw all six.
+        for r in [&a, &b] {
+            assert_eq!(r.manifests_copied + r.manifests_skipped, 6, "{r:?}");
+        }
+        assert!(a.manifests_copied + b.manifests_copied >= 6);
+        assert_same_content(&ci, &src, &prod, &dst, &img.manifests(), &img.blobs).await;
+        let tagged = prod.stat_manifest(&dst, &tag_ref("v1")).await.unwrap();
+        assert_eq!(tagged.digest, img.index.0);
+        let audit = prod.storage().metadata.audit(false).await.unwrap();
+        assert!(audit.problems.is_empty(), "{:?}", audit.problems);
+    }
+
+    #[tokio::test]
     async fn artifact_manifest_blobs_are_copied() {
         let (ci, prod) = (Registry::in_memory(), Registry::in_memory());
         let (src, dst) = (repo("ci/chart"), repo("prod/chart"));
