@@ -239,7 +239,7 @@ async fn registries_over_one_fs_store_mount_instead_of_copying() {
         (7, 0, 0)
     );
     assert!(report.shared_storage);
-    // Mounting links the existing files: no blob file was added.
+    // The bytes exist once on disk: the promotion added no blob file.
     assert_eq!(count_blob_files(dir.path()), files_before);
     let mut layer = prod
         .get_blob(&dst, pushed.blobs.last().unwrap(), None)
