@@ -3,8 +3,14 @@
 //!
 //! Flags (kept stable, scripts use them): `--addr HOST:PORT`, `--data-dir DIR`,
 //! `--storage memory|fs|s3://BUCKET|az://CONTAINER|gs://BUCKET`, `--max-manifest-size BYTES`, `--gc-interval SECS`,
-//! `--gc-window SECS`, `--read-only`, `--no-deletes`, `--base-url URL`. Logs go
-//! through `tracing` (`RUST_LOG=debug` for more).
+//! `--gc-window SECS`, `--read-only`, `--no-deletes`, `--base-url URL`,
+//! `--auth-user NAME:PASSWORD` (repeatable), `--anonymous-read`. Logs go through
+//! `tracing` (`RUST_LOG=debug` for more); credentials are never logged.
+//!
+//! Authentication: with `--auth-user` (or `--anonymous-read`) every request needs
+//! credentials, Basic or a bearer token from `/token` (clients follow the
+//! `WWW-Authenticate` challenge by themselves: `skopeo --creds NAME:PASSWORD`,
+//! `oras login`); anonymous clients may only pull, and only with `--anonymous-read`.
 //!
 //! Object storage (`s3://`, `az://`, `gs://`, optionally with a path prefix after the
 //! bucket) is configured through object_store's standard environment variables, for
@@ -30,10 +36,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use registry_core::access::{Action, Grantee, PrefixRules};
 use registry_core::{
     GcOptions, Registry, RepoName, RetentionRule, Storage, TagPattern, UntaggedPolicy,
 };
-use registry_http::HttpConfig;
+use registry_http::{Auth, HttpConfig, TokenIssuer};
 use registry_store_fs::{CheckOptions, FsStore};
 use registry_store_object::{BucketOptions, BucketStore};
 
@@ -76,6 +83,14 @@ struct Args {
     /// Limit the bytes stored under a repository prefix: `PREFIX=BYTES` (repeatable).
     #[arg(long = "quota", value_parser = parse_quota)]
     quotas: Vec<(RepoName, u64)>,
+    /// A user who may pull, push and delete everywhere, as NAME:PASSWORD (repeatable).
+    /// With any user (or --anonymous-read) clients must authenticate: Basic, or a
+    /// bearer token from this server's /token endpoint.
+    #[arg(long = "auth-user", value_name = "NAME:PASSWORD", value_parser = parse_user)]
+    auth_users: Vec<(String, String)>,
+    /// With authentication on, let anonymous clients pull and list everything.
+    #[arg(long)]
+    anonymous_read: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -196,6 +211,33 @@ fn parse_storage(s: &str) -> Result<StorageKind, String> {
     }
 }
 
+fn parse_user(s: &str) -> Result<(String, String), String> {
+    match s.split_once(':') {
+        Some((name, password)) if !name.is_empty() && !password.is_empty() => {
+            Ok((name.to_owned(), password.to_owned()))
+        }
+        _ => Err("expected NAME:PASSWORD with both parts non-empty".to_owned()),
+    }
+}
+
+/// The access policy from the flags: `None` (open) unless a user or anonymous reads
+/// are configured; then users may do everything and anonymous callers only what
+/// --anonymous-read allows.
+fn auth_from_args(args: &Args) -> Option<Auth> {
+    if args.auth_users.is_empty() && !args.anonymous_read {
+        return None;
+    }
+    let mut rules = PrefixRules::new().grant(Grantee::Authenticated, "", Action::ALL);
+    if args.anonymous_read {
+        rules = rules.grant(Grantee::Anonymous, "", Action::READ);
+    }
+    let mut auth = Auth::new(rules).with_token_issuer(TokenIssuer::new("registry"));
+    for (name, password) in &args.auth_users {
+        auth = auth.with_user(name, password);
+    }
+    Some(auth)
+}
+
 async fn open_storage(args: &Args) -> Result<Storage, Box<dyn std::error::Error>> {
     Ok(match &args.storage {
         StorageKind::Memory => registry_core::MemoryStore::new().into_storage(),
@@ -295,6 +337,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_read_only(args.read_only)
         .with_deletes(!args.no_deletes)
         .with_base_url(args.base_url.clone());
+    let config = match auth_from_args(&args) {
+        Some(auth) => {
+            tracing::info!(
+                users = args.auth_users.len(),
+                anonymous_read = args.anonymous_read,
+                "authentication required"
+            );
+            config.with_auth(auth)
+        }
+        None => config,
+    };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if args.gc_interval > 0 {

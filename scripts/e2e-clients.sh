@@ -8,7 +8,7 @@
 # Environment:
 #   REGISTRY_CMD      ours (default) | distribution
 #   REGISTRY_STORAGE  storage of our serve example: fs (default) | memory
-#   E2E_ONLY          space-separated scenario names to run (skopeo oras buildah raw);
+#   E2E_ONLY          space-separated scenario names to run (skopeo oras buildah raw auth);
 #                     all by default
 #   E2E_KEEP=1        keep the temp dir (logs, layouts) for inspection
 #
@@ -22,7 +22,7 @@ cd "$ROOT"
 
 REGISTRY_CMD=${REGISTRY_CMD:-ours}
 REGISTRY_STORAGE=${REGISTRY_STORAGE:-fs}
-E2E_ONLY=${E2E_ONLY:-skopeo oras buildah raw}
+E2E_ONLY=${E2E_ONLY:-skopeo oras buildah raw auth}
 
 scripts/install-test-deps.sh || { echo "installing test dependencies failed" >&2; exit 2; }
 PYTHON=$ROOT/target/test-deps/venv/bin/python
@@ -792,11 +792,119 @@ scenario_raw() {
     check "http: tag list sorted, paginated with n/last and Link" raw_tag_pagination
 }
 
+# ================================================================ auth (our serve flags)
+# Two more serve processes (memory storage): `--auth-user ci:... --anonymous-read`, and
+# `--auth-user` alone. Only for our registry: the flags are ours.
+AU=$WORK/auth
+AUTH_PASS=e2e-$RANDOM-secret
+
+# start_auth_serve NAME ARGS...: starts serve with ARGS on a free port; sets AHOST.
+start_auth_serve() {
+    local name=$1 port i
+    shift
+    port=$(free_port)
+    AHOST=127.0.0.1:$port
+    "${CARGO_TARGET_DIR:-target}/release/examples/serve" --addr "$AHOST" --storage memory "$@" \
+        >"$AU/$name.log" 2>&1 &
+    PIDS+=($!)
+    for ((i = 0; i < 100; i++)); do
+        [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$AHOST/v2/")" = 401 ] && return 0
+        sleep 0.1
+    done
+    cat "$AU/$name.log"
+    fail "serve $* did not answer 401 on /v2/"
+}
+
+auth_layout() {
+    mkdir -p "$AU"
+    head -c 50000 /dev/urandom >"$AU/layer.bin"
+    run umoci init --layout "$AU/layout"
+    run umoci new --image "$AU/layout:v1"
+    run umoci insert --image "$AU/layout:v1" "$AU/layer.bin" /layer.bin
+}
+
+auth_anonymous_read() {
+    auth_layout
+    start_auth_serve open-read --auth-user "ci:$AUTH_PASS" --auth-user "other:x$AUTH_PASS" --anonymous-read
+    echo "$AHOST" >"$AU/host"
+    # The challenge points at the built-in token endpoint.
+    req GET "http://$AHOST/v2/"
+    expect 401
+    header WWW-Authenticate | grep -q "^Bearer realm=\"http://$AHOST/token\",service=\"registry\"" ||
+        { show; fail "no Bearer challenge"; }
+    # Anonymous push refused, wrong password refused, nothing stored.
+    ! run skopeo copy --quiet --dest-tls-verify=false "oci:$AU/layout:v1" "docker://$AHOST/ci/img:v1" ||
+        fail "anonymous push accepted"
+    ! run skopeo copy --quiet --dest-tls-verify=false --dest-creds "ci:wrong" \
+        "oci:$AU/layout:v1" "docker://$AHOST/ci/img:v1" || fail "wrong password accepted"
+    req GET "http://$AHOST/v2/ci/img/tags/list" -u "ci:$AUTH_PASS"
+    expect 404
+    # With credentials: push; anonymous clients pull it back (anonymous token).
+    run skopeo copy --quiet --dest-tls-verify=false --dest-creds "ci:$AUTH_PASS" \
+        "oci:$AU/layout:v1" "docker://$AHOST/ci/img:v1"
+    run skopeo copy --quiet --src-tls-verify=false "docker://$AHOST/ci/img:v1" "oci:$AU/back:v1"
+    run umoci unpack --rootless --image "$AU/back:v1" "$AU/unpacked" >/dev/null
+    cmp "$AU/layer.bin" "$AU/unpacked/rootfs/layer.bin" || fail "pulled layer differs"
+    # Anonymous deletes are refused even with reads open.
+    req DELETE "http://$AHOST/v2/ci/img/manifests/v1"
+    expect 401
+}
+
+auth_token_flow_curl() {
+    local host token
+    host=$(cat "$AU/host")
+    # The token endpoint grants what the policy allows and no more.
+    req GET "http://$host/token?service=registry&scope=repository:ci/img:pull,push" -u "ci:$AUTH_PASS"
+    expect 200
+    token=$(jq -r .token "$RB")
+    [ "$(jq -r .access_token "$RB")" = "$token" ] || fail "token and access_token differ"
+    req GET "http://$host/v2/ci/img/manifests/v1" -H "Authorization: Bearer $token" \
+        -H "Accept: application/vnd.oci.image.manifest.v1+json"
+    expect 200
+    req GET "http://$host/v2/ci/img/manifests/v1" -H "Authorization: Bearer ${token}x"
+    expect 401
+    req GET "http://$host/token?service=registry&scope=repository:ci/img:pull" -u "ci:nope"
+    expect 401
+    # An anonymous token asking for push carries pull only: the push is refused.
+    req GET "http://$host/token?service=registry&scope=repository:ci/img:pull,push"
+    expect 200
+    token=$(jq -r .token "$RB")
+    req POST "http://$host/v2/ci/img/blobs/uploads/" -H "Authorization: Bearer $token"
+    expect 401
+    [ "$(error_code)" = UNAUTHORIZED ] || { show; fail "expected UNAUTHORIZED"; }
+    # The log never contains the password.
+    ! grep -q "$AUTH_PASS" "$AU/open-read.log" || fail "the password appears in the log"
+}
+
+auth_private() {
+    start_auth_serve private --auth-user "ci:$AUTH_PASS"
+    run skopeo copy --quiet --dest-tls-verify=false --dest-creds "ci:$AUTH_PASS" \
+        "oci:$AU/layout:v1" "docker://$AHOST/team/img:v1"
+    run skopeo inspect --tls-verify=false --creds "ci:$AUTH_PASS" "docker://$AHOST/team/img:v1" >/dev/null
+    # Without --anonymous-read, anonymous pulls are refused.
+    ! run skopeo inspect --tls-verify=false "docker://$AHOST/team/img:v1" || fail "anonymous pull accepted"
+    req GET "http://$AHOST/v2/_catalog"
+    expect 401
+    req GET "http://$AHOST/v2/_catalog" -u "ci:$AUTH_PASS"
+    expect 200
+    [ "$(jq -c .repositories "$RB")" = '["team/img"]' ] || { show; fail "catalog"; }
+}
+
+scenario_auth() {
+    if [ "$REGISTRY_CMD" != ours ]; then
+        echo "# auth: skipped for $REGISTRY_CMD (the flags are our serve example's)"
+        return
+    fi
+    check "auth: --auth-user --anonymous-read: skopeo pushes with creds, anonymous pulls, anonymous writes refused" auth_anonymous_read
+    check "auth: token endpoint cuts scopes to the policy; bad tokens and passwords are 401" auth_token_flow_curl
+    check "auth: --auth-user alone: anonymous pulls and catalog refused, users pull and list" auth_private
+}
+
 # ================================================================ run
 for s in $E2E_ONLY; do
     case "$s" in
-    skopeo | oras | buildah | raw) "scenario_$s" ;;
-    *) echo "unknown scenario '$s' (skopeo oras buildah raw)" >&2; exit 2 ;;
+    skopeo | oras | buildah | raw | auth) "scenario_$s" ;;
+    *) echo "unknown scenario '$s' (skopeo oras buildah raw auth)" >&2; exit 2 ;;
     esac
 done
 

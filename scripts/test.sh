@@ -29,7 +29,10 @@ RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --all-features --locked
 step "tests"
 cargo test --workspace --all-features --locked
 
-step "real clients against the serve binary (skopeo, oras, buildah, raw HTTP)"
+step "three registries with their policies and a promotion (examples/three_registries.rs)"
+cargo run --quiet --locked -p registry-examples --example three_registries
+
+step "real clients against the serve binary (skopeo, oras, buildah, raw HTTP, auth)"
 scripts/e2e-clients.sh
 
 step "two serve processes on one bucket: S3 (moto) and Azure Blob (Azurite), with skopeo"

@@ -49,6 +49,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod access;
 pub mod digest;
 pub mod error;
 pub mod events;
@@ -58,6 +59,7 @@ pub mod manifest;
 pub mod memory;
 pub mod names;
 pub mod policy;
+pub mod promote;
 pub mod registry;
 pub mod store;
 #[cfg(feature = "testkit")]
@@ -72,6 +74,7 @@ pub use manifest::{Descriptor, ManifestInfo, ManifestKind, media_type};
 pub use memory::{MemoryBlobStore, MemoryKv, MemoryStore};
 pub use names::{Reference, RepoName, Tag};
 pub use policy::{Keep, Policy, Quota, RetentionRule, TagPattern};
+pub use promote::{PromoteError, PromoteOptions, PromoteReport, promote, same_storage};
 pub use registry::{
     AllowAll, BlobBody, BlobInfo, ListOptions, Manifest, ManifestMeta, Page, PutManifestOptions,
     PutManifestResult, RangeRequest, ReadAccess, Registry, RegistryBuilder, RegistryConfig,

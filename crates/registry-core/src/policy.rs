@@ -3,7 +3,7 @@
 //!
 //! Policies that must hold under concurrency (immutability, quotas) are enforced by the
 //! metadata store inside the same atomic change that moves a tag or creates a link, so
-//! two concurrent requests cannot together break them (`docs/design.md`, section 8).
+//! two concurrent requests cannot together break them (`docs/design.md`, section 10).
 
 use std::time::Duration;
 

@@ -34,7 +34,7 @@ impl ApiError {
         Self::new(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", message)
     }
 
-    fn with_header(mut self, name: header::HeaderName, value: String) -> Self {
+    pub(crate) fn with_header(mut self, name: header::HeaderName, value: String) -> Self {
         self.headers.push((name, value));
         self
     }

@@ -35,10 +35,12 @@
 
 #![forbid(unsafe_code)]
 
+mod auth;
 mod error;
 mod routes;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -47,6 +49,7 @@ use registry_core::Registry;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use auth::{Auth, Resource, Scope, TokenClaims, TokenError, TokenIssuer, TokenVerifier};
 pub use error::ApiError;
 
 /// HTTP-level configuration. Storage limits (manifest and blob size, upload expiry)
@@ -62,6 +65,9 @@ pub struct HttpConfig {
     pub read_only: bool,
     /// A request body that sends nothing for this long fails.
     pub body_idle_timeout: Duration,
+    /// Authentication and authorization; `None` lets everyone do everything (the
+    /// embedded default, for loopback test registries).
+    pub auth: Option<Arc<Auth>>,
 }
 
 impl Default for HttpConfig {
@@ -71,6 +77,7 @@ impl Default for HttpConfig {
             deletes: true,
             read_only: false,
             body_idle_timeout: Duration::from_secs(30),
+            auth: None,
         }
     }
 }
@@ -96,17 +103,30 @@ impl HttpConfig {
         self.body_idle_timeout = timeout;
         self
     }
+    /// Requires authentication and checks every request against `auth`'s policy.
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = Some(Arc::new(auth));
+        self
+    }
 }
 
-/// The OCI distribution API over `registry`, as an axum router serving `/v2/...`.
+/// The OCI distribution API over `registry`, as an axum router serving `/v2/...`
+/// (and `/token` when [`Auth`] has a [`TokenIssuer`]).
 pub fn router(registry: Registry, config: HttpConfig) -> Router {
+    let token_endpoint = config
+        .auth
+        .as_ref()
+        .is_some_and(|a| a.token_issuer().is_some());
     let state = routes::AppState { registry, config };
-    Router::new()
+    let mut app = Router::new()
         .route("/v2/", get(routes::base).head(routes::base))
         .route("/v2", get(routes::base).head(routes::base))
         .route("/v2/_catalog", get(routes::catalog))
-        .route("/v2/{*rest}", axum::routing::any(routes::dispatch))
-        .layer(axum::middleware::from_fn(routes::api_version_header))
+        .route("/v2/{*rest}", axum::routing::any(routes::dispatch));
+    if token_endpoint {
+        app = app.route("/token", get(routes::token).post(routes::token_form));
+    }
+    app.layer(axum::middleware::from_fn(routes::api_version_header))
         .with_state(state)
 }
 

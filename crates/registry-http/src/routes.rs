@@ -9,11 +9,14 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures::stream::{self, StreamExt};
 use registry_core::{
-    Algorithm, AllowAll, ByteStream, Digest, ListOptions, PutManifestOptions, RangeRequest,
-    Reference, Registry, RepoName, Tag, UploadId,
+    Algorithm, ByteStream, Digest, ListOptions, PutManifestOptions, RangeRequest, Reference,
+    Registry, RepoName, Tag, UploadId,
 };
 
+use registry_core::access::Action;
+
 use crate::HttpConfig;
+use crate::auth::Caller;
 use crate::error::{ApiError, upload_range};
 
 /// Shared state of the router.
@@ -202,6 +205,56 @@ impl AppState {
         }
     }
 
+    /// Where this registry is reachable, for the token realm in challenges: the
+    /// configured base URL, or the address the client used.
+    fn realm_base(&self, headers: &HeaderMap) -> String {
+        match &self.config.base_url {
+            Some(base) => base.trim_end_matches('/').to_owned(),
+            None => format!(
+                "http://{}",
+                header_str(headers, "host").unwrap_or("127.0.0.1")
+            ),
+        }
+    }
+
+    /// Who is calling; everyone is anonymous when authentication is off.
+    fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        match &self.config.auth {
+            Some(auth) => auth.identify(headers, &self.realm_base(headers)),
+            None => Ok(Caller::anonymous()),
+        }
+    }
+
+    /// Identifies the caller and checks that it may perform `action` on `repo`.
+    fn authorize(
+        &self,
+        headers: &HeaderMap,
+        repo: &RepoName,
+        action: Action,
+    ) -> Result<Caller, ApiError> {
+        let caller = self.caller(headers)?;
+        if let Some(auth) = &self.config.auth {
+            auth.check(&caller, repo, action, &self.realm_base(headers))?;
+        }
+        Ok(caller)
+    }
+
+    /// Whether `caller` may read `repo` (mount sources, listings); always with auth off.
+    fn may(&self, caller: &Caller, repo: &RepoName, action: Action) -> bool {
+        self.config
+            .auth
+            .as_ref()
+            .is_none_or(|auth| auth.may(caller, repo, action))
+    }
+
+    /// Whether `caller` may see `repo` in the catalog; always with auth off.
+    fn may_list(&self, caller: &Caller, repo: &RepoName) -> bool {
+        self.config.auth.as_ref().is_none_or(|auth| {
+            auth.authorizer()
+                .allows(&caller.identity, repo, Action::List)
+        })
+    }
+
     fn check_write(&self) -> Result<(), ApiError> {
         if self.config.read_only {
             return Err(ApiError::unsupported("this registry is read-only"));
@@ -221,14 +274,18 @@ impl AppState {
 }
 
 /// `GET /v2/`.
-pub(crate) async fn base() -> Response {
+pub(crate) async fn base(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
+    let caller = state.caller(&headers)?;
+    if let Some(auth) = &state.config.auth {
+        auth.check_base(&caller, &state.realm_base(&headers))?;
+    }
     let mut r = (StatusCode::OK, axum::Json(serde_json::json!({}))).into_response();
     set(
         r.headers_mut(),
         "docker-distribution-api-version",
         "registry/2.0",
     );
-    r
+    Ok(r)
 }
 
 fn link_header(path: &str, n: usize, next: &str) -> String {
@@ -253,12 +310,16 @@ fn list_options(q: &[(String, String)]) -> Result<ListOptions, ApiError> {
 
 /// `GET /v2/_catalog`.
 pub(crate) async fn catalog(State(state): State<AppState>, req: Request) -> ApiResult {
+    let caller = state.caller(req.headers())?;
+    if let Some(auth) = &state.config.auth {
+        auth.check_catalog(&caller, &state.realm_base(req.headers()))?;
+    }
     let q = query_pairs(&req);
     let options = list_options(&q)?;
-    let page = state
-        .registry
-        .list_repositories(&options, &AllowAll)
-        .await?;
+    // Only what the caller may see; paging runs over the filtered listing.
+    // The token's `registry:catalog:*` scope admits the caller; the policy filters.
+    let visible = |r: &RepoName| state.may_list(&caller, r);
+    let page = state.registry.list_repositories(&options, &visible).await?;
     let names: Vec<String> = page.items.iter().map(|r| r.to_string()).collect();
     let mut r = axum::Json(serde_json::json!({ "repositories": names })).into_response();
     if let Some(next) = &page.next {
@@ -286,6 +347,11 @@ async fn route(state: AppState, req: Request) -> ApiResult {
     let (name, target) = parse_path(rest).ok_or_else(not_found)?;
     let repo = RepoName::parse(name).map_err(registry_core::Error::from)?;
     let method = req.method().clone();
+    let caller = match required_action(&target, &method) {
+        Some(action) => state.authorize(req.headers(), &repo, action)?,
+        // The method is refused below whoever asks.
+        None => Caller::anonymous(),
+    };
     match (target, method) {
         (Target::Blob(d), m) if m == Method::GET || m == Method::HEAD => {
             get_blob(&state, &repo, &d, req).await
@@ -298,7 +364,7 @@ async fn route(state: AppState, req: Request) -> ApiResult {
         }
         (Target::Uploads(None), Method::POST) => {
             state.check_write()?;
-            start_upload(&state, &repo, req).await
+            start_upload(&state, &repo, &caller, req).await
         }
         (Target::Uploads(Some(id)), m) => {
             let id = UploadId::parse(&id).ok_or_else(|| {
@@ -345,6 +411,25 @@ async fn route(state: AppState, req: Request) -> ApiResult {
         }
         _ => Err(method_not_allowed()),
     }
+}
+
+/// What a request does, for authorization; `None` for methods no endpoint serves.
+fn required_action(target: &Target, method: &Method) -> Option<Action> {
+    let read = *method == Method::GET || *method == Method::HEAD;
+    Some(match target {
+        Target::Blob(_) | Target::Manifest(_) if read => Action::Pull,
+        Target::Blob(_) | Target::Manifest(_) if *method == Method::DELETE => Action::Delete,
+        Target::Manifest(_) if *method == Method::PUT => Action::Push,
+        Target::Uploads(None) if *method == Method::POST => Action::Push,
+        // Even reading an upload's status is part of pushing: sessions are private.
+        Target::Uploads(Some(_))
+            if read || [Method::PATCH, Method::PUT, Method::DELETE].contains(method) =>
+        {
+            Action::Push
+        }
+        Target::Tags | Target::Referrers(_) if *method == Method::GET => Action::Pull,
+        _ => return None,
+    })
 }
 
 fn method_not_allowed() -> ApiError {
@@ -445,7 +530,12 @@ fn blob_created(state: &AppState, repo: &RepoName, digest: &Digest) -> Response 
     r
 }
 
-async fn start_upload(state: &AppState, repo: &RepoName, req: Request) -> ApiResult {
+async fn start_upload(
+    state: &AppState,
+    repo: &RepoName,
+    caller: &Caller,
+    req: Request,
+) -> ApiResult {
     let q = query_pairs(&req);
     if let Some(mount) = first(&q, "mount") {
         let digest = Digest::parse(mount).map_err(registry_core::Error::from)?;
@@ -453,9 +543,11 @@ async fn start_upload(state: &AppState, repo: &RepoName, req: Request) -> ApiRes
             Some(f) => Some(RepoName::parse(f).map_err(registry_core::Error::from)?),
             None => None,
         };
+        // A mount never takes from a repository the caller cannot pull from.
+        let readable = |r: &RepoName| state.may(caller, r, Action::Pull);
         if state
             .registry
-            .mount_blob(repo, &digest, from.as_ref(), &AllowAll)
+            .mount_blob(repo, &digest, from.as_ref(), &readable)
             .await?
         {
             return Ok(blob_created(state, repo, &digest));
@@ -716,6 +808,73 @@ async fn referrers(
         set(h, "link", &link);
     }
     Ok(r)
+}
+
+/// `GET /token?service=…&scope=…`: the Docker token flow. The client authenticates
+/// with Basic credentials (or none, for anonymous access) and gets a token carrying
+/// the requested scopes the policy allows.
+pub(crate) async fn token(State(state): State<AppState>, req: Request) -> ApiResult {
+    let auth = state.config.auth.clone().ok_or_else(not_found)?;
+    let caller = state.caller(req.headers())?;
+    let q = query_pairs(&req);
+    let scopes: Vec<String> = q
+        .iter()
+        .filter(|(k, _)| k == "scope")
+        .map(|(_, v)| v.clone())
+        .collect();
+    let granted = auth.grant(&caller, first(&q, "service"), &scopes)?;
+    Ok(axum::Json(granted).into_response())
+}
+
+/// `POST /token` with a form (`grant_type=password`): the OAuth2 variant some clients
+/// (containerd) try first.
+pub(crate) async fn token_form(State(state): State<AppState>, req: Request) -> ApiResult {
+    let auth = state.config.auth.clone().ok_or_else(not_found)?;
+    let body = axum::body::to_bytes(req.into_body(), 64 * 1024)
+        .await
+        .map_err(|_| ApiError::bad_request("UNSUPPORTED", "token request body too large"))?;
+    let form: Vec<(String, String)> = std::str::from_utf8(&body)
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            // Forms encode spaces as `+`; scopes are space-separated.
+            (
+                percent_decode(&k.replace('+', " ")),
+                percent_decode(&v.replace('+', " ")),
+            )
+        })
+        .collect();
+    let caller = match first(&form, "grant_type") {
+        Some("password") => {
+            let user = first(&form, "username").unwrap_or("");
+            let password = first(&form, "password").unwrap_or("");
+            auth.password_caller(user, password).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHORIZED",
+                    "invalid credentials",
+                )
+                .with_header(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    "Basic realm=\"registry\"".to_owned(),
+                )
+            })?
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "UNSUPPORTED",
+                "unsupported grant_type (only password is served)",
+            ));
+        }
+    };
+    let scopes: Vec<String> = first(&form, "scope")
+        .map(str::to_owned)
+        .into_iter()
+        .collect();
+    let granted = auth.grant(&caller, first(&form, "service"), &scopes)?;
+    Ok(axum::Json(granted).into_response())
 }
 
 /// Adds `Docker-Distribution-API-Version` to every response.

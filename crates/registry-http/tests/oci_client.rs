@@ -148,3 +148,90 @@ async fn oci_client_push_pull_mount_tags_referrers() {
     assert!(filtered.manifests.is_empty());
     server.shutdown().await;
 }
+
+/// oci-client with its own auth: Basic credentials through the token flow, anonymous
+/// access where the policy allows it, refusals where it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oci_client_authenticates() {
+    use registry_core::access::{Action, Grantee, PrefixRules};
+    let policy = PrefixRules::new()
+        .grant(Grantee::user("ci"), "", Action::ALL)
+        .grant(Grantee::Anyone, "public", Action::READ);
+    let auth = registry_http::Auth::new(policy)
+        .with_user("ci", "ci-secret")
+        .with_token_issuer(registry_http::TokenIssuer::new("registry"));
+    let registry = Registry::in_memory();
+    let server = serve_local(registry.clone(), HttpConfig::default().with_auth(auth))
+        .await
+        .unwrap();
+    let host = server.url().trim_start_matches("http://").to_owned();
+    let ci = RegistryAuth::Basic("ci".into(), "ci-secret".into());
+    let layers = vec![ImageLayer::oci_v1(b"authenticated layer".to_vec(), None)];
+    let config = || Config::oci_v1(b"{}".to_vec(), None);
+
+    // Refused: anonymous and wrong-password pushes; nothing is stored.
+    for auth in [
+        RegistryAuth::Anonymous,
+        RegistryAuth::Basic("ci".into(), "nope".into()),
+    ] {
+        let err = client(true)
+            .push(
+                &reference(&host, "private/img:v1"),
+                &layers,
+                config(),
+                &auth,
+                None,
+            )
+            .await
+            .err()
+            .expect("push must be refused");
+        let msg = err.to_string().to_lowercase();
+        assert!(
+            msg.contains("401") || msg.contains("unauthorized") || msg.contains("auth"),
+            "{msg}"
+        );
+    }
+    assert!(
+        registry
+            .list_repositories(&Default::default(), &registry_core::AllowAll)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+
+    // With credentials: push to both repositories and pull back.
+    for repo in ["private/img:v1", "public/img:v1"] {
+        client(false)
+            .push(&reference(&host, repo), &layers, config(), &ci, None)
+            .await
+            .unwrap();
+        let image = client(false)
+            .pull(&reference(&host, repo), &ci, vec![IMAGE_LAYER_MEDIA_TYPE])
+            .await
+            .unwrap();
+        assert_eq!(image.layers[0].data.to_vec(), layers[0].data.to_vec());
+    }
+
+    // Anonymous pulls: the public repository through an anonymous token, never the
+    // private one.
+    let image = client(false)
+        .pull(
+            &reference(&host, "public/img:v1"),
+            &RegistryAuth::Anonymous,
+            vec![IMAGE_LAYER_MEDIA_TYPE],
+        )
+        .await
+        .unwrap();
+    assert_eq!(image.layers[0].data.to_vec(), layers[0].data.to_vec());
+    client(false)
+        .pull(
+            &reference(&host, "private/img:v1"),
+            &RegistryAuth::Anonymous,
+            vec![IMAGE_LAYER_MEDIA_TYPE],
+        )
+        .await
+        .err()
+        .expect("anonymous pull of a private repository must be refused");
+    server.shutdown().await;
+}

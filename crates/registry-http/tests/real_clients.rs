@@ -267,3 +267,196 @@ async fn oras_push_pull_and_referrers() {
     assert!(out.contains("referrer found, filter applied"), "{out}");
     server.shutdown().await;
 }
+
+/// Runs a command that must fail; returns its stderr.
+async fn run_fails(program: &str, args: &[&str]) -> String {
+    let (program, args): (String, Vec<String>) = (
+        program.to_owned(),
+        args.iter().map(|s| s.to_string()).collect(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(&program).args(&args).output().expect("spawn");
+        assert!(
+            !out.status.success(),
+            "{program} {args:?} succeeded but must be refused:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+/// A registry where `ci` may do everything and anonymous callers may pull `public/`,
+/// with the built-in token endpoint: the layout of a CI pool.
+fn authenticated_config() -> HttpConfig {
+    use registry_core::access::{Action, Grantee, PrefixRules};
+    let policy = PrefixRules::new()
+        .grant(Grantee::user("ci"), "", Action::ALL)
+        .grant(Grantee::Anyone, "public", Action::READ);
+    HttpConfig::default().with_auth(
+        registry_http::Auth::new(policy)
+            .with_user("ci", "ci-secret")
+            .with_token_issuer(registry_http::TokenIssuer::new("registry")),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_authenticates_with_credentials_and_is_refused_without() {
+    let skopeo = tool("skopeo");
+    let dir = tempfile::tempdir().unwrap();
+    let layout = build_layout(dir.path()).await;
+    let registry = Registry::in_memory();
+    let server = serve_local(registry.clone(), authenticated_config())
+        .await
+        .unwrap();
+    let host = server.url().trim_start_matches("http://").to_owned();
+    // An empty auth file: no credentials from the machine's own configuration.
+    let auth_file = dir.path().join("auth.json");
+    std::fs::write(&auth_file, "{}").unwrap();
+    let auth_file = auth_file.to_str().unwrap();
+    let src = format!("oci:{layout}:v1");
+
+    // Without credentials, and with a wrong password: refused, nothing stored.
+    for creds in [None, Some("ci:wrong"), Some("intruder:ci-secret")] {
+        let mut args = vec![
+            "copy",
+            "--quiet",
+            "--authfile",
+            auth_file,
+            "--dest-tls-verify=false",
+        ];
+        if let Some(c) = creds {
+            args.extend(["--dest-creds", c]);
+        }
+        let dest = format!("docker://{host}/private/img:v1");
+        args.extend([src.as_str(), dest.as_str()]);
+        let err = run_fails(&skopeo, &args).await;
+        assert!(
+            err.to_lowercase().contains("unauthorized") || err.contains("401"),
+            "{creds:?}: {err}"
+        );
+    }
+    assert!(
+        registry
+            .list_repositories(&Default::default(), &registry_core::AllowAll)
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "refused pushes stored nothing"
+    );
+
+    // With credentials: push (token flow), inspect, copy back with every blob verified.
+    for repo in ["private/img", "public/img"] {
+        run(
+            &skopeo,
+            &[
+                "copy",
+                "--quiet",
+                "--authfile",
+                auth_file,
+                "--dest-tls-verify=false",
+                "--dest-creds",
+                "ci:ci-secret",
+                &src,
+                &format!("docker://{host}/{repo}:v1"),
+            ],
+        )
+        .await;
+    }
+    let raw = run(
+        &skopeo,
+        &[
+            "inspect",
+            "--authfile",
+            auth_file,
+            "--tls-verify=false",
+            "--creds",
+            "ci:ci-secret",
+            &format!("docker://{host}/private/img:v1"),
+        ],
+    )
+    .await;
+    let info: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(info["Layers"].as_array().unwrap().len(), 2);
+    let back = dir.path().join("back");
+    run(
+        &skopeo,
+        &[
+            "copy",
+            "--quiet",
+            "--authfile",
+            auth_file,
+            "--src-tls-verify=false",
+            "--src-creds",
+            "ci:ci-secret",
+            &format!("docker://{host}/private/img:v1"),
+            &format!("oci:{}:v1", back.display()),
+        ],
+    )
+    .await;
+
+    // Anonymous: the public repository reads through an anonymous token, the private
+    // one is refused.
+    let anon = run(
+        &skopeo,
+        &[
+            "inspect",
+            "--authfile",
+            auth_file,
+            "--tls-verify=false",
+            "--no-creds",
+            &format!("docker://{host}/public/img:v1"),
+        ],
+    )
+    .await;
+    let anon: serde_json::Value = serde_json::from_str(&anon).unwrap();
+    assert_eq!(anon["Digest"], info["Digest"]);
+    let err = run_fails(
+        &skopeo,
+        &[
+            "inspect",
+            "--authfile",
+            auth_file,
+            "--tls-verify=false",
+            "--no-creds",
+            &format!("docker://{host}/private/img:v1"),
+        ],
+    )
+    .await;
+    assert!(
+        err.to_lowercase().contains("unauthorized") || err.contains("401"),
+        "{err}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oras_authenticates_with_basic_credentials() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join("target/test-deps/venv/bin/python");
+    assert!(
+        python.exists(),
+        "the oras venv is missing: run scripts/install-test-deps.sh"
+    );
+    let script = root.join("scripts/e2e/oras_auth.py");
+    let work = tempfile::tempdir().unwrap();
+    let server = serve_local(Registry::in_memory(), authenticated_config())
+        .await
+        .unwrap();
+    let host = server.url().trim_start_matches("http://").to_owned();
+    let out = run(
+        python.to_str().unwrap(),
+        &[
+            script.to_str().unwrap(),
+            &host,
+            "ci",
+            "ci-secret",
+            work.path().to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(out.contains("oras auth ok"), "{out}");
+    server.shutdown().await;
+}

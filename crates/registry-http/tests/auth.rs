@@ -1,0 +1,906 @@
+//! Authentication and authorization at the HTTP edge, in process: the Basic and Bearer
+//! flows, and hostile attempts (missing, expired, forged and wrongly scoped tokens,
+//! scope escalation at the token endpoint, path tricks, mounts from unreadable
+//! repositories). Every refusal is a 401 or 403 with an OCI error body, and the store
+//! is compared before and after to prove nothing changed.
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use registry_core::access::{Action, Grantee, Identity, PrefixRules};
+use registry_core::{Digest, ListOptions, Registry, RepoName};
+use registry_http::{Auth, HttpConfig, Scope, TokenIssuer, router};
+use tower::ServiceExt;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+    fn code(&self) -> String {
+        let v: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_default();
+        v["errors"][0]["code"].as_str().unwrap_or("").to_owned()
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("json body")
+    }
+    /// A refusal: 401 with a challenge, or 403 DENIED, always with an OCI error body.
+    #[track_caller]
+    fn assert_refused(&self, status: StatusCode) {
+        assert_eq!(
+            self.status,
+            status,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+        match status {
+            StatusCode::UNAUTHORIZED => {
+                assert_eq!(self.code(), "UNAUTHORIZED");
+                assert!(!self.header("www-authenticate").is_empty());
+            }
+            StatusCode::FORBIDDEN => assert_eq!(self.code(), "DENIED"),
+            other => panic!("not a refusal status: {other}"),
+        }
+    }
+}
+
+/// A registry with three users: `ci` may do everything, `alice` may push and pull her
+/// own prefix, `reader` may pull everything; anonymous callers may pull `public/`.
+fn policy() -> PrefixRules {
+    PrefixRules::new()
+        .grant(Grantee::Anyone, "public", Action::READ)
+        .grant(Grantee::user("ci"), "", Action::ALL)
+        .grant(Grantee::user("alice"), "alice", Action::READ_WRITE)
+        .grant(Grantee::user("reader"), "", Action::READ)
+}
+
+fn auth(issuer: TokenIssuer) -> Auth {
+    Auth::new(policy())
+        .with_user("ci", "ci-pass")
+        .with_user("alice", "alice-pass")
+        .with_user("reader", "reader-pass")
+        .with_token_issuer(issuer)
+}
+
+fn setup() -> (Registry, Router) {
+    let registry = Registry::in_memory();
+    let app = router(
+        registry.clone(),
+        HttpConfig::default().with_auth(auth(TokenIssuer::with_key("registry", KEY))),
+    );
+    (registry, app)
+}
+
+fn basic(user: &str, pass: &str) -> String {
+    format!("Basic {}", STANDARD.encode(format!("{user}:{pass}")))
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+async fn send(
+    app: &Router,
+    method: Method,
+    uri: &str,
+    auth: Option<&str>,
+    headers: &[(&str, &str)],
+    body: impl Into<Body>,
+) -> Reply {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", "registry.test");
+    if let Some(a) = auth {
+        req = req.header("authorization", a);
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = app
+        .clone()
+        .oneshot(req.body(body.into()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn get(app: &Router, uri: &str, auth: Option<&str>) -> Reply {
+    send(app, Method::GET, uri, auth, &[], Body::empty()).await
+}
+
+/// Asks the token endpoint for `scopes` with `auth` credentials.
+async fn token(app: &Router, auth: Option<&str>, scopes: &[&str]) -> String {
+    let mut uri = "/token?service=registry".to_owned();
+    for s in scopes {
+        uri.push_str(&format!("&scope={s}"));
+    }
+    let r = get(app, &uri, auth).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let v = r.json();
+    assert_eq!(v["token"], v["access_token"]);
+    assert!(v["expires_in"].as_u64().unwrap() > 0);
+    v["token"].as_str().unwrap().to_owned()
+}
+
+/// The scopes a token of the built-in issuer carries (its payload is readable; only
+/// its signature is secret).
+fn token_scopes(token: &str) -> Vec<String> {
+    let payload = token.split('.').next().unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    v["access"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let actions: Vec<&str> = a["actions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap())
+                .collect();
+            format!(
+                "{}:{}:{}",
+                a["type"].as_str().unwrap(),
+                a["name"].as_str().unwrap(),
+                actions.join(",")
+            )
+        })
+        .collect()
+}
+
+/// Pushes a blob and a manifest tagged `tag` into `repo` with `auth`; returns the
+/// manifest digest.
+async fn push_image(app: &Router, repo: &str, tag: &str, auth: &str) -> String {
+    let layer = format!("layer of {repo}:{tag}").into_bytes();
+    let config = b"{}".to_vec();
+    for blob in [&layer, &config] {
+        let d = Digest::sha256(blob).to_string();
+        let r = send(
+            app,
+            Method::POST,
+            &format!("/v2/{repo}/blobs/uploads/?digest={d}"),
+            Some(auth),
+            &[("content-type", "application/octet-stream")],
+            blob.clone(),
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            StatusCode::CREATED,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let manifest = manifest_for(&config, &layer);
+    let r = send(
+        app,
+        Method::PUT,
+        &format!("/v2/{repo}/manifests/{tag}"),
+        Some(auth),
+        &[("content-type", OCI_MANIFEST)],
+        manifest.clone(),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    Digest::sha256(manifest.as_bytes()).to_string()
+}
+
+fn manifest_for(config: &[u8], layer: &[u8]) -> String {
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
+        Digest::sha256(config),
+        config.len(),
+        Digest::sha256(layer),
+        layer.len()
+    )
+}
+
+/// Everything a client could observe: repositories, their tags and manifest digests.
+async fn snapshot(registry: &Registry) -> Vec<(String, Vec<(String, String)>)> {
+    let all = ListOptions {
+        n: Some(10_000),
+        last: None,
+    };
+    let repos = registry
+        .list_repositories(&all, &registry_core::AllowAll)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for repo in repos.items {
+        let tags = registry.list_tags(&repo, &all).await.unwrap();
+        let mut entries = Vec::new();
+        for tag in tags.items {
+            let m = registry
+                .stat_manifest(&repo, &registry_core::Reference::Tag(tag.clone()))
+                .await
+                .unwrap();
+            entries.push((tag.to_string(), m.digest.to_string()));
+        }
+        out.push((repo.to_string(), entries));
+    }
+    out
+}
+
+#[tokio::test]
+async fn base_challenges_anonymous_callers_with_the_token_realm() {
+    let (_, app) = setup();
+    let r = get(&app, "/v2/", None).await;
+    r.assert_refused(StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.header("www-authenticate"),
+        r#"Bearer realm="http://registry.test/token",service="registry""#
+    );
+    let ok = get(&app, "/v2/", Some(&basic("reader", "reader-pass"))).await;
+    assert_eq!(ok.status, StatusCode::OK);
+    let t = token(&app, Some(&basic("reader", "reader-pass")), &[]).await;
+    assert_eq!(
+        get(&app, "/v2/", Some(&bearer(&t))).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn basic_credentials_push_and_pull() {
+    let (_, app) = setup();
+    let ci = basic("ci", "ci-pass");
+    let digest = push_image(&app, "team/app", "v1", &ci).await;
+    let r = get(&app, "/v2/team/app/manifests/v1", Some(&ci)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("docker-content-digest"), digest);
+    let r = get(
+        &app,
+        "/v2/team/app/manifests/v1",
+        Some(&basic("reader", "reader-pass")),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_token_flow_follows_the_challenge() {
+    let (registry, app) = setup();
+    // The challenge names the scope the client must ask for.
+    let r = send(
+        &app,
+        Method::POST,
+        "/v2/team/app/blobs/uploads/",
+        None,
+        &[],
+        Body::empty(),
+    )
+    .await;
+    r.assert_refused(StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.header("www-authenticate"),
+        r#"Bearer realm="http://registry.test/token",service="registry",scope="repository:team/app:pull,push""#
+    );
+    let t = token(
+        &app,
+        Some(&basic("ci", "ci-pass")),
+        &["repository:team/app:pull,push"],
+    )
+    .await;
+    assert_eq!(token_scopes(&t), ["repository:team/app:pull,push"]);
+    let digest = push_image(&app, "team/app", "v1", &bearer(&t)).await;
+    let r = get(&app, "/v2/team/app/manifests/v1", Some(&bearer(&t))).await;
+    assert_eq!(r.header("docker-content-digest"), digest);
+    assert_eq!(
+        snapshot(&registry).await,
+        [("team/app".to_owned(), vec![("v1".to_owned(), digest)])]
+    );
+    // The OAuth2 form variant (containerd) grants the same.
+    let r = send(
+        &app,
+        Method::POST,
+        "/token",
+        None,
+        &[("content-type", "application/x-www-form-urlencoded")],
+        "grant_type=password&username=ci&password=ci-pass&service=registry&scope=repository%3Ateam%2Fapp%3Apull",
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let t = r.json()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(token_scopes(&t), ["repository:team/app:pull"]);
+    let r = send(
+        &app,
+        Method::POST,
+        "/token",
+        None,
+        &[("content-type", "application/x-www-form-urlencoded")],
+        "grant_type=password&username=ci&password=wrong&service=registry",
+    )
+    .await;
+    r.assert_refused(StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn anonymous_callers_read_only_what_the_policy_allows() {
+    let (registry, app) = setup();
+    let ci = basic("ci", "ci-pass");
+    push_image(&app, "public/tool", "v1", &ci).await;
+    push_image(&app, "private/tool", "v1", &ci).await;
+    let before = snapshot(&registry).await;
+    // Without any credentials: public reads pass, everything else asks for them.
+    assert_eq!(
+        get(&app, "/v2/public/tool/manifests/v1", None).await.status,
+        StatusCode::OK
+    );
+    get(&app, "/v2/private/tool/manifests/v1", None)
+        .await
+        .assert_refused(StatusCode::UNAUTHORIZED);
+    get(&app, "/v2/private/tool/tags/list", None)
+        .await
+        .assert_refused(StatusCode::UNAUTHORIZED);
+    send(
+        &app,
+        Method::POST,
+        "/v2/public/tool/blobs/uploads/",
+        None,
+        &[],
+        Body::empty(),
+    )
+    .await
+    .assert_refused(StatusCode::UNAUTHORIZED);
+    send(
+        &app,
+        Method::DELETE,
+        "/v2/public/tool/manifests/v1",
+        None,
+        &[],
+        Body::empty(),
+    )
+    .await
+    .assert_refused(StatusCode::UNAUTHORIZED);
+    // An anonymous token gets only the public read, whatever it asks for.
+    let t = token(
+        &app,
+        None,
+        &[
+            "repository:public/tool:pull,push,delete",
+            "repository:private/tool:pull",
+        ],
+    )
+    .await;
+    assert_eq!(token_scopes(&t), ["repository:public/tool:pull"]);
+    assert_eq!(
+        get(&app, "/v2/public/tool/manifests/v1", Some(&bearer(&t)))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    get(&app, "/v2/private/tool/manifests/v1", Some(&bearer(&t)))
+        .await
+        .assert_refused(StatusCode::UNAUTHORIZED);
+    send(
+        &app,
+        Method::PUT,
+        "/v2/public/tool/manifests/v2",
+        Some(&bearer(&t)),
+        &[("content-type", OCI_MANIFEST)],
+        "{}",
+    )
+    .await
+    .assert_refused(StatusCode::UNAUTHORIZED);
+    assert_eq!(snapshot(&registry).await, before);
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_refused_not_downgraded() {
+    let (registry, app) = setup();
+    push_image(&app, "public/tool", "v1", &basic("ci", "ci-pass")).await;
+    let before = snapshot(&registry).await;
+    // A wrong password must not fall back to anonymous, even where anonymous could read.
+    for creds in [
+        basic("ci", "wrong"),
+        basic("nobody", "ci-pass"),
+        basic("ci", ""),
+        "Basic !!!not-base64".to_owned(),
+        format!("Basic {}", STANDARD.encode("no-colon")),
+        "Digest username=\"ci\"".to_owned(),
+        "Bearer".to_owned(),
+    ] {
+        get(&app, "/v2/public/tool/manifests/v1", Some(&creds))
+            .await
+            .assert_refused(StatusCode::UNAUTHORIZED);
+        get(
+            &app,
+            "/token?service=registry&scope=repository:public/tool:pull",
+            Some(&creds),
+        )
+        .await
+        .assert_refused(StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(snapshot(&registry).await, before);
+}
+
+#[tokio::test]
+async fn expired_forged_and_foreign_tokens_are_refused() {
+    let (registry, app) = setup();
+    let ci = basic("ci", "ci-pass");
+    push_image(&app, "team/app", "v1", &ci).await;
+    let before = snapshot(&registry).await;
+    let scope = [Scope::repository("team/app", Action::ALL)];
+    let expired = TokenIssuer::with_key("registry", KEY).issue(
+        &Identity::user("ci"),
+        &scope,
+        std::time::Duration::ZERO,
+    );
+    let foreign_key = TokenIssuer::with_key("registry", b"another key entirely, 32 bytes!!").issue(
+        &Identity::user("ci"),
+        &scope,
+        std::time::Duration::from_secs(60),
+    );
+    let other_service = TokenIssuer::with_key("elsewhere", KEY).issue(
+        &Identity::user("ci"),
+        &scope,
+        std::time::Duration::from_secs(60),
+    );
+    // A real token for reader, with its payload rewritten to claim ci's rights.
+    let real = token(
+        &app,
+        Some(&basic("reader", "reader-pass")),
+        &["repository:team/app:pull"],
+    )
+    .await;
+    let (_, sig) = real.split_once('.').unwrap();
+    let forged_payload = URL_SAFE_NO_PAD.encode(
+        serde_json::json!({"aud":"registry","sub":"ci","exp":u64::MAX,"iat":0,
+            "access":[{"type":"repository","name":"team/app","actions":["pull","push","delete"]}]})
+        .to_string(),
+    );
+    let forged = format!("{forged_payload}.{sig}");
+    let unsigned = format!("{forged_payload}.");
+    for bad in [
+        expired,
+        foreign_key,
+        other_service,
+        forged,
+        unsigned,
+        "x.y.z".to_owned(),
+    ] {
+        let r = get(&app, "/v2/team/app/manifests/v1", Some(&bearer(&bad))).await;
+        r.assert_refused(StatusCode::UNAUTHORIZED);
+        assert!(
+            r.header("www-authenticate")
+                .contains("error=\"invalid_token\"")
+        );
+        send(
+            &app,
+            Method::DELETE,
+            "/v2/team/app/manifests/v1",
+            Some(&bearer(&bad)),
+            &[],
+            Body::empty(),
+        )
+        .await
+        .assert_refused(StatusCode::UNAUTHORIZED);
+        // A token cannot be traded for another token.
+        get(
+            &app,
+            "/token?service=registry&scope=repository:team/app:pull",
+            Some(&bearer(&bad)),
+        )
+        .await
+        .assert_refused(StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(snapshot(&registry).await, before);
+}
+
+#[tokio::test]
+async fn tokens_are_bound_to_their_scopes() {
+    let (registry, app) = setup();
+    let ci = basic("ci", "ci-pass");
+    let digest = push_image(&app, "team/app", "v1", &ci).await;
+    push_image(&app, "team/other", "v1", &ci).await;
+    let before = snapshot(&registry).await;
+    // ci may do anything, but this token was asked for a pull of one repository only.
+    let t = token(&app, Some(&ci), &["repository:team/app:pull"]).await;
+    assert_eq!(
+        get(&app, "/v2/team/app/manifests/v1", Some(&bearer(&t)))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let r = get(&app, "/v2/team/other/manifests/v1", Some(&bearer(&t))).await;
+    r.assert_refused(StatusCode::FORBIDDEN);
+    assert!(
+        r.header("www-authenticate")
+            .contains("error=\"insufficient_scope\"")
+    );
+    assert!(
+        r.header("www-authenticate")
+            .contains("scope=\"repository:team/other:pull\"")
+    );
+    send(
+        &app,
+        Method::POST,
+        "/v2/team/app/blobs/uploads/",
+        Some(&bearer(&t)),
+        &[],
+        Body::empty(),
+    )
+    .await
+    .assert_refused(StatusCode::FORBIDDEN);
+    send(
+        &app,
+        Method::DELETE,
+        &format!("/v2/team/app/manifests/{digest}"),
+        Some(&bearer(&t)),
+        &[],
+        Body::empty(),
+    )
+    .await
+    .assert_refused(StatusCode::FORBIDDEN);
+    // Push rights do not include deletes.
+    let t = token(&app, Some(&ci), &["repository:team/app:pull,push"]).await;
+    send(
+        &app,
+        Method::DELETE,
+        &format!("/v2/team/app/manifests/{digest}"),
+        Some(&bearer(&t)),
+        &[],
+        Body::empty(),
+    )
+    .await
+    .assert_refused(StatusCode::FORBIDDEN);
+    // The catalog needs its own scope.
+    get(&app, "/v2/_catalog", Some(&bearer(&t)))
+        .await
+        .assert_refused(StatusCode::FORBIDDEN);
+    assert_eq!(snapshot(&registry).await, before);
+}
+
+#[tokio::test]
+async fn token_requests_cannot_escalate() {
+    let (registry, app) = setup();
+    let ci = basic("ci", "ci-pass");
+    push_image(&app, "team/app", "v1", &ci).await;
+    let before = snapshot(&registry).await;
+    let reader = basic("reader", "reader-pass");
+    // Asking for more than the policy allows yields a token with less, not an error.
+    let t = token(
+        &app,
+        Some(&reader),
+        &[
+            "repository:team/app:pull,push,delete,*",
+            "repository:alice/x:push",
+            "repository:../etc:pull",
+            "repository:team/app/../../secret:pull",
+            "registry:catalog:*",
+        ],
+    )
+    .await;
+    assert_eq!(
+        token_scopes(&t),
+        ["repository:team/app:list,pull", "registry:catalog:*"]
+    );
+    // Using it to write: the policy refuses reader outright.
+    send(
+        &app,
+        Method::POST,
+        "/v2/team/app/blobs/uploads/",
+        Some(&bearer(&t)),
+        &[],
+        Body::empty(),
+    )
+    .await
+    .assert_refused(StatusCode::FORBIDDEN);
+    send(
+        &app,
+        Method::DELETE,
+        "/v2/team/app/manifests/v1",
+        Some(&bearer(&t)),
+        &[],
+        Body::empty(),
+    )
+    .await
+    .assert_refused(StatusCode::FORBIDDEN);
+    // Scope strings with extra separators cannot smuggle a second repository in.
+    let t = token(
+        &app,
+        Some(&basic("alice", "alice-pass")),
+        &["repository:alice/x:pull,push:team/app:push"],
+    )
+    .await;
+    assert!(
+        token_scopes(&t).iter().all(|s| !s.contains("team/app")),
+        "{:?}",
+        token_scopes(&t)
+    );
+    // A service the registry does not serve gets nothing.
+    let r = get(
+        &app,
+        "/token?service=elsewhere&scope=repository:team/app:pull",
+        Some(&reader),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(snapshot(&registry).await, before);
+}
+
+#[tokio::test]
+async fn users_are_denied_outside_their_grants() {
+    let (registry, app) = setup();
+    let ci = basic("ci", "ci-pass");
+    push_image(&app, "team/app", "v1", &ci).await;
+    let alice = basic("alice", "alice-pass");
+    push_image(&app, "alice/app", "v1", &alice).await;
+    let before = snapshot(&registry).await;
+    get(&app, "/v2/team/app/manifests/v1", Some(&alice))
+        .await
+        .assert_refused(StatusCode::FORBIDDEN);
+    get(&app, "/v2/team/app/tags/list", Some(&alice))
+        .await
+        .assert_refused(StatusCode::FORBIDDEN);
+    let d = Digest::sha256(b"x");
+    get(&app, &format!("/v2/team/app/referrers/{d}"), Some(&alice))
+        .await
+        .assert_refused(StatusCode::FORBIDDEN);
+    send(
+        &app,
+        Method::POST,
+        "/v2/alicex/app/blobs/uploads/",
+        Some(&alice),
+        &[],
+        Body::empty(),
+    )
+    .await
+    .assert_refused(StatusCode::FORBIDDEN);
+    send(
+        &app,
+        Method::DELETE,
+        "/v2/alice/app/manifests/v1",
+        Some(&alice),
+        &[],
+        Body::empty(),
+    )
+    .await
+    .assert_refused(StatusCode::FORBIDDEN);
+    // An upload session of another user is not reachable through a readable repo.
+    let r = send(
+        &app,
+        Method::POST,
+        "/v2/team/app/blobs/uploads/",
+        Some(&ci),
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let location = r.header("location").to_owned();
+    let reader = basic("reader", "reader-pass");
+    get(&app, &location, Some(&reader))
+        .await
+        .assert_refused(StatusCode::FORBIDDEN);
+    send(&app, Method::PATCH, &location, Some(&reader), &[], "bytes")
+        .await
+        .assert_refused(StatusCode::FORBIDDEN);
+    send(
+        &app,
+        Method::DELETE,
+        &location,
+        Some(&reader),
+        &[],
+        Body::empty(),
+    )
+    .await
+    .assert_refused(StatusCode::FORBIDDEN);
+    assert_eq!(snapshot(&registry).await, before);
+}
+
+#[tokio::test]
+async fn path_tricks_never_reach_another_repository() {
+    let (registry, app) = setup();
+    let ci = basic("ci", "ci-pass");
+    push_image(&app, "private/secret", "v1", &ci).await;
+    push_image(&app, "public/tool", "v1", &ci).await;
+    let before = snapshot(&registry).await;
+    for path in [
+        "/v2/public/../private/secret/manifests/v1",
+        "/v2/public/tool/../../private/secret/manifests/v1",
+        "/v2/public/%2e%2e/private/secret/manifests/v1",
+        "/v2/public%2F..%2Fprivate/secret/manifests/v1",
+        "/v2//private/secret/manifests/v1",
+        "/v2/public/tool/manifests/../../private/secret/manifests/v1",
+        "/v2/./private/secret/manifests/v1",
+        "/v2/PUBLIC/../private/secret/manifests/v1",
+    ] {
+        let r = get(&app, path, None).await;
+        eprintln!("{path}: {} {}", r.status, r.code());
+        assert!(
+            r.status.is_client_error() && r.status != StatusCode::NOT_ACCEPTABLE,
+            "{path}: {}",
+            r.status
+        );
+        assert!(!r.code().is_empty(), "{path}: an OCI error body");
+        assert!(
+            r.header("docker-content-digest").is_empty(),
+            "{path} served a manifest"
+        );
+    }
+    // A public path that names a blob by a digest only the private repo holds.
+    let secret_layer = Digest::sha256(b"layer of private/secret:v1");
+    let r = get(&app, &format!("/v2/public/tool/blobs/{secret_layer}"), None).await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "not linked to the public repository"
+    );
+    assert_eq!(r.code(), "BLOB_UNKNOWN");
+    assert_eq!(snapshot(&registry).await, before);
+}
+
+#[tokio::test]
+async fn mounts_never_cross_into_unreadable_repositories() {
+    let (registry, app) = setup();
+    let ci = basic("ci", "ci-pass");
+    push_image(&app, "private/secret", "v1", &ci).await;
+    let alice = basic("alice", "alice-pass");
+    let secret_layer = Digest::sha256(b"layer of private/secret:v1");
+    for query in [
+        format!("mount={secret_layer}&from=private/secret"),
+        format!("mount={secret_layer}"),
+    ] {
+        let r = send(
+            &app,
+            Method::POST,
+            &format!("/v2/alice/app/blobs/uploads/?{query}"),
+            Some(&alice),
+            &[],
+            Body::empty(),
+        )
+        .await;
+        // Not mounted: the spec's fallback is a fresh upload session.
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{query}");
+        let head = send(
+            &app,
+            Method::HEAD,
+            &format!("/v2/alice/app/blobs/{secret_layer}"),
+            Some(&alice),
+            &[],
+            Body::empty(),
+        )
+        .await;
+        assert_eq!(head.status, StatusCode::NOT_FOUND, "{query}");
+    }
+    // ci may read the source, so the same mount works for ci.
+    let r = send(
+        &app,
+        Method::POST,
+        &format!("/v2/team/app/blobs/uploads/?mount={secret_layer}&from=private/secret"),
+        Some(&ci),
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    // With a token, the source needs pull scope in the token as well.
+    let t = token(&app, Some(&ci), &["repository:team/other:pull,push"]).await;
+    let r = send(
+        &app,
+        Method::POST,
+        &format!("/v2/team/other/blobs/uploads/?mount={secret_layer}&from=private/secret"),
+        Some(&bearer(&t)),
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let repo = RepoName::parse("team/other").unwrap();
+    assert!(registry.stat_blob(&repo, &secret_layer).await.is_err());
+}
+
+#[tokio::test]
+async fn the_catalog_lists_only_readable_repositories() {
+    let (_, app) = setup();
+    let ci = basic("ci", "ci-pass");
+    for repo in ["alice/a", "alice/b", "private/x", "public/y"] {
+        push_image(&app, repo, "v1", &ci).await;
+    }
+    let names = |r: Reply| -> Vec<String> {
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        r.json()["repositories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let alice = basic("alice", "alice-pass");
+    assert_eq!(
+        names(get(&app, "/v2/_catalog", Some(&alice)).await),
+        ["alice/a", "alice/b", "public/y"]
+    );
+    // Paging runs over the filtered list.
+    let r = get(&app, "/v2/_catalog?n=1", Some(&alice)).await;
+    assert!(
+        r.header("link").contains("last=alice/a"),
+        "{}",
+        r.header("link")
+    );
+    assert_eq!(names(r), ["alice/a"]);
+    assert_eq!(
+        names(get(&app, "/v2/_catalog?n=5&last=alice/b", Some(&alice)).await),
+        ["public/y"]
+    );
+    assert_eq!(names(get(&app, "/v2/_catalog", Some(&ci)).await).len(), 4);
+    // Anonymous: sent for a token, which then shows the public repository only.
+    get(&app, "/v2/_catalog", None)
+        .await
+        .assert_refused(StatusCode::UNAUTHORIZED);
+    let t = token(&app, None, &["registry:catalog:*"]).await;
+    assert_eq!(
+        names(get(&app, "/v2/_catalog", Some(&bearer(&t))).await),
+        ["public/y"]
+    );
+}
+
+#[tokio::test]
+async fn basic_only_registries_challenge_with_basic() {
+    let registry = Registry::in_memory();
+    let app = router(
+        registry,
+        HttpConfig::default().with_auth(Auth::new(policy()).with_user("ci", "ci-pass")),
+    );
+    let r = get(&app, "/v2/", None).await;
+    r.assert_refused(StatusCode::UNAUTHORIZED);
+    assert_eq!(r.header("www-authenticate"), "Basic realm=\"registry\"");
+    // No token endpoint, and no bearer token is accepted.
+    assert_eq!(
+        get(&app, "/token", None).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let t = TokenIssuer::with_key("registry", KEY).issue(
+        &Identity::user("ci"),
+        &[Scope::repository("x", Action::ALL)],
+        std::time::Duration::from_secs(60),
+    );
+    get(&app, "/v2/x/tags/list", Some(&bearer(&t)))
+        .await
+        .assert_refused(StatusCode::UNAUTHORIZED);
+    push_image(&app, "x", "v1", &basic("ci", "ci-pass")).await;
+}
