@@ -36,6 +36,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod range;
 mod routes;
 
 use std::net::SocketAddr;
