@@ -107,6 +107,8 @@ pub fn router(registry: Registry, config: HttpConfig) -> Router {
         .route("/v2", get(routes::base).head(routes::base))
         .route("/v2/_catalog", get(routes::catalog))
         .route("/v2/{*rest}", axum::routing::any(routes::dispatch))
+        .fallback(error::no_such_endpoint)
+        .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::middleware::from_fn(routes::api_version_header))
         .with_state(state)
 }

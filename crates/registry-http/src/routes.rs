@@ -202,10 +202,13 @@ fn link_header(path: &str, n: usize, next: &str) -> String {
 fn list_options(q: &[(String, String)]) -> Result<ListOptions, ApiError> {
     let n = match first(q, "n") {
         None | Some("") => None,
-        Some(v) => Some(
-            v.parse::<usize>()
-                .map_err(|_| ApiError::bad_request("PAGINATION_NUMBER_INVALID", "invalid n"))?,
-        ),
+        // Digits too many for a usize ask for "everything": the page size caps them.
+        Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(v.parse::<usize>().unwrap_or(usize::MAX))
+        }
+        // The spec has no pagination code; UNSUPPORTED covers "an invalid set of
+        // parameters".
+        Some(_) => return Err(ApiError::bad_request("UNSUPPORTED", "invalid n")),
     };
     Ok(ListOptions {
         n,
