@@ -295,3 +295,42 @@ proptest! {
         }
     }
 }
+
+/// Regression (fuzzing, `inspect_manifest`): invalid UTF-8 inside a string that serde
+/// skips (an ignored field, or any field of an unknown media type) was accepted, so a
+/// manifest that is not JSON could be stored and served.
+#[test]
+fn manifests_with_invalid_utf8_are_refused() {
+    let (m, _) = image(b"{}", &[b"layer".to_vec()]);
+    let ignored = m.replacen('{', "{\"x-ignored\":\"\u{1}\",", 1);
+    let mut bad = ignored.into_bytes();
+    let at = bad.iter().position(|&b| b == 1).unwrap();
+    bad[at] = 0xff;
+    for ct in CONTENT_TYPES {
+        assert!(
+            ManifestInfo::inspect(ct, &bad).is_err(),
+            "accepted invalid UTF-8 as {ct:?}"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Arbitrary bytes inside a string value of an otherwise valid manifest: accepted
+    /// only if the whole document is still valid JSON.
+    #[test]
+    fn accepted_manifests_are_json_whatever_their_strings_hold(
+        junk in proptest::collection::vec(any::<u8>(), 0..12),
+        ct in 0usize..CONTENT_TYPES.len(),
+    ) {
+        let (m, _) = image(b"{}", &[b"layer".to_vec()]);
+        let mut doc = b"{\"x-ignored\":\"".to_vec();
+        doc.extend_from_slice(&junk);
+        doc.extend_from_slice(b"\",");
+        doc.extend_from_slice(&m.as_bytes()[1..]);
+        if ManifestInfo::inspect(CONTENT_TYPES[ct], &doc).is_ok() {
+            prop_assert!(serde_json::from_slice::<serde_json::Value>(&doc).is_ok());
+        }
+    }
+}
