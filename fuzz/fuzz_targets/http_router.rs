@@ -494,9 +494,26 @@ fn replay(world: &World, line: &str) -> (Request<Body>, Option<usize>, u64) {
     )
 }
 
+/// The registry under test: defaults, or (by the input's `config` bits) tiny limits,
+/// deletes switched off, read-only mode, so that limit paths are fuzzed too.
+fn registry_for(config: u8) -> (Registry, HttpConfig) {
+    let mut builder = Registry::builder(registry_core::MemoryStore::new());
+    if config & 1 != 0 {
+        builder = builder
+            .with_max_manifest_size(700)
+            .with_max_blob_size(16)
+            .with_max_open_uploads(4, 2)
+            .with_max_page_size(2);
+    }
+    let http = HttpConfig::default()
+        .with_deletes(config & 2 == 0)
+        .with_read_only(config & 4 != 0);
+    (builder.build(), http)
+}
+
 async fn run(input: &Input) {
-    let registry = Registry::in_memory();
-    let app = registry_http::router(registry.clone(), HttpConfig::default());
+    let (registry, http) = registry_for(input.config);
+    let app = registry_http::router(registry.clone(), http);
     let meta = registry.storage().metadata;
     let mut world = World::default();
     let traced = TRACES[..input.prelude as usize % (TRACES.len() + 1)]
@@ -567,7 +584,7 @@ async fn run(input: &Input) {
                 }
             }
         }
-        if status.as_u16() == 201 && path.contains("/blobs/") {
+        if status.as_u16() == 201 && matches!(endpoint(&path), Some(("/blobs/", _))) {
             if let Some(d) = headers
                 .get("docker-content-digest")
                 .and_then(|v| v.to_str().ok())
@@ -583,7 +600,10 @@ async fn run(input: &Input) {
                 world.sessions[i].1 += len;
             }
         }
-        if method == Method::PUT && status.as_u16() == 201 && path.contains("/manifests/") {
+        if method == Method::PUT
+            && status.as_u16() == 201
+            && matches!(endpoint(&path), Some(("/manifests/", _)))
+        {
             let d = headers
                 .get("docker-content-digest")
                 .and_then(|v| v.to_str().ok())
@@ -636,10 +656,32 @@ fn check_success(
     body: &Bytes,
     status: u16,
 ) {
+    let endpoint = endpoint(path);
+    let content = matches!(endpoint, Some(("/blobs/", t)) if t.starts_with("sha"))
+        || matches!(endpoint, Some(("/manifests/", _)));
+    if (method == Method::GET || method == Method::HEAD) && content && status / 100 == 2 {
+        assert!(
+            headers.contains_key("docker-content-digest"),
+            "{described}: no Docker-Content-Digest"
+        );
+        assert!(
+            headers.contains_key("content-length"),
+            "{described}: no Content-Length"
+        );
+    }
+    if method == Method::HEAD {
+        assert!(body.is_empty(), "{described}: HEAD answered with a body");
+    }
+    if status == 202 && path.contains("/blobs/uploads/") && method != Method::DELETE {
+        assert!(
+            headers.contains_key("location"),
+            "{described}: 202 without Location"
+        );
+    }
     if method != Method::GET || status != 200 {
         return;
     }
-    if let Some((_, d)) = path.rsplit_once("/blobs/") {
+    if let Some(("/blobs/", d)) = endpoint {
         if let Ok(d) = Digest::parse(d) {
             assert!(
                 d.verify(body),
@@ -647,7 +689,7 @@ fn check_success(
             );
         }
     }
-    if path.contains("/manifests/") {
+    if let Some(("/manifests/", r)) = endpoint {
         let d = headers
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
@@ -657,18 +699,31 @@ fn check_success(
             d.verify(body),
             "{described}: manifest bytes do not hash to {d}"
         );
-        if let Some((_, r)) = path.rsplit_once("/manifests/") {
-            if let Ok(asked) = Digest::parse(r) {
-                assert_eq!(asked, d, "{described}: served another manifest");
-            }
+        if let Ok(asked) = Digest::parse(r) {
+            assert_eq!(asked, d, "{described}: served another manifest");
         }
     }
+}
+
+/// The endpoint a path names, as the router reads it: the last of the markers (names
+/// may contain the markers' words), with what follows it; `None` for tag lists and
+/// anything else.
+fn endpoint(path: &str) -> Option<(&'static str, &str)> {
+    if path.ends_with("/tags/list") {
+        return None;
+    }
+    ["/blobs/", "/manifests/", "/referrers/"]
+        .into_iter()
+        .filter_map(|m| path.rfind(m).map(|i| (i, m)))
+        .max_by_key(|(i, _)| *i)
+        .map(|(i, m)| (m, &path[i + m.len()..]))
 }
 
 /// An input: how many recorded traces to replay first, then fuzzed requests.
 #[derive(Arbitrary, Debug)]
 struct Input {
     prelude: u8,
+    config: u8,
     requests: Vec<Req>,
 }
 
