@@ -1255,7 +1255,9 @@ impl Registry {
     // ----- listings -----
 
     fn page_size(&self, n: Option<usize>) -> usize {
-        let max = self.inner.config.max_page_size;
+        // Listings fetch one item more than the page to learn whether more remain: keep
+        // that `n + 1` from overflowing when both `n` and the limit are `usize::MAX`.
+        let max = self.inner.config.max_page_size.min(usize::MAX - 1);
         n.map_or(max, |n| n.min(max))
     }
 

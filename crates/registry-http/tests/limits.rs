@@ -731,3 +731,44 @@ async fn unrouted_requests_get_oci_errors() {
         assert_eq!(r.code(), code, "{method} {path}: {:?}", r.body);
     }
 }
+
+/// Regression: with the page size limit set to `usize::MAX` ("unlimited"), an `n` of
+/// `usize::MAX` (or more digits, which ask for everything) made the listing's `n + 1`
+/// look-ahead overflow: a panic in debug builds, an empty page in release.
+#[tokio::test]
+async fn unlimited_page_size_with_the_largest_n_lists_everything() {
+    let (b, _clock) = builder();
+    let app = router(
+        b.with_max_page_size(usize::MAX).build(),
+        HttpConfig::default(),
+    );
+    push_blob(&app, "u/a", b"{}").await;
+    push_blob(&app, "u/a", b"layer").await;
+    let subject = image_manifest(b"{}", &[b"layer"]);
+    assert_eq!(
+        push_manifest(&app, "u/a", "t1", &subject).await.status,
+        StatusCode::CREATED
+    );
+    let subject_digest = Digest::sha256(subject.as_bytes());
+    let referrer = image_manifest_with(
+        b"{}",
+        &[b"layer"],
+        Some((&subject_digest, subject.len() as u64)),
+        Some("application/vnd.example.sig"),
+    );
+    assert_eq!(
+        push_manifest(&app, "u/a", "t2", &referrer).await.status,
+        StatusCode::CREATED
+    );
+    for n in [usize::MAX.to_string(), "99999999999999999999999".to_owned()] {
+        let r = get(&app, &format!("/v2/u/a/tags/list?n={n}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        assert_eq!(r.json()["tags"], serde_json::json!(["t1", "t2"]));
+        assert!(r.header("link").is_none());
+        let r = get(&app, &format!("/v2/_catalog?n={n}")).await;
+        assert_eq!(r.json()["repositories"], serde_json::json!(["u/a"]));
+        let r = get(&app, &format!("/v2/u/a/referrers/{subject_digest}?n={n}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        assert_eq!(r.json()["manifests"].as_array().unwrap().len(), 1);
+    }
+}
