@@ -151,6 +151,7 @@ enum QueryKey {
 enum QueryVal {
     Num(u16),
     Huge,
+    Max,
     Digest(DigestSel),
     Repo(RepoSel),
     Tag(u8),
@@ -324,6 +325,7 @@ impl World {
         match v {
             QueryVal::Num(n) => n.to_string(),
             QueryVal::Huge => "99999999999999999999999".to_owned(),
+            QueryVal::Max => u64::MAX.to_string(),
             QueryVal::Digest(d) => encode(&self.digest(d)),
             QueryVal::Repo(r) => encode(&self.repo(r)),
             QueryVal::Tag(i) => pick(&TAGS, *i).to_owned(),
@@ -495,7 +497,8 @@ fn replay(world: &World, line: &str) -> (Request<Body>, Option<usize>, u64) {
 }
 
 /// The registry under test: defaults, or (by the input's `config` bits) tiny limits,
-/// deletes switched off, read-only mode, so that limit paths are fuzzed too.
+/// deletes switched off, read-only mode, unlimited pages, so that limit paths are
+/// fuzzed too.
 fn registry_for(config: u8) -> (Registry, HttpConfig) {
     let mut builder = Registry::builder(registry_core::MemoryStore::new());
     if config & 1 != 0 {
@@ -504,6 +507,10 @@ fn registry_for(config: u8) -> (Registry, HttpConfig) {
             .with_max_blob_size(16)
             .with_max_open_uploads(4, 2)
             .with_max_page_size(2);
+    }
+    if config & 8 != 0 {
+        // "Unlimited" pages: the edge of every page size computation.
+        builder = builder.with_max_page_size(usize::MAX);
     }
     let http = HttpConfig::default()
         .with_deletes(config & 2 == 0)

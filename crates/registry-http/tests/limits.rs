@@ -732,9 +732,9 @@ async fn unrouted_requests_get_oci_errors() {
     }
 }
 
-/// Regression: with the page size limit set to `usize::MAX` ("unlimited"), an `n` of
-/// `usize::MAX` (or more digits, which ask for everything) made the listing's `n + 1`
-/// look-ahead overflow: a panic in debug builds, an empty page in release.
+/// Regression (fuzzing, `http_router`): with the page size limit set to `usize::MAX`
+/// ("unlimited"), a listing without `n`, or with `n` of `usize::MAX` or more digits, made
+/// the `n + 1` look-ahead overflow: a panic in debug builds, an empty page in release.
 #[tokio::test]
 async fn unlimited_page_size_with_the_largest_n_lists_everything() {
     let (b, _clock) = builder();
@@ -760,14 +760,19 @@ async fn unlimited_page_size_with_the_largest_n_lists_everything() {
         push_manifest(&app, "u/a", "t2", &referrer).await.status,
         StatusCode::CREATED
     );
-    for n in [usize::MAX.to_string(), "99999999999999999999999".to_owned()] {
-        let r = get(&app, &format!("/v2/u/a/tags/list?n={n}")).await;
+    // Found by fuzzing: no `n` at all asks for a page of the limit, overflowing too.
+    for query in [
+        "",
+        &format!("?n={}", usize::MAX),
+        "?n=99999999999999999999999",
+    ] {
+        let r = get(&app, &format!("/v2/u/a/tags/list{query}")).await;
         assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
         assert_eq!(r.json()["tags"], serde_json::json!(["t1", "t2"]));
         assert!(r.header("link").is_none());
-        let r = get(&app, &format!("/v2/_catalog?n={n}")).await;
+        let r = get(&app, &format!("/v2/_catalog{query}")).await;
         assert_eq!(r.json()["repositories"], serde_json::json!(["u/a"]));
-        let r = get(&app, &format!("/v2/u/a/referrers/{subject_digest}?n={n}")).await;
+        let r = get(&app, &format!("/v2/u/a/referrers/{subject_digest}{query}")).await;
         assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
         assert_eq!(r.json()["manifests"].as_array().unwrap().len(), 1);
     }
