@@ -59,8 +59,11 @@ phase delete skopeo delete --tls-verify=false "docker://$reg/seed/copy:v2"
 
 # inspect_manifest: every JSON document of the image layouts (manifests, configs,
 # layout indexes) and the manifests skopeo pushed.
-rm -rf corpus/inspect_manifest corpus/parse_inputs corpus/parse_ranges corpus/http_router
-mkdir -p corpus/inspect_manifest corpus/parse_inputs corpus/parse_ranges corpus/http_router
+# Crash inputs kept as regression seeds (`regression-*`) stay.
+for t in inspect_manifest parse_inputs parse_ranges http_router; do
+    mkdir -p "corpus/$t"
+    find "corpus/$t" -type f ! -name 'regression-*' -delete
+done
 for f in "$tmp"/layout/index.json "$tmp"/layout/blobs/sha256/* "$tmp"/pulled/index.json "$tmp"/pulled/blobs/sha256/*; do
     if python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$f" 2> /dev/null; then
         cp "$f" "corpus/inspect_manifest/$(sha256sum "$f" | cut -c1-16)"
