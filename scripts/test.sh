@@ -37,3 +37,9 @@ scripts/e2e-clients.sh
 
 step "two serve processes on one bucket: S3 (moto) and Azure Blob (Azurite), with skopeo"
 scripts/e2e-object.sh
+
+# ---- fuzzing (hostile input): every cargo-fuzz target for a bounded time ------------
+# FUZZ_SECONDS per target (default 25); any crash, leak or hang fails the run.
+step "fuzzing every target (scripts/fuzz.sh)"
+scripts/fuzz.sh
+# ---- end of fuzzing -----------------------------------------------------------------

@@ -167,6 +167,14 @@ pub enum Error {
         /// What was refused.
         operation: &'static str,
     },
+    /// The caller's body stream failed before it ended (an HTTP client that stopped
+    /// sending, or whose connection broke): the client's fault, not storage's. Nothing
+    /// of the failed body was kept.
+    #[error("the request body did not arrive: {reason}")]
+    BodyIncomplete {
+        /// What the body stream reported.
+        reason: String,
+    },
     /// The storage backend failed.
     #[error("storage error: {0}")]
     Storage(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -157,6 +157,11 @@ impl ManifestInfo {
         if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(invalid("manifest is not a JSON object"));
         }
+        // JSON is UTF-8 (RFC 8259), and serde_json does not check the strings it skips
+        // (fields we ignore, whole documents of unknown types): check them all here.
+        if std::str::from_utf8(bytes).is_err() {
+            return Err(invalid("manifest is not UTF-8"));
+        }
         let declared = essence(content_type);
         if !declared.is_empty() && kind_of(declared) == ManifestKind::Opaque {
             let probe: Probe = serde_json::from_slice(bytes)

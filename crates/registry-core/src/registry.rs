@@ -486,9 +486,29 @@ impl Registry {
             *open = Some(counts);
         }
         let counts = open.as_mut().expect("initialised above");
-        let total: u64 = counts.values().sum();
-        let here = counts.get(repo).copied().unwrap_or(0);
         let config = &self.inner.config;
+        let mut total: u64 = counts.values().sum();
+        let mut here = counts.get(repo).copied().unwrap_or(0);
+        if total >= config.max_open_uploads || here >= config.max_open_uploads_per_repo {
+            // Sessions idle past the expiry count until a collection removes them;
+            // reclaim them now, or abandoned sessions would lock clients out until then.
+            let now = self.now();
+            for u in self.inner.blobs.list_uploads().await? {
+                if now.since(u.updated_at) > config.upload_expiry
+                    && self.inner.blobs.delete_upload(&u.id).await?
+                {
+                    self.hashers().remove(&u.id);
+                    if let Some(n) = counts.get_mut(&u.repo) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            counts.remove(&u.repo);
+                        }
+                    }
+                }
+            }
+            total = counts.values().sum();
+            here = counts.get(repo).copied().unwrap_or(0);
+        }
         if total >= config.max_open_uploads {
             return Err(Error::TooManyRequests {
                 reason: format!("{total} upload sessions are open; finish or cancel some"),
@@ -628,7 +648,14 @@ impl Registry {
                 }
                 let chunk = match data.next().await {
                     Some(Ok(chunk)) => chunk,
-                    Some(Err(e)) => return Some((Err(e), (data, received, true))),
+                    // Recorded so that the caller sees its own stream's failure,
+                    // not the storage error the store makes of it.
+                    Some(Err(e)) => {
+                        let e = Error::BodyIncomplete {
+                            reason: e.to_string(),
+                        };
+                        return Some((Err(fail(e)), (data, received, true)));
+                    }
                     None => {
                         return match declared_len {
                             Some(expected) if expected != received => Some((
@@ -1302,7 +1329,9 @@ impl Registry {
     // ----- listings -----
 
     fn page_size(&self, n: Option<usize>) -> usize {
-        let max = self.inner.config.max_page_size;
+        // Listings fetch one item more than the page to learn whether more remain: keep
+        // that `n + 1` from overflowing when both `n` and the limit are `usize::MAX`.
+        let max = self.inner.config.max_page_size.min(usize::MAX - 1);
         n.map_or(max, |n| n.min(max))
     }
 

@@ -72,6 +72,9 @@ impl From<Error> for ApiError {
                     .with_header(header::RANGE, upload_range(expected))
             }
             Error::DigestMismatch { .. } => Self::new(S::BAD_REQUEST, "DIGEST_INVALID", message),
+            Error::BodyIncomplete { .. } => {
+                Self::new(S::BAD_REQUEST, "BLOB_UPLOAD_INVALID", message)
+            }
             Error::SizeMismatch { .. } => Self::new(S::BAD_REQUEST, "SIZE_INVALID", message),
             Error::TooLarge {
                 what: "manifest", ..
@@ -136,4 +139,14 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// The answer for a path outside the API, so that it too gets an OCI error body.
+pub(crate) async fn no_such_endpoint() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "NAME_UNKNOWN", "no such endpoint")
+}
+
+/// The answer for a method an endpoint does not serve, with an OCI error body.
+pub(crate) async fn method_not_allowed() -> ApiError {
+    ApiError::unsupported("method not allowed on this endpoint")
 }

@@ -37,6 +37,7 @@
 
 mod auth;
 mod error;
+pub mod range;
 mod routes;
 
 use std::net::SocketAddr;
@@ -126,7 +127,9 @@ pub fn router(registry: Registry, config: HttpConfig) -> Router {
     if token_endpoint {
         app = app.route("/token", get(routes::token).post(routes::token_form));
     }
-    app.layer(axum::middleware::from_fn(routes::api_version_header))
+    app.fallback(error::no_such_endpoint)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::middleware::from_fn(routes::api_version_header))
         .with_state(state)
 }
 

@@ -274,11 +274,12 @@ pub async fn upload_size_mismatch_changes_nothing(f: Fixture) {
         Err(std::io::Error::other("connection reset")),
     ])
     .boxed();
-    assert!(
-        r.append_upload(&repo, &s.id, Some(4), None, failing)
-            .await
-            .is_err()
-    );
+    // It is the caller's failure, not storage's (HTTP answers 400, not 500).
+    let e = r
+        .append_upload(&repo, &s.id, Some(4), None, failing)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::BodyIncomplete { .. }), "{e:?}");
     assert_eq!(r.upload_status(&repo, &s.id).await.unwrap().offset, 4);
     let d = Digest::sha256(b"abcdef");
     r.finish_upload(&repo, &s.id, &d, Some((body(&[b"ef"]), None)))
