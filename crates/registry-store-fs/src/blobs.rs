@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
 use registry_core::store::{
     BlobRead, BlobStore, ByteRange, ByteStream, CommitOutcome, UploadId, UploadInfo,
@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 
 /// Reads and writes move in blocks this large: few system calls, bounded memory.
 const BLOCK: usize = 1 << 20;
+
+/// Most chunks handed to one `writev` (Linux accepts 1024).
+const MAX_IOVECS: usize = 1024;
 
 /// Blob files and upload sessions under one directory.
 #[derive(Debug, Clone)]
@@ -240,14 +243,16 @@ impl Appender {
         }
     }
 
-    async fn write(&self, block: Bytes) -> Result<()> {
+    /// Writes the chunks in order with vectored writes: the network's frames go to the
+    /// file as they are, never copied into one buffer first.
+    async fn write(&self, chunks: Vec<Bytes>) -> Result<()> {
         let state = self.state.clone();
         blocking(move || {
             let mut state = lock(&state);
             if state.rolled_back {
                 return Err(Error::storage("append was rolled back"));
             }
-            state.file.write_all(&block).map_err(io_err)
+            write_all_chunks(&mut state.file, &chunks).map_err(io_err)
         })
         .await
     }
@@ -303,6 +308,41 @@ impl Drop for Appender {
 }
 
 /// Streams `len` bytes of `file` from its current position in blocks.
+/// Writes every chunk, in order, with as few `writev` calls as the kernel allows.
+fn write_all_chunks(file: &mut File, chunks: &[Bytes]) -> io::Result<()> {
+    let (mut index, mut offset) = (0, 0);
+    while index < chunks.len() {
+        let slices: Vec<io::IoSlice<'_>> = std::iter::once(&chunks[index][offset..])
+            .chain(chunks[index + 1..].iter().map(|c| &c[..]))
+            .take(MAX_IOVECS)
+            .map(io::IoSlice::new)
+            .collect();
+        let mut n = match file.write_vectored(&slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        // Advance past what was written: whole chunks, then into the next one.
+        while n > 0 {
+            let left = chunks[index].len() - offset;
+            if n >= left {
+                n -= left;
+                index += 1;
+                offset = 0;
+            } else {
+                offset += n;
+                n = 0;
+            }
+        }
+        while index < chunks.len() && chunks[index].len() == offset {
+            index += 1;
+            offset = 0;
+        }
+    }
+    Ok(())
+}
+
 fn file_stream(file: File, len: u64) -> ByteStream {
     stream::unfold(Some((file, len)), |state| async move {
         let (mut file, left) = state?;
@@ -311,18 +351,11 @@ fn file_stream(file: File, len: u64) -> ByteStream {
         }
         let want = left.min(BLOCK as u64) as usize;
         let read = tokio::task::spawn_blocking(move || {
-            let mut buf = BytesMut::zeroed(want);
-            let mut filled = 0;
-            while filled < want {
-                match file.read(&mut buf[filled..]) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            buf.truncate(filled);
-            Ok((file, buf.freeze()))
+            // `read_to_end` into reserved capacity reads straight into uninitialised
+            // memory (File supports `read_buf`): no zero-filling of every block.
+            let mut buf = Vec::with_capacity(want);
+            (&mut file).take(want as u64).read_to_end(&mut buf)?;
+            Ok((file, Bytes::from(buf)))
         })
         .await;
         match read {
@@ -497,28 +530,32 @@ impl BlobStore for FsBlobStore {
         .await?;
         let appender = Appender::new(file, offset, busy);
         let mut written = offset;
-        let mut pending = BytesMut::new();
+        // Network chunks are gathered (by reference, not copied) into large vectored
+        // writes: few system calls, and memory bounded by BLOCK plus one chunk.
+        let mut pending: Vec<Bytes> = Vec::new();
+        let mut pending_len = 0;
         loop {
-            let (block, done) = match data.next().await {
-                // Already large: written as it came, without a copy.
-                Some(Ok(chunk)) if pending.is_empty() && chunk.len() >= BLOCK => (chunk, false),
+            let done = match data.next().await {
                 Some(Ok(chunk)) => {
-                    // Small network chunks are gathered into large writes.
-                    pending.extend_from_slice(&chunk);
-                    if pending.len() < BLOCK {
+                    pending_len += chunk.len();
+                    if !chunk.is_empty() {
+                        pending.push(chunk);
+                    }
+                    if pending_len < BLOCK {
                         continue;
                     }
-                    (pending.split().freeze(), false)
+                    false
                 }
                 Some(Err(e)) => {
                     appender.abort().await?;
                     return Err(Error::storage(e));
                 }
-                None => (pending.split().freeze(), true),
+                None => true,
             };
-            if !block.is_empty() {
-                let n = block.len() as u64;
-                if let Err(e) = appender.write(block).await {
+            if !pending.is_empty() {
+                let n = pending_len as u64;
+                pending_len = 0;
+                if let Err(e) = appender.write(std::mem::take(&mut pending)).await {
                     appender.abort().await?;
                     return Err(e);
                 }
