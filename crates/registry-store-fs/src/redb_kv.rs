@@ -261,10 +261,11 @@ mod tests {
         for w in writers {
             w.await.unwrap().unwrap();
         }
-        let state = kv.group.lock();
-        assert_eq!(state.committed, 64);
-        assert_eq!(state.durable, 64);
-        drop(state);
+        let (committed, durable) = {
+            let state = kv.group.lock();
+            (state.committed, state.durable)
+        };
+        assert_eq!((committed, durable), (64, 64));
         drop(kv);
         let kv = RedbKv::open(&path).unwrap();
         let n = kv.read(|t| t.count(Table::Tags)).await.unwrap();
