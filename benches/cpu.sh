@@ -4,10 +4,10 @@
 # See benches/README.md ("Measuring a code change").
 #
 #   bash benches/cpu.sh [SERVE_BINARY]        # default: $CARGO_TARGET_DIR/release/examples/serve
-#   WL="push pull" bash benches/cpu.sh OLD_BINARY
+#   WL="push pull" bash benches/cpu.sh OLD_BINARY    # pull reads what push stored
 #
 # Workloads (WL, default "push pull p1m man"): push = 8 x 64 MiB at concurrency 4,
-# pull = those 8 verified and raw at concurrency 1, p1m = 200 x 1 MiB pushes at 8,
+# pull = those 8 (so after push, same run) verified and raw at concurrency 1, p1m = 200 x 1 MiB pushes at 8,
 # man = 400 manifest PUTs at 4. Prints one line per workload: the server's CPU
 # (utime + stime from /proc/PID/stat) and load's throughput. Loopback only; stops
 # exactly the PID it started.

@@ -13,7 +13,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use registry_core::store::{
     BlobRead, BlobStore, ByteRange, ByteStream, CommitOutcome, UploadId, UploadInfo,
 };
-use registry_core::{Algorithm, Digest, Error, RepoName, Result, Timestamp};
+use registry_core::{Algorithm, Digest, Error, Hasher, RepoName, Result, Timestamp};
 use serde::{Deserialize, Serialize};
 
 /// Reads and writes move in blocks this large: few system calls, bounded memory.
@@ -343,37 +343,81 @@ fn write_all_chunks(file: &mut File, chunks: &[Bytes]) -> io::Result<()> {
     Ok(())
 }
 
-fn file_stream(file: File, len: u64) -> ByteStream {
-    stream::unfold(Some((file, len)), |state| async move {
-        let (mut file, left) = state?;
-        if left == 0 {
-            return None;
+/// A file being streamed: where it is, what is left, and the hash so far when the read
+/// is verified.
+struct FileReader {
+    file: File,
+    left: u64,
+    check: Option<(Hasher, Digest)>,
+}
+
+impl FileReader {
+    /// Reads (and hashes, when verifying) the next block on a blocking thread. The last
+    /// block of a verified read is only returned if everything hashed to the digest.
+    fn next_block(mut self) -> io::Result<(Self, Bytes)> {
+        let want = self.left.min(BLOCK as u64) as usize;
+        // `read_to_end` into reserved capacity reads straight into uninitialised memory
+        // (File supports `read_buf`): no zero-filling of every block.
+        let mut buf = Vec::with_capacity(want);
+        (&mut self.file).take(want as u64).read_to_end(&mut buf)?;
+        if buf.len() < want {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "blob file shorter than recorded",
+            ));
         }
-        let want = left.min(BLOCK as u64) as usize;
-        let read = tokio::task::spawn_blocking(move || {
-            // `read_to_end` into reserved capacity reads straight into uninitialised
-            // memory (File supports `read_buf`): no zero-filling of every block.
-            let mut buf = Vec::with_capacity(want);
-            (&mut file).take(want as u64).read_to_end(&mut buf)?;
-            Ok((file, Bytes::from(buf)))
-        })
-        .await;
-        match read {
-            Ok(Ok((_, chunk))) if chunk.is_empty() => Some((
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "blob file shorter than recorded",
-                )),
-                None,
-            )),
-            Ok(Ok((file, chunk))) => {
-                let left = left - chunk.len() as u64;
-                Some((Ok(chunk), Some((file, left))))
+        self.left -= want as u64;
+        if let Some((hasher, _)) = self.check.as_mut() {
+            // Hashed here, while the block is hot in cache, and in parallel with the
+            // socket writing the block before it.
+            hasher.update(&buf);
+        }
+        if self.left == 0 {
+            if let Some((hasher, digest)) = self.check.take() {
+                let actual = hasher.finish();
+                if actual != digest {
+                    tracing::error!(%digest, %actual, "stored blob does not match its digest");
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("stored blob {digest} is corrupt"),
+                    ));
+                }
             }
-            Ok(Err(e)) => Some((Err(e), None)),
-            Err(e) => Some((Err(io::Error::other(e)), None)),
         }
-    })
+        Ok((self, Bytes::from(buf)))
+    }
+}
+
+type BlockTask = tokio::task::JoinHandle<io::Result<(FileReader, Bytes)>>;
+
+fn spawn_block(reader: FileReader) -> BlockTask {
+    tokio::task::spawn_blocking(move || reader.next_block())
+}
+
+/// Streams `len` bytes of `file` from its current position in blocks, keeping the read
+/// of the next block in flight while the current one is sent (two blocks per stream at
+/// most: memory stays constant). With `verify`, the bytes are hashed as they are read
+/// and the stream ends in an error instead of its last block if they do not match.
+fn file_stream(file: File, len: u64, verify: Option<Digest>) -> ByteStream {
+    let reader = FileReader {
+        file,
+        left: len,
+        check: verify.map(|d| (Hasher::new(d.algorithm()), d)),
+    };
+    // Even an empty read runs one block, so an empty blob is verified too.
+    stream::unfold(
+        Some(spawn_block(reader)),
+        |task: Option<BlockTask>| async move {
+            let (reader, chunk) = match task?.await {
+                Ok(Ok(done)) => done,
+                Ok(Err(e)) => return Some((Err(e), None)),
+                Err(e) => return Some((Err(io::Error::other(e)), None)),
+            };
+            let next = (reader.left > 0).then(|| spawn_block(reader));
+            Some((Ok(chunk), next))
+        },
+    )
+    .filter(|item| futures::future::ready(!matches!(item, Ok(c) if c.is_empty())))
     .boxed()
 }
 
@@ -390,7 +434,18 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<BlobRead>> {
+        self.read_verified(digest, range, false).await
+    }
+
+    /// Verified full reads are hashed on the blocking thread that reads each block.
+    async fn read_verified(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        verify: bool,
+    ) -> Result<Option<BlobRead>> {
         let path = self.blob_path(digest);
+        let check = (verify && range.is_none()).then(|| digest.clone());
         let opened = blocking(move || {
             let mut file = match File::open(&path) {
                 Ok(f) => f,
@@ -410,7 +465,7 @@ impl BlobStore for FsBlobStore {
         Ok(opened.map(|(file, size)| BlobRead {
             size,
             range,
-            stream: file_stream(file, range.map_or(size, |r| r.len())),
+            stream: file_stream(file, range.map_or(size, |r| r.len()), check),
         }))
     }
 
@@ -578,7 +633,7 @@ impl BlobStore for FsBlobStore {
             Ok((f, len))
         })
         .await?;
-        Ok(file_stream(file, len))
+        Ok(file_stream(file, len, None))
     }
 
     async fn commit_upload(
