@@ -55,12 +55,32 @@ fn memory_store(c: &mut Criterion) {
         .build()
         .unwrap();
     let mut g = c.benchmark_group("memory_store");
-
     g.bench_function("registry_ready_and_dropped", |b| {
         b.iter(|| drop(black_box(Registry::in_memory())))
     });
+    g.finish();
+    hot_paths(c, "memory_store", &rt, &Registry::in_memory());
+}
 
-    let registry = Registry::in_memory();
+/// The same hot paths on the fs store (files and redb in a temp dir): every write pays
+/// its fsyncs, so these show the durable cost per operation.
+fn fs_store(c: &mut Criterion) {
+    // Blocking file work goes to the runtime's blocking pool, which needs `rt`.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = rt
+        .block_on(registry_store_fs::FsStore::open(dir.path()))
+        .unwrap();
+    let registry = Registry::builder(store).build();
+    hot_paths(c, "fs_store", &rt, &registry);
+}
+
+/// Blob push and pull, manifest push, get and stat, on `registry`.
+fn hot_paths(c: &mut Criterion, name: &str, rt: &tokio::runtime::Runtime, registry: &Registry) {
+    let mut g = c.benchmark_group(name);
     let repo = RepoName::parse("bench/app").unwrap();
     let blob = Bytes::from(vec![1u8; 64 * 1024]);
     let blob_digest = Digest::sha256(&blob);
@@ -124,5 +144,5 @@ fn memory_store(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parsing, inspection, memory_store);
+criterion_group!(benches, parsing, inspection, memory_store, fs_store);
 criterion_main!(benches);

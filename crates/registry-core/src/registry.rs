@@ -1052,22 +1052,23 @@ impl Registry {
     ) -> Result<BlobBody> {
         let size = self.blob_size_in(repo, digest).await?;
         let range = range.map(|r| r.resolve(size)).transpose()?;
-        let Some(read) = self.inner.blobs.read(digest, range).await? else {
+        let verify = self.inner.config.verify_reads;
+        let Some(read) = self
+            .inner
+            .blobs
+            .read_verified(digest, range, verify)
+            .await?
+        else {
             tracing::warn!(%digest, "blob has metadata but no bytes");
             return Err(Error::BlobUnknown {
                 digest: digest.clone(),
             });
         };
-        let stream = if range.is_none() && self.inner.config.verify_reads {
-            verify_stream(read.stream, digest.clone())
-        } else {
-            read.stream
-        };
         Ok(BlobBody {
             digest: digest.clone(),
             size: read.size,
             range,
-            stream,
+            stream: read.stream,
         })
     }
 
@@ -1448,7 +1449,7 @@ fn paginate<T>(items: &mut Vec<T>, n: usize, key: impl Fn(&T) -> String) -> Page
 
 /// Hashes a full blob read as it streams; if the bytes do not match, the stream ends
 /// with an error instead of completing, so corrupt content is never served as valid.
-fn verify_stream(inner: ByteStream, digest: Digest) -> ByteStream {
+pub(crate) fn verify_stream(inner: ByteStream, digest: Digest) -> ByteStream {
     let mut hasher = Some(Hasher::new(digest.algorithm()));
     inner
         .map(Some)

@@ -141,6 +141,25 @@ pub trait BlobStore: Send + Sync + 'static {
     /// its size by the caller, who learnt it from metadata or `stat`).
     async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<BlobRead>>;
 
+    /// Reads like [`read`](Self::read); with `verify` and no `range`, the stream is also
+    /// checked against `digest`: if the bytes do not hash to it, the stream ends in an
+    /// error instead of completing. The default hashes the chunks as they pass; a store
+    /// may instead hash where it reads (off the task that writes to the socket).
+    async fn read_verified(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        verify: bool,
+    ) -> Result<Option<BlobRead>> {
+        let read = self.read(digest, range).await?;
+        Ok(read.map(|mut read| {
+            if verify && range.is_none() {
+                read.stream = crate::registry::verify_stream(read.stream, digest.clone());
+            }
+            read
+        }))
+    }
+
     /// Deletes a committed blob; `false` if it was not there.
     async fn delete(&self, digest: &Digest) -> Result<bool>;
 

@@ -8,16 +8,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
 use registry_core::store::{
     BlobRead, BlobStore, ByteRange, ByteStream, CommitOutcome, UploadId, UploadInfo,
 };
-use registry_core::{Algorithm, Digest, Error, RepoName, Result, Timestamp};
+use registry_core::{Algorithm, Digest, Error, Hasher, RepoName, Result, Timestamp};
 use serde::{Deserialize, Serialize};
 
 /// Reads and writes move in blocks this large: few system calls, bounded memory.
 const BLOCK: usize = 1 << 20;
+
+/// Most chunks handed to one `writev` (Linux accepts 1024).
+const MAX_IOVECS: usize = 1024;
 
 /// Blob files and upload sessions under one directory.
 #[derive(Debug, Clone)]
@@ -240,14 +243,16 @@ impl Appender {
         }
     }
 
-    async fn write(&self, block: Bytes) -> Result<()> {
+    /// Writes the chunks in order with vectored writes: the network's frames go to the
+    /// file as they are, never copied into one buffer first.
+    async fn write(&self, chunks: Vec<Bytes>) -> Result<()> {
         let state = self.state.clone();
         blocking(move || {
             let mut state = lock(&state);
             if state.rolled_back {
                 return Err(Error::storage("append was rolled back"));
             }
-            state.file.write_all(&block).map_err(io_err)
+            write_all_chunks(&mut state.file, &chunks).map_err(io_err)
         })
         .await
     }
@@ -303,44 +308,116 @@ impl Drop for Appender {
 }
 
 /// Streams `len` bytes of `file` from its current position in blocks.
-fn file_stream(file: File, len: u64) -> ByteStream {
-    stream::unfold(Some((file, len)), |state| async move {
-        let (mut file, left) = state?;
-        if left == 0 {
-            return None;
+/// Writes every chunk, in order, with as few `writev` calls as the kernel allows.
+fn write_all_chunks(file: &mut File, chunks: &[Bytes]) -> io::Result<()> {
+    let (mut index, mut offset) = (0, 0);
+    while index < chunks.len() {
+        let slices: Vec<io::IoSlice<'_>> = std::iter::once(&chunks[index][offset..])
+            .chain(chunks[index + 1..].iter().map(|c| &c[..]))
+            .take(MAX_IOVECS)
+            .map(io::IoSlice::new)
+            .collect();
+        let mut n = match file.write_vectored(&slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        // Advance past what was written: whole chunks, then into the next one.
+        while n > 0 {
+            let left = chunks[index].len() - offset;
+            if n >= left {
+                n -= left;
+                index += 1;
+                offset = 0;
+            } else {
+                offset += n;
+                n = 0;
+            }
         }
-        let want = left.min(BLOCK as u64) as usize;
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = BytesMut::zeroed(want);
-            let mut filled = 0;
-            while filled < want {
-                match file.read(&mut buf[filled..]) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
+        while index < chunks.len() && chunks[index].len() == offset {
+            index += 1;
+            offset = 0;
+        }
+    }
+    Ok(())
+}
+
+/// A file being streamed: where it is, what is left, and the hash so far when the read
+/// is verified.
+struct FileReader {
+    file: File,
+    left: u64,
+    check: Option<(Hasher, Digest)>,
+}
+
+impl FileReader {
+    /// Reads (and hashes, when verifying) the next block on a blocking thread. The last
+    /// block of a verified read is only returned if everything hashed to the digest.
+    fn next_block(mut self) -> io::Result<(Self, Bytes)> {
+        let want = self.left.min(BLOCK as u64) as usize;
+        // `read_to_end` into reserved capacity reads straight into uninitialised memory
+        // (File supports `read_buf`): no zero-filling of every block.
+        let mut buf = Vec::with_capacity(want);
+        (&mut self.file).take(want as u64).read_to_end(&mut buf)?;
+        if buf.len() < want {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "blob file shorter than recorded",
+            ));
+        }
+        self.left -= want as u64;
+        if let Some((hasher, _)) = self.check.as_mut() {
+            // Hashed here, while the block is hot in cache, and in parallel with the
+            // socket writing the block before it.
+            hasher.update(&buf);
+        }
+        if self.left == 0 {
+            if let Some((hasher, digest)) = self.check.take() {
+                let actual = hasher.finish();
+                if actual != digest {
+                    tracing::error!(%digest, %actual, "stored blob does not match its digest");
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("stored blob {digest} is corrupt"),
+                    ));
                 }
             }
-            buf.truncate(filled);
-            Ok((file, buf.freeze()))
-        })
-        .await;
-        match read {
-            Ok(Ok((_, chunk))) if chunk.is_empty() => Some((
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "blob file shorter than recorded",
-                )),
-                None,
-            )),
-            Ok(Ok((file, chunk))) => {
-                let left = left - chunk.len() as u64;
-                Some((Ok(chunk), Some((file, left))))
-            }
-            Ok(Err(e)) => Some((Err(e), None)),
-            Err(e) => Some((Err(io::Error::other(e)), None)),
         }
-    })
+        Ok((self, Bytes::from(buf)))
+    }
+}
+
+type BlockTask = tokio::task::JoinHandle<io::Result<(FileReader, Bytes)>>;
+
+fn spawn_block(reader: FileReader) -> BlockTask {
+    tokio::task::spawn_blocking(move || reader.next_block())
+}
+
+/// Streams `len` bytes of `file` from its current position in blocks, keeping the read
+/// of the next block in flight while the current one is sent (two blocks per stream at
+/// most: memory stays constant). With `verify`, the bytes are hashed as they are read
+/// and the stream ends in an error instead of its last block if they do not match.
+fn file_stream(file: File, len: u64, verify: Option<Digest>) -> ByteStream {
+    let reader = FileReader {
+        file,
+        left: len,
+        check: verify.map(|d| (Hasher::new(d.algorithm()), d)),
+    };
+    // Even an empty read runs one block, so an empty blob is verified too.
+    stream::unfold(
+        Some(spawn_block(reader)),
+        |task: Option<BlockTask>| async move {
+            let (reader, chunk) = match task?.await {
+                Ok(Ok(done)) => done,
+                Ok(Err(e)) => return Some((Err(e), None)),
+                Err(e) => return Some((Err(io::Error::other(e)), None)),
+            };
+            let next = (reader.left > 0).then(|| spawn_block(reader));
+            Some((Ok(chunk), next))
+        },
+    )
+    .filter(|item| futures::future::ready(!matches!(item, Ok(c) if c.is_empty())))
     .boxed()
 }
 
@@ -357,7 +434,18 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<BlobRead>> {
+        self.read_verified(digest, range, false).await
+    }
+
+    /// Verified full reads are hashed on the blocking thread that reads each block.
+    async fn read_verified(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        verify: bool,
+    ) -> Result<Option<BlobRead>> {
         let path = self.blob_path(digest);
+        let check = (verify && range.is_none()).then(|| digest.clone());
         let opened = blocking(move || {
             let mut file = match File::open(&path) {
                 Ok(f) => f,
@@ -377,7 +465,7 @@ impl BlobStore for FsBlobStore {
         Ok(opened.map(|(file, size)| BlobRead {
             size,
             range,
-            stream: file_stream(file, range.map_or(size, |r| r.len())),
+            stream: file_stream(file, range.map_or(size, |r| r.len()), check),
         }))
     }
 
@@ -497,28 +585,32 @@ impl BlobStore for FsBlobStore {
         .await?;
         let appender = Appender::new(file, offset, busy);
         let mut written = offset;
-        let mut pending = BytesMut::new();
+        // Network chunks are gathered (by reference, not copied) into large vectored
+        // writes: few system calls, and memory bounded by BLOCK plus one chunk.
+        let mut pending: Vec<Bytes> = Vec::new();
+        let mut pending_len = 0;
         loop {
-            let (block, done) = match data.next().await {
-                // Already large: written as it came, without a copy.
-                Some(Ok(chunk)) if pending.is_empty() && chunk.len() >= BLOCK => (chunk, false),
+            let done = match data.next().await {
                 Some(Ok(chunk)) => {
-                    // Small network chunks are gathered into large writes.
-                    pending.extend_from_slice(&chunk);
-                    if pending.len() < BLOCK {
+                    pending_len += chunk.len();
+                    if !chunk.is_empty() {
+                        pending.push(chunk);
+                    }
+                    if pending_len < BLOCK {
                         continue;
                     }
-                    (pending.split().freeze(), false)
+                    false
                 }
                 Some(Err(e)) => {
                     appender.abort().await?;
                     return Err(Error::storage(e));
                 }
-                None => (pending.split().freeze(), true),
+                None => true,
             };
-            if !block.is_empty() {
-                let n = block.len() as u64;
-                if let Err(e) = appender.write(block).await {
+            if !pending.is_empty() {
+                let n = pending_len as u64;
+                pending_len = 0;
+                if let Err(e) = appender.write(std::mem::take(&mut pending)).await {
                     appender.abort().await?;
                     return Err(e);
                 }
@@ -541,7 +633,7 @@ impl BlobStore for FsBlobStore {
             Ok((f, len))
         })
         .await?;
-        Ok(file_stream(file, len))
+        Ok(file_stream(file, len, None))
     }
 
     async fn commit_upload(

@@ -3,9 +3,11 @@
 
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use registry_core::kv::{KvEngine, KvPair, KvRead, KvWrite, Table};
 use registry_core::store::storage_error;
 use registry_core::{Error, Result};
@@ -15,9 +17,84 @@ fn def(table: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
 }
 
 /// The metadata engine of the fs store.
+///
+/// Group commit: each write transaction commits without an fsync
+/// (`Durability::None`), then waits until a durable commit that came after it has
+/// finished. One waiter at a time makes that durable commit (an empty transaction with
+/// `Durability::Immediate`, which persists every commit before it); the others wait for
+/// it, or for the next one when theirs committed after it began. So concurrent writers
+/// share one fsync, and none returns before its change is durable.
 #[derive(Debug, Clone)]
 pub struct RedbKv {
     db: Arc<Database>,
+    group: Arc<GroupCommit>,
+}
+
+/// The state of group commit, shared by the writers of one database.
+#[derive(Debug, Default)]
+struct GroupCommit {
+    state: Mutex<GroupState>,
+    flushed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GroupState {
+    /// Sequence number of the newest write transaction (taken while it holds redb's
+    /// single writer lock, so in commit order).
+    committed: u64,
+    /// Every transaction up to this number is durable.
+    durable: u64,
+    /// A writer is making a durable commit right now.
+    flushing: bool,
+}
+
+impl GroupCommit {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GroupState> {
+        // The state is a few counters, consistent after any panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The sequence number of the write transaction about to commit; call it while
+    /// holding that transaction.
+    fn next_seq(&self) -> u64 {
+        let mut state = self.lock();
+        state.committed += 1;
+        state.committed
+    }
+
+    /// Returns once transaction `seq` (already committed) is durable.
+    fn wait_durable(&self, db: &Database, seq: u64) -> Result<()> {
+        let mut state = self.lock();
+        loop {
+            if state.durable >= seq {
+                return Ok(());
+            }
+            if state.flushing {
+                state = self.flushed.wait(state).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            state.flushing = true;
+            // Numbers taken but not yet committed are covered too: their transactions
+            // hold the writer lock, so the durable commit below comes after them.
+            let target = state.committed;
+            drop(state);
+            let flushed = (|| {
+                let mut txn = db.begin_write().map_err(storage_error)?;
+                txn.set_durability(Durability::Immediate)
+                    .map_err(storage_error)?;
+                txn.commit().map_err(storage_error)
+            })();
+            state = self.lock();
+            state.flushing = false;
+            if flushed.is_ok() {
+                state.durable = state.durable.max(target);
+            }
+            self.flushed.notify_all();
+            // On failure this writer reports it (its change is not acknowledged); the
+            // others retry the durable commit themselves.
+            flushed?;
+        }
+    }
 }
 
 impl RedbKv {
@@ -29,7 +106,10 @@ impl RedbKv {
             txn.open_table(def(table)).map_err(storage_error)?;
         }
         txn.commit().map_err(storage_error)?;
-        Ok(RedbKv { db: Arc::new(db) })
+        Ok(RedbKv {
+            db: Arc::new(db),
+            group: Arc::default(),
+        })
     }
 }
 
@@ -132,13 +212,19 @@ impl KvEngine for RedbKv {
         F: FnOnce(&mut dyn KvWrite) -> Result<R> + Send + 'static,
         R: Send + 'static,
     {
-        let db = self.db.clone();
+        let (db, group) = (self.db.clone(), self.group.clone());
         blocking(move || {
             let mut txn = Write(db.begin_write().map_err(storage_error)?);
             match f(&mut txn) {
                 Ok(r) => {
-                    // Durability::Immediate (the default): fsynced before commit returns.
+                    // Not fsynced here: `wait_durable` shares one fsync among the
+                    // writers that committed meanwhile, and returns only once it is done.
+                    txn.0
+                        .set_durability(Durability::None)
+                        .map_err(storage_error)?;
+                    let seq = group.next_seq();
                     txn.0.commit().map_err(storage_error)?;
+                    group.wait_durable(&db, seq)?;
                     Ok(r)
                 }
                 Err(e) => {
@@ -148,5 +234,41 @@ impl KvEngine for RedbKv {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Many writers at once share durable commits: every one of them returns, each
+    /// sees its own write, and every acknowledged write is there after a reopen (a
+    /// commit left non-durable would be gone: redb reopens at its last durable commit).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_are_all_durable_when_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let kv = RedbKv::open(&path).unwrap();
+        let writers: Vec<_> = (0..64u32)
+            .map(|i| {
+                let kv = kv.clone();
+                tokio::spawn(async move {
+                    kv.write(move |t| t.put(Table::Tags, &i.to_be_bytes(), b"v"))
+                        .await
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap().unwrap();
+        }
+        let (committed, durable) = {
+            let state = kv.group.lock();
+            (state.committed, state.durable)
+        };
+        assert_eq!((committed, durable), (64, 64));
+        drop(kv);
+        let kv = RedbKv::open(&path).unwrap();
+        let n = kv.read(|t| t.count(Table::Tags)).await.unwrap();
+        assert_eq!(n, 64);
     }
 }
