@@ -199,7 +199,10 @@ impl PrefixRules {
     }
 }
 
-/// Whether `repo` is `prefix` or lies below it (whole components only).
+/// Whether `repo` is `prefix` or lies below it: prefixes are whole path components
+/// (`team` covers `team` and `team/app`, not `teamx`), and the empty prefix covers every
+/// repository. Access rules, quotas, immutable-tag patterns and retention rules all
+/// scope repositories this way.
 pub fn under_prefix(repo: &str, prefix: &str) -> bool {
     prefix.is_empty()
         || repo == prefix

@@ -245,7 +245,7 @@ impl Registry {
                 let covered = options.retention.iter().any(|r| {
                     r.tags
                         .prefix()
-                        .is_none_or(|p| crate::policy::repo_under(repo.as_str(), p.as_str()))
+                        .is_none_or(|p| crate::access::under_prefix(repo.as_str(), p.as_str()))
                 });
                 if !covered {
                     continue;

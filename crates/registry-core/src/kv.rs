@@ -13,10 +13,11 @@ use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::access::under_prefix;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::names::{RepoName, Tag};
-use crate::policy::{Policy, repo_under};
+use crate::policy::Policy;
 use crate::store::{
     AuditReport, BlobLink, BlobRecord, BlobState, DeletedManifest, LinkOutcome,
     ManifestCollectRule, ManifestRecord, MetaStats, MetadataStore, NewManifest, PutManifestOutcome,
@@ -350,7 +351,7 @@ fn quota_compute(
             let [repo, d] = p[..] else {
                 return Err(Error::storage("corrupt link key"));
             };
-            if !repo_under(repo, prefix) {
+            if !under_prefix(repo, prefix) {
                 continue;
             }
             let size = if table == Table::BlobLinks {
@@ -381,7 +382,7 @@ fn tracked_quotas(t: &dyn KvRead, repo: &RepoName) -> Result<Vec<(String, u64)>>
     let mut out = Vec::new();
     for (k, v) in t.scan(Table::QuotaUsage, b"", None, usize::MAX)? {
         let p = std::str::from_utf8(&k).map_err(Error::storage)?;
-        if repo_under(repo.as_str(), p) {
+        if under_prefix(repo.as_str(), p) {
             out.push((p.to_owned(), decode(&v)?));
         }
     }

@@ -7,17 +7,9 @@
 
 use std::time::Duration;
 
+use crate::access::under_prefix;
 use crate::error::{Error, InvalidInput, Result};
 use crate::names::{RepoName, Tag};
-
-/// Whether `repo` is `prefix` or lies below it (`team` covers `team` and `team/app`,
-/// not `teamx`): prefixes are whole path components.
-pub fn repo_under(repo: &str, prefix: &str) -> bool {
-    repo == prefix
-        || (repo.len() > prefix.len()
-            && repo.starts_with(prefix)
-            && repo.as_bytes()[prefix.len()] == b'/')
-}
 
 /// A glob over tag names, optionally limited to the repositories under a prefix.
 ///
@@ -73,7 +65,7 @@ impl TagPattern {
     pub fn matches(&self, repo: &RepoName, tag: &Tag) -> bool {
         self.prefix
             .as_ref()
-            .is_none_or(|p| repo_under(repo.as_str(), p.as_str()))
+            .is_none_or(|p| under_prefix(repo.as_str(), p.as_str()))
             && glob_match(self.glob.as_bytes(), tag.as_str().as_bytes())
     }
 }
@@ -148,7 +140,7 @@ impl Policy {
     pub fn quotas_for<'a>(&'a self, repo: &'a RepoName) -> impl Iterator<Item = &'a Quota> + 'a {
         self.quotas
             .iter()
-            .filter(move |q| repo_under(repo.as_str(), q.prefix.as_str()))
+            .filter(move |q| under_prefix(repo.as_str(), q.prefix.as_str()))
     }
 }
 
