@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
@@ -138,10 +138,16 @@ pub async fn run_shared(storages: Vec<Storage>, config: StressConfig) -> StressR
     let live: Arc<Mutex<BTreeMap<Digest, Image>>> = Arc::default();
     let counters = Arc::new(Counters::default());
     let stop = Arc::new(AtomicBool::new(false));
+    // Pushers that lost the race against back-to-back zero-window collections many
+    // times in a row. Collectors then hold back until they get through: the run tests
+    // that no interleaving breaks an image, and a starved pusher (likely on a loaded
+    // 2-core machine, where one collection pass outlasts a push) would test nothing.
+    let starving = Arc::new(AtomicUsize::new(0));
 
     let mut pushers = Vec::new();
     for w in 0..config.pushers {
         let (r, live, counters) = (regs[w % n].clone(), live.clone(), counters.clone());
+        let starving = starving.clone();
         let reader = regs[(w + 1) % n].clone();
         let images = config.images_per_pusher;
         pushers.push(tokio::spawn(async move {
@@ -160,6 +166,9 @@ pub async fn run_shared(storages: Vec<Storage>, config: StressConfig) -> StressR
                 let digest = loop {
                     attempts += 1;
                     assert!(attempts < 200, "push kept failing");
+                    if attempts == 10 {
+                        starving.fetch_add(1, Ordering::SeqCst);
+                    }
                     push_blob(&r, &repo, &cfg).await;
                     for l in &layers {
                         push_blob(&r, &repo, l).await;
@@ -174,7 +183,12 @@ pub async fn run_shared(storages: Vec<Storage>, config: StressConfig) -> StressR
                         )
                         .await
                     {
-                        Ok(res) => break res.digest,
+                        Ok(res) => {
+                            if attempts >= 10 {
+                                starving.fetch_sub(1, Ordering::SeqCst);
+                            }
+                            break res.digest;
+                        }
                         // With a zero window a collection may take a blob link between
                         // the upload and the manifest: the push is refused, never
                         // accepted incomplete. Clients retry from the uploads.
@@ -264,8 +278,15 @@ pub async fn run_shared(storages: Vec<Storage>, config: StressConfig) -> StressR
     let (pause, config_window) = (config.collector_pause, config.protection_window);
     let collectors = regs.iter().map(|r| {
         let (r, counters, stop) = (r.clone(), counters.clone(), stop.clone());
+        let starving = starving.clone();
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
+                let held_back = Instant::now();
+                while starving.load(Ordering::SeqCst) > 0
+                    && held_back.elapsed() < Duration::from_secs(5)
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 let report = r
                     .collect_garbage(&GcOptions {
                         window: Some(config_window),
