@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end tests with real OCI clients against a registry on 127.0.0.1:
-# skopeo (with images built by umoci), oras (Python), buildah, and raw HTTP with curl.
+# skopeo (with images built by umoci), oras (Python), buildah, podman, and raw HTTP with curl.
 #
 #   scripts/e2e-clients.sh                            # our `serve` example (release build)
 #   REGISTRY_CMD=distribution scripts/e2e-clients.sh  # CNCF Distribution 2.8.2, for comparison
@@ -8,7 +8,7 @@
 # Environment:
 #   REGISTRY_CMD      ours (default) | distribution
 #   REGISTRY_STORAGE  storage of our serve example: fs (default) | memory
-#   E2E_ONLY          space-separated scenario names to run (skopeo oras buildah raw auth);
+#   E2E_ONLY          space-separated scenario names to run (skopeo oras buildah podman raw auth);
 #                     all by default
 #   E2E_KEEP=1        keep the temp dir (logs, layouts) for inspection
 #
@@ -22,7 +22,7 @@ cd "$ROOT"
 
 REGISTRY_CMD=${REGISTRY_CMD:-ours}
 REGISTRY_STORAGE=${REGISTRY_STORAGE:-fs}
-E2E_ONLY=${E2E_ONLY:-skopeo oras buildah raw auth}
+E2E_ONLY=${E2E_ONLY:-skopeo oras buildah podman raw auth}
 
 scripts/install-test-deps.sh || { echo "installing test dependencies failed" >&2; exit 2; }
 PYTHON=$ROOT/target/test-deps/venv/bin/python
@@ -536,6 +536,52 @@ scenario_buildah() {
     buildah_ rmi --all --force >/dev/null 2>&1
 }
 
+# ================================================================ podman
+# Push and pull only: running containers does not work on these machines.
+PM=$WORK/podman
+PREPO=e2e/podman/img
+podman_() { podman --storage-driver vfs --root "$PM/root" --runroot "$PM/runroot" "$@"; }
+
+podman_push() {
+    mkdir -p "$PM/src"
+    echo "hello from podman $RANDOM" >"$PM/src/hello.txt"
+    head -c 200000 /dev/urandom >"$PM/src/data.bin"
+    tar -C "$PM/src" -cf "$PM/layer.tar" hello.txt data.bin
+    run podman_ import --quiet "$PM/layer.tar" e2e-podman:v1 >/dev/null
+    run podman_ push --quiet --tls-verify=false --digestfile "$PM/digest" \
+        e2e-podman:v1 "docker://$HOST/$PREPO:v1"
+    req GET "/v2/$PREPO/manifests/v1" \
+        -H "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+    expect 200
+    [ "$(sha "$RB")" = "$(cat "$PM/digest")" ] || { show; fail "digest $(sha "$RB") != podman's $(cat "$PM/digest")"; }
+}
+
+podman_pull() {
+    local dir
+    run podman_ rmi --all --force >/dev/null
+    run podman_ pull --quiet --tls-verify=false "$HOST/$PREPO:v1" >/dev/null
+    [ "$(run podman_ image inspect --format '{{.Digest}}' "$HOST/$PREPO:v1")" = "$(cat "$PM/digest")" ] ||
+        fail "pulled image has another digest"
+    dir=$(run podman_ image mount "$HOST/$PREPO:v1")
+    cmp "$PM/src/hello.txt" "$dir/hello.txt" || fail "hello.txt differs"
+    cmp "$PM/src/data.bin" "$dir/data.bin" || fail "data.bin differs"
+    run podman_ image umount "$HOST/$PREPO:v1" >/dev/null
+}
+
+podman_search() {
+    run podman_ search --tls-verify=false --list-tags "$HOST/$PREPO" | grep -q "$HOST/$PREPO[[:space:]]*v1" ||
+        fail "search --list-tags does not show v1"
+    run podman_ search --tls-verify=false "$HOST/e2e/podman" | grep -q "$HOST/$PREPO" ||
+        fail "search (catalog) does not show $PREPO"
+}
+
+scenario_podman() {
+    check "podman: push an imported image" podman_push
+    check "podman: pull back, digest and files identical" podman_pull
+    check "podman: search lists the repository (catalog) and its tags" podman_search
+    podman_ rmi --all --force >/dev/null 2>&1
+}
+
 # ================================================================ raw HTTP (curl)
 RAW=$WORK/raw
 RREPO=e2e/raw/upload
@@ -890,6 +936,26 @@ auth_private() {
     [ "$(jq -c .repositories "$RB")" = '["team/img"]' ] || { show; fail "catalog"; }
 }
 
+auth_podman_login() {
+    start_auth_serve podman --auth-user "ci:$AUTH_PASS"
+    mkdir -p "$PM/src"
+    echo "private $RANDOM" >"$PM/src/private.txt"
+    tar -C "$PM/src" -cf "$PM/private.tar" private.txt
+    run podman_ import --quiet "$PM/private.tar" e2e-private:v1 >/dev/null
+    ! run podman_ push --quiet --tls-verify=false e2e-private:v1 "docker://$AHOST/team/private:v1" ||
+        fail "push without login accepted"
+    ! echo wrong | run podman_ login --tls-verify=false -u ci --password-stdin "$AHOST" ||
+        fail "login with a wrong password accepted"
+    echo "$AUTH_PASS" | run podman_ login --tls-verify=false -u ci --password-stdin "$AHOST" >/dev/null
+    run podman_ push --quiet --tls-verify=false e2e-private:v1 "docker://$AHOST/team/private:v1"
+    run podman_ rmi --all --force >/dev/null
+    run podman_ pull --quiet --tls-verify=false "$AHOST/team/private:v1" >/dev/null
+    run podman_ logout "$AHOST" >/dev/null
+    run podman_ rmi --all --force >/dev/null
+    ! run podman_ pull --quiet --tls-verify=false "$AHOST/team/private:v1" ||
+        fail "pull after logout accepted"
+}
+
 scenario_auth() {
     if [ "$REGISTRY_CMD" != ours ]; then
         echo "# auth: skipped for $REGISTRY_CMD (the flags are our serve example's)"
@@ -898,13 +964,14 @@ scenario_auth() {
     check "auth: --auth-user --anonymous-read: skopeo pushes with creds, anonymous pulls, anonymous writes refused" auth_anonymous_read
     check "auth: token endpoint cuts scopes to the policy; bad tokens and passwords are 401" auth_token_flow_curl
     check "auth: --auth-user alone: anonymous pulls and catalog refused, users pull and list" auth_private
+    check "auth: podman login, push and pull; refused before login and after logout" auth_podman_login
 }
 
 # ================================================================ run
 for s in $E2E_ONLY; do
     case "$s" in
-    skopeo | oras | buildah | raw | auth) "scenario_$s" ;;
-    *) echo "unknown scenario '$s' (skopeo oras buildah raw auth)" >&2; exit 2 ;;
+    skopeo | oras | buildah | podman | raw | auth) "scenario_$s" ;;
+    *) echo "unknown scenario '$s' (skopeo oras buildah podman raw auth)" >&2; exit 2 ;;
     esac
 done
 

@@ -26,12 +26,13 @@ declare -A PROVIDES=(
     [skopeo]=skopeo
     [umoci]=umoci
     [buildah]=buildah
+    [podman]=podman
     [docker-registry]=docker-registry
     [curl]=curl
     [jq]=jq
 )
 missing=()
-for pkg in skopeo umoci buildah docker-registry curl jq; do
+for pkg in skopeo umoci buildah podman docker-registry curl jq; do
     command -v "${PROVIDES[$pkg]}" >/dev/null 2>&1 || missing+=("$pkg")
 done
 command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
