@@ -29,8 +29,12 @@ PYTHON=$ROOT/target/test-deps/venv/bin/python
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/e2e-clients.XXXXXX")
 PIDS=()
+# Servers started inside a check run in its subshell, where PIDS does not reach back:
+# they write their PIDs here, and cleanup stops them too.
+EXTRA_PIDS=$WORK/extra.pids
 cleanup() {
     local pid i
+    [ -f "$EXTRA_PIDS" ] && mapfile -t -O "${#PIDS[@]}" PIDS <"$EXTRA_PIDS"
     for pid in "${PIDS[@]}"; do
         kill "$pid" 2>/dev/null || continue
         for ((i = 0; i < 50; i++)); do # up to 5 s, then SIGKILL
@@ -852,7 +856,7 @@ start_auth_serve() {
     AHOST=127.0.0.1:$port
     "${CARGO_TARGET_DIR:-target}/release/examples/serve" --addr "$AHOST" --storage memory "$@" \
         >"$AU/$name.log" 2>&1 &
-    PIDS+=($!)
+    echo $! >>"$EXTRA_PIDS"
     for ((i = 0; i < 100; i++)); do
         [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$AHOST/v2/")" = 401 ] && return 0
         sleep 0.1
