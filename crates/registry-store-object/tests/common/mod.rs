@@ -26,11 +26,10 @@ pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
 pub const AZURITE_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
+/// Where `scripts/install-test-deps.sh` installs: the repository's own `target/`,
+/// whatever `CARGO_TARGET_DIR` says (the script and every test agree on one place).
 fn test_deps() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    target.join("test-deps")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-deps")
 }
 
 fn free_port() -> u16 {
