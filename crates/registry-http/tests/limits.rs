@@ -9,72 +9,22 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{HeaderMap, Method, Request, StatusCode};
+use axum::http::{Method, StatusCode};
 use bytes::Bytes;
 use futures::StreamExt as _;
-use http_body_util::BodyExt;
 use registry_core::testkit::{image_manifest, image_manifest_with};
 use registry_core::{Digest, ManualClock, MemoryStore, Registry, RegistryBuilder, Timestamp};
 use registry_http::{HttpConfig, router, serve_local};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tower::ServiceExt;
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-    fn code(&self) -> String {
-        let v: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_default();
-        v["errors"][0]["code"].as_str().unwrap_or("").to_owned()
-    }
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).expect("json body")
-    }
-}
+mod common;
+use common::{OCI_MANIFEST, Reply, get, send};
 
 fn builder() -> (RegistryBuilder, ManualClock) {
     let clock = ManualClock::new(Timestamp(1_700_000_000_000));
     let b = Registry::builder(MemoryStore::new()).with_clock(Arc::new(clock.clone()));
     (b, clock)
-}
-
-async fn send(
-    app: &Router,
-    method: Method,
-    uri: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Body>,
-) -> Reply {
-    let mut req = Request::builder().method(method).uri(uri);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = app
-        .clone()
-        .oneshot(req.body(body.into()).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Reply {
-        status,
-        headers,
-        body,
-    }
-}
-
-async fn get(app: &Router, uri: &str) -> Reply {
-    send(app, Method::GET, uri, &[], Body::empty()).await
 }
 
 async fn push_blob(app: &Router, repo: &str, data: &[u8]) -> String {

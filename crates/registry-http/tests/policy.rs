@@ -2,57 +2,25 @@
 //! in process through `tower::ServiceExt::oneshot`.
 
 use axum::Router;
-use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
-use bytes::Bytes;
-use http_body_util::BodyExt;
+use axum::http::{Method, StatusCode};
 use registry_core::{Digest, MemoryStore, Registry, RegistryBuilder, RepoName, TagPattern};
 use registry_http::{HttpConfig, router};
-use tower::ServiceExt;
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-
-struct Reply {
-    status: StatusCode,
-    headers: axum::http::HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn error(&self) -> (String, String) {
-        let v: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_default();
-        (
-            v["errors"][0]["code"].as_str().unwrap_or("").to_owned(),
-            v["errors"][0]["message"].as_str().unwrap_or("").to_owned(),
-        )
-    }
-}
+mod common;
+use common::{OCI_MANIFEST, Reply};
 
 fn builder() -> RegistryBuilder {
     Registry::builder(MemoryStore::new())
 }
 
 async fn send(app: &Router, method: Method, uri: &str, ct: Option<&str>, body: Vec<u8>) -> Reply {
-    let mut req = Request::builder().method(method).uri(uri);
-    if let Some(ct) = ct {
-        req = req.header("content-type", ct);
-    }
+    let len = body.len().to_string();
+    let mut headers = Vec::new();
+    headers.extend(ct.map(|ct| ("content-type", ct)));
     if !body.is_empty() {
-        req = req.header("content-length", body.len());
+        headers.push(("content-length", len.as_str()));
     }
-    let resp = app
-        .clone()
-        .oneshot(req.body(Body::from(body)).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Reply {
-        status,
-        headers,
-        body,
-    }
+    common::send(app, method, uri, &headers, body).await
 }
 
 async fn post_blob(app: &Router, repo: &str, data: &[u8]) -> Reply {
