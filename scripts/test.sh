@@ -32,7 +32,7 @@ cargo test --workspace --all-features --locked
 step "three registries with their policies and a promotion (examples/three_registries.rs)"
 cargo run --quiet --locked -p registry-examples --example three_registries
 
-step "real clients against the serve binary (skopeo, oras, buildah, raw HTTP, auth)"
+step "real clients against the serve binary (skopeo, oras, buildah, podman, raw HTTP, auth)"
 scripts/e2e-clients.sh
 
 step "two serve processes on one bucket: S3 (moto) and Azure Blob (Azurite), with skopeo"
