@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -34,6 +35,52 @@ pub struct FsBlobStore {
     /// directory is fsynced. Created lazily (creating all 512 up front costs more than
     /// a store open should), each made durable once per process.
     durable_fans: Arc<Mutex<HashSet<PathBuf>>>,
+    /// The store's directories: durable before any write is acknowledged.
+    skeleton: Arc<Skeleton>,
+}
+
+/// The directories of a store (`blobs/<algorithm>`, `blobs`, `uploads`) and the name
+/// of its redb file, made durable once per process: by a background task right after
+/// the store opens (so that opening, and a server's readiness, do not wait for four
+/// directory fsyncs), and in any case by the first write before it is acknowledged
+/// ([`Skeleton::ensure_durable`], called by every write path of the blob store and of
+/// the metadata engine). Until then nothing has been acknowledged, so a crash loses
+/// nothing: the next open creates what is missing.
+#[derive(Debug)]
+pub(crate) struct Skeleton {
+    root: PathBuf,
+    durable: AtomicBool,
+    lock: Mutex<()>,
+}
+
+impl Skeleton {
+    pub(crate) fn new(root: &Path) -> Skeleton {
+        Skeleton {
+            root: root.to_owned(),
+            durable: AtomicBool::new(false),
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Returns once the store's directories (and everything named in them so far,
+    /// among which the fan-out directories and the redb file) are durable.
+    pub(crate) fn ensure_durable(&self) -> io::Result<()> {
+        if self.durable.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.durable.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let blobs = self.root.join("blobs");
+        for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
+            fsync_dir(&blobs.join(algorithm.name()))?;
+        }
+        fsync_dir(&blobs)?;
+        fsync_dir(&self.root)?;
+        self.durable.store(true, Ordering::Release);
+        Ok(())
+    }
 }
 
 /// What an upload session's sidecar file records.
@@ -92,24 +139,32 @@ impl Drop for BusyGuard {
 }
 
 impl FsBlobStore {
-    /// Uses (and creates) `root/blobs` and `root/uploads`.
+    /// Uses (and creates) `root/blobs` and `root/uploads`, and makes them durable.
     pub fn open(root: &Path) -> Result<Self> {
+        let skeleton = Arc::new(Skeleton::new(root));
+        let store = Self::open_with(root, skeleton.clone())?;
+        skeleton.ensure_durable().map_err(io_err)?;
+        Ok(store)
+    }
+
+    /// Like [`open`](Self::open), but the directories are made durable by `skeleton`
+    /// (see [`Skeleton`]), not here: every write makes sure of it before it is
+    /// acknowledged.
+    pub(crate) fn open_with(root: &Path, skeleton: Arc<Skeleton>) -> Result<Self> {
         let blobs = root.join("blobs");
         let mut durable_fans = HashSet::new();
         for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
             let dir = blobs.join(algorithm.name());
             fs::create_dir_all(&dir).map_err(io_err)?;
-            // Fan-out directories an earlier process created may not be durable yet
-            // (it may have crashed before fsyncing their parent): make them so now.
-            fsync_dir(&dir).map_err(io_err)?;
+            // Fan-out directories an earlier process created may not be durable yet (it
+            // may have crashed before fsyncing their parent): the skeleton's fsync of
+            // `dir` makes them so before any commit into them is acknowledged.
             for fan in fs::read_dir(&dir).map_err(io_err)? {
                 durable_fans.insert(fan.map_err(io_err)?.path());
             }
         }
-        fsync_dir(&blobs).map_err(io_err)?;
         let uploads = root.join("uploads");
         fs::create_dir_all(&uploads).map_err(io_err)?;
-        fsync_dir(root).map_err(io_err)?;
         // Sessions being created or deleted when a crash struck: never acknowledged
         // (creation) or already forgotten (deletion). Nothing else uses these names.
         for entry in fs::read_dir(&uploads).map_err(io_err)? {
@@ -117,13 +172,18 @@ impl FsBlobStore {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             if name.starts_with(".tmp-") || name.starts_with(".trash-") {
-                fs::remove_dir_all(entry.path()).map_err(io_err)?;
+                if entry.file_type().map_err(io_err)?.is_dir() {
+                    fs::remove_dir_all(entry.path()).map_err(io_err)?;
+                } else {
+                    fs::remove_file(entry.path()).map_err(io_err)?;
+                }
             }
         }
         Ok(FsBlobStore {
             root: Arc::new(root.to_owned()),
             busy: Arc::default(),
             durable_fans: Arc::new(Mutex::new(durable_fans)),
+            skeleton,
         })
     }
 
@@ -514,7 +574,9 @@ impl BlobStore for FsBlobStore {
             started_at: now,
         })
         .map_err(Error::storage)?;
+        let skeleton = self.skeleton.clone();
         blocking(move || {
+            skeleton.ensure_durable().map_err(io_err)?;
             fs::create_dir(&tmp).map_err(io_err)?;
             let mut s = File::create(tmp.join("info.json")).map_err(io_err)?;
             s.write_all(&record).map_err(io_err)?;
@@ -651,7 +713,9 @@ impl BlobStore for FsBlobStore {
         let session = self.upload_dir(id);
         let unknown = Error::UploadUnknown { id: id.to_string() };
         let fans = self.durable_fans.clone();
+        let skeleton = self.skeleton.clone();
         blocking(move || {
+            skeleton.ensure_durable().map_err(io_err)?;
             if !committed.exists() {
                 if !data.exists() {
                     return Err(unknown);

@@ -54,7 +54,10 @@
 //! blob), hard-links it to its blob name (an existing name means `AlreadyPresent`) and
 //! fsyncs the directory; only then does the registry commit the metadata that makes
 //! the blob visible. The upload stays readable until it is deleted, so a commit can be
-//! repeated. Metadata commits use `Durability::Immediate`: fsynced before they return.
+//! repeated. Metadata commits are
+//! durable before they return (group commit: see [`RedbKv`]). The store's own
+//! directories are made durable in the background after open, and every write waits
+//! for that before it is acknowledged (`docs/design.md` §5).
 //!
 //! ## After a crash
 //! Nothing acknowledged is lost, nothing partial is visible. What may be left:
@@ -88,6 +91,7 @@ use registry_core::store::{BlobRecord, BlobState, BlobStore, MetadataStore, Stor
 use registry_core::{Digest, Error, Hasher, Result, Timestamp};
 
 pub use blobs::FsBlobStore;
+use blobs::Skeleton;
 pub use redb_kv::RedbKv;
 
 /// How old an orphan file must be before [`FsStore::check`] with `repair` removes it:
@@ -149,20 +153,32 @@ impl FsStore {
     /// are kept: clients may continue them.
     pub async fn open(dir: impl AsRef<Path>) -> Result<FsStore> {
         let root = dir.as_ref().to_owned();
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&root).map_err(Error::storage)?;
-            let blobs = FsBlobStore::open(&root)?;
-            let kv = RedbKv::open(&root.join("meta.redb"))?;
-            tracing::debug!(root = %root.display(), "fs store opened");
-            Ok(FsStore {
-                root,
-                blobs: Arc::new(blobs),
-                metadata: Arc::new(KvMetadata::new(kv)),
-                orphan_grace: DEFAULT_ORPHAN_GRACE,
-            })
+        let skeleton = Arc::new(Skeleton::new(&root));
+        let store = tokio::task::spawn_blocking({
+            let skeleton = skeleton.clone();
+            move || {
+                std::fs::create_dir_all(&root).map_err(Error::storage)?;
+                let blobs = FsBlobStore::open_with(&root, skeleton.clone())?;
+                let kv = RedbKv::open_with(&root.join("meta.redb"), Some(skeleton))?;
+                tracing::debug!(root = %root.display(), "fs store opened");
+                Ok::<_, Error>(FsStore {
+                    root,
+                    blobs: Arc::new(blobs),
+                    metadata: Arc::new(KvMetadata::new(kv)),
+                    orphan_grace: DEFAULT_ORPHAN_GRACE,
+                })
+            }
         })
         .await
-        .map_err(|e| Error::storage(format!("open task failed: {e}")))?
+        .map_err(|e| Error::storage(format!("open task failed: {e}")))??;
+        // The directory fsyncs, off the open path: the first write waits for them if
+        // they are not done by then (and reports their error, if any).
+        drop(tokio::task::spawn_blocking(move || {
+            if let Err(e) = skeleton.ensure_durable() {
+                tracing::warn!(error = %e, "making the store's directories durable failed; the first write retries");
+            }
+        }));
+        Ok(store)
     }
 
     /// Sets how old an orphan file must be before a repairing [`check`](Self::check)

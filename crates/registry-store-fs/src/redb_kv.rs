@@ -12,6 +12,8 @@ use registry_core::kv::{KvEngine, KvPair, KvRead, KvWrite, Table};
 use registry_core::store::storage_error;
 use registry_core::{Error, Result};
 
+use crate::blobs::Skeleton;
+
 fn def(table: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
     TableDefinition::new(table.name())
 }
@@ -28,6 +30,9 @@ fn def(table: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
 pub struct RedbKv {
     db: Arc<Database>,
     group: Arc<GroupCommit>,
+    /// In an [`FsStore`](crate::FsStore): its directories, made durable before any
+    /// write is acknowledged (the redb file's own name is among them).
+    skeleton: Option<Arc<Skeleton>>,
 }
 
 /// The state of group commit, shared by the writers of one database.
@@ -100,15 +105,39 @@ impl GroupCommit {
 impl RedbKv {
     /// Opens (or creates) the database at `path` and makes sure every table exists.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, None)
+    }
+
+    pub(crate) fn open_with(path: &Path, skeleton: Option<Arc<Skeleton>>) -> Result<Self> {
         let db = Database::create(path).map_err(storage_error)?;
-        let txn = db.begin_write().map_err(storage_error)?;
-        for table in Table::ALL {
-            txn.open_table(def(table)).map_err(storage_error)?;
+        let missing = {
+            let txn = db.begin_read().map_err(storage_error)?;
+            let mut missing = false;
+            for table in Table::ALL {
+                match txn.open_table(def(table)) {
+                    Ok(_) => {}
+                    Err(redb::TableError::TableDoesNotExist(_)) => missing = true,
+                    Err(e) => return Err(storage_error(e)),
+                }
+            }
+            missing
+        };
+        if missing {
+            // Not fsynced: empty tables hold nothing acknowledged. Should a crash undo
+            // this commit, the next open creates them again; the first durable commit
+            // (group commit, below) persists them with the first write.
+            let mut txn = db.begin_write().map_err(storage_error)?;
+            txn.set_durability(Durability::None)
+                .map_err(storage_error)?;
+            for table in Table::ALL {
+                txn.open_table(def(table)).map_err(storage_error)?;
+            }
+            txn.commit().map_err(storage_error)?;
         }
-        txn.commit().map_err(storage_error)?;
         Ok(RedbKv {
             db: Arc::new(db),
             group: Arc::default(),
+            skeleton,
         })
     }
 }
@@ -213,7 +242,11 @@ impl KvEngine for RedbKv {
         R: Send + 'static,
     {
         let (db, group) = (self.db.clone(), self.group.clone());
+        let skeleton = self.skeleton.clone();
         blocking(move || {
+            if let Some(s) = &skeleton {
+                s.ensure_durable().map_err(storage_error)?;
+            }
             let mut txn = Write(db.begin_write().map_err(storage_error)?);
             match f(&mut txn) {
                 Ok(r) => {
