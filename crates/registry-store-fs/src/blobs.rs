@@ -751,6 +751,64 @@ impl BlobStore for FsBlobStore {
         .await
     }
 
+    /// One temporary file, fsynced, hard-linked to the blob's name, the directory
+    /// fsynced: two fsyncs, where a session costs six (its creation three, its commit
+    /// three). The temporary name (`uploads/.tmp-<random>`) is never a session's, and
+    /// one left by a crash is removed on open.
+    async fn put_bytes(
+        &self,
+        _repo: &RepoName,
+        digest: &Digest,
+        bytes: Bytes,
+        _now: Timestamp,
+    ) -> Result<CommitOutcome> {
+        let tmp = self
+            .root
+            .join("uploads")
+            .join(format!(".tmp-{}", UploadId::random()));
+        let blob = self.blob_path(digest);
+        let fans = self.durable_fans.clone();
+        let skeleton = self.skeleton.clone();
+        blocking(move || {
+            skeleton.ensure_durable().map_err(io_err)?;
+            let dir = blob.parent().expect("blob paths have a parent");
+            make_durable_fan(&fans, dir).map_err(io_err)?;
+            if fs::symlink_metadata(&blob).is_ok() {
+                // Blob files are immutable once named: nothing to write. Their name may
+                // not be durable yet (a concurrent commit), hence the fsync.
+                fsync_dir(dir).map_err(io_err)?;
+                return Ok(CommitOutcome::AlreadyPresent);
+            }
+            let stored = (|| {
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+                let outcome = match fs::hard_link(&tmp, &blob) {
+                    Ok(()) => CommitOutcome::Stored,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        CommitOutcome::AlreadyPresent
+                    }
+                    Err(e) => return Err(e),
+                };
+                fsync_dir(dir)?;
+                Ok(outcome)
+            })();
+            // The bytes live on under the blob's name (or were not needed). A temporary
+            // file that cannot be removed is harmless: the next open removes it.
+            match fs::remove_file(&tmp) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    tracing::warn!(path = %tmp.display(), error = %e, "cannot remove a temporary file");
+                }
+                _ => {}
+            }
+            stored.map_err(io_err)
+        })
+        .await
+    }
+
     async fn delete_upload(&self, id: &UploadId) -> Result<bool> {
         let dir = self.upload_dir(id);
         let trash = self.root.join("uploads").join(format!(".trash-{id}"));

@@ -45,7 +45,8 @@
 //! - `blobs/<algorithm>/<first two hex>/<hex>`: blob bytes, immutable once named;
 //! - `uploads/<id>/`: one upload session: `info.json` (repository, start time), and
 //!   `data` (the bytes so far; its modification time is the session's last activity),
-//!   renamed `data.committed` when committed.
+//!   renamed `data.committed` when committed; `uploads/.tmp-<id>`: a manifest being
+//!   stored (`put_bytes`), or a session being created.
 //!
 //! ## Writes
 //! The registry hashes an upload while this store appends it to `data` in large writes;
@@ -54,7 +55,8 @@
 //! blob), hard-links it to its blob name (an existing name means `AlreadyPresent`) and
 //! fsyncs the directory; only then does the registry commit the metadata that makes
 //! the blob visible. The upload stays readable until it is deleted, so a commit can be
-//! repeated. Metadata commits are
+//! repeated. Manifests skip the session: `put_bytes` writes a temporary file, fsyncs
+//! it, hard-links it to the blob name and fsyncs the directory. Metadata commits are
 //! durable before they return (group commit: see [`RedbKv`]). The store's own
 //! directories are made durable in the background after open, and every write waits
 //! for that before it is acknowledged (`docs/design.md` §5).
@@ -66,7 +68,8 @@
 //!   than the registry's upload expiry are deleted by
 //!   [`Registry::collect_garbage`](registry_core::Registry::collect_garbage)
 //!   (through `list_uploads` / `delete_upload`); sessions half-created or
-//!   half-deleted (`uploads/.tmp-*`, `uploads/.trash-*`) are removed on open;
+//!   half-deleted (`uploads/.tmp-*`, `uploads/.trash-*`), and temporary manifest
+//!   files, are removed on open;
 //! - orphan blob files (committed, metadata never written): unreadable, since every
 //!   read goes through metadata; [`FsStore::check`] reports them and, repairing,
 //!   removes those older than a grace time; a collection with `GcOptions::orphans`
