@@ -1365,14 +1365,11 @@ impl Registry {
             });
         }
         let last = options.last.as_deref().map(Tag::parse).transpose()?;
-        let mut items: Vec<Tag> = self
+        let mut items = self
             .inner
             .meta
-            .list_tags(repo, last.as_ref(), n + 1)
-            .await?
-            .into_iter()
-            .map(|(t, _)| t)
-            .collect();
+            .list_tag_names(repo, last.as_ref(), n + 1)
+            .await?;
         Ok(paginate(&mut items, n, |t| t.to_string()))
     }
 

@@ -449,6 +449,21 @@ pub trait MetadataStore: Send + Sync + 'static {
         after: Option<&Tag>,
         limit: usize,
     ) -> Result<Vec<(Tag, Digest)>>;
+    /// The tags [`list_tags`](Self::list_tags) would return, without their manifests
+    /// (the tag list of the distribution API needs only the names).
+    async fn list_tag_names(
+        &self,
+        repo: &RepoName,
+        after: Option<&Tag>,
+        limit: usize,
+    ) -> Result<Vec<Tag>> {
+        Ok(self
+            .list_tags(repo, after, limit)
+            .await?
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect())
+    }
     /// Tags of a repository with their tagging times, in lexical order, strictly after
     /// `after`, at most `limit`.
     async fn list_tag_entries(

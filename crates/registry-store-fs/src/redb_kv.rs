@@ -142,12 +142,13 @@ impl RedbKv {
     }
 }
 
-fn scan_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
+fn scan_table<T: ReadableTable<&'static [u8], &'static [u8]>, O>(
     t: &T,
     prefix: &[u8],
     after: Option<&[u8]>,
     limit: usize,
-) -> Result<Vec<KvPair>> {
+    out_of: impl Fn(&[u8], &[u8]) -> O,
+) -> Result<Vec<O>> {
     let lower = match after {
         Some(a) if a >= prefix => Bound::Excluded(a),
         _ => Bound::Included(prefix),
@@ -164,7 +165,7 @@ fn scan_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
         if !k.value().starts_with(prefix) {
             break;
         }
-        out.push((k.value().to_vec(), v.value().to_vec()));
+        out.push(out_of(k.value(), v.value()));
     }
     Ok(out)
 }
@@ -191,7 +192,17 @@ macro_rules! kv_read {
                 limit: usize,
             ) -> Result<Vec<KvPair>> {
                 let t = self.0.open_table(def(table)).map_err(storage_error)?;
-                scan_table(&t, prefix, after, limit)
+                scan_table(&t, prefix, after, limit, |k, v| (k.to_vec(), v.to_vec()))
+            }
+            fn scan_keys(
+                &self,
+                table: Table,
+                prefix: &[u8],
+                after: Option<&[u8]>,
+                limit: usize,
+            ) -> Result<Vec<Vec<u8>>> {
+                let t = self.0.open_table(def(table)).map_err(storage_error)?;
+                scan_table(&t, prefix, after, limit, |k, _| k.to_vec())
             }
             fn count(&self, table: Table) -> Result<u64> {
                 let t = self.0.open_table(def(table)).map_err(storage_error)?;
