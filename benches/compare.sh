@@ -4,10 +4,12 @@
 #
 #   bash benches/compare.sh              # default: 3 rounds each, about 10-20 minutes
 #   QUICK=1 bash benches/compare.sh      # smoke run: 2 rounds each, small counts
+#   FLAT=1 bash benches/compare.sh       # flatness: manifest PUT/GET at 1k and 100k stored
 #
 # Environment: ROUNDS (rounds per server, default 3, QUICK 2), SERVERS ("ours dist",
 # or one of them), OURS_STORAGE (fs|memory, default fs), OUT (default target/bench),
-# BIG=1 (add a 4 GiB push and pull).
+# BIG=1 (add a 4 GiB push and pull), FLAT=1 (only the store-growth workloads; with
+# FLAT_TARGET, FLAT_FILL_SECONDS, FLAT_PUTS, FLAT_GETS).
 # Each round starts a fresh server with a fresh temp data dir on 127.0.0.1, records
 # its PID, samples its CPU time and RSS from /proc around every workload and stops
 # exactly that PID. Raw JSON lines: $OUT/raw-*.jsonl (latest: $OUT/raw.jsonl);
@@ -18,7 +20,19 @@ export LC_ALL=C
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 QUICK=${QUICK:-0}
-if [ "$QUICK" = 1 ]; then ROUNDS=${ROUNDS:-2}; else ROUNDS=${ROUNDS:-3}; fi
+FLAT=${FLAT:-0}
+if [ "$FLAT" = 1 ]; then
+    ROUNDS=${ROUNDS:-1}
+elif [ "$QUICK" = 1 ]; then
+    ROUNDS=${ROUNDS:-2}
+else
+    ROUNDS=${ROUNDS:-3}
+fi
+# FLAT=1: the store-growth workloads instead of the others (see run_flat_round).
+FLAT_TARGET=${FLAT_TARGET:-100000}
+FLAT_FILL_SECONDS=${FLAT_FILL_SECONDS:-240}
+FLAT_PUTS=${FLAT_PUTS:-1000}
+FLAT_GETS=${FLAT_GETS:-5000}
 SERVERS=${SERVERS:-ours dist}
 OURS_STORAGE=${OURS_STORAGE:-fs}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -185,49 +199,111 @@ EOF
     fi
 }
 
-# run_round KIND ROUND
-run_round() {
-    local kind=$1 round=$2 ready idle spec name args out rc c0 c1 r0 r1 hwm
+# measure KIND ROUND NAME EXTRA_JSON LOAD_ARGS...: runs one `load` workload against
+# the server ($PID, $PORT), sampling its CPU time and memory around it, and appends
+# one JSON line to $RAW (EXTRA_JSON: more fields, `,"k":v` or empty). The load JSON
+# goes to $WORK/last.json.
+measure() {
+    local kind=$1 round=$2 name=$3 extra=$4 out rc c0 c1 r0 r1 hwm
+    shift 4
+    if ! alive; then
+        log "  $kind (pid $PID) is gone; its log:"
+        tail -20 "$WORK/server.log" >&2 || true
+        echo "{\"server\":\"$kind\",\"round\":$round,\"name\":\"$name\",\"server_died\":true,\"load\":null}" >>"$RAW"
+        echo null >"$WORK/last.json"
+        return 0
+    fi
+    echo 5 >"/proc/$PID/clear_refs" 2>/dev/null || true # reset VmHWM
+    c0=$(cpu_ticks)
+    r0=$(status_kb VmRSS)
+    rc=0
+    out=$("$LOAD" --url "http://127.0.0.1:$PORT" --name "$name" "$@" 2>>"$WORK/load.err") || rc=$?
+    c1=$(cpu_ticks)
+    hwm=$(status_kb VmHWM)
+    r1=$(status_kb VmRSS)
+    [ -n "$out" ] || out=null
+    echo "$out" >"$WORK/last.json"
+    echo "{\"server\":\"$kind\",\"round\":$round,\"name\":\"$name\",\"cpu_ticks\":$((c1 - c0)),\"clk_tck\":$CLK_TCK,\"rss_kb_before\":$r0,\"hwm_kb\":$hwm,\"rss_kb_after\":$r1,\"rc\":$rc$extra,\"load\":$out}" >>"$RAW"
+    log "  $name: $(grep -o '"mb_per_s":[0-9.]*\|"ops_per_s":[0-9.]*\|"errors":[0-9]*' <<<"$out" | tr '\n' ' ')cpu $(((c1 - c0) * 1000 / CLK_TCK)) ms, HWM ${hwm} kB"
+    if [ "$rc" != 0 ]; then
+        log "  load failed (rc $rc):"
+        tail -5 "$WORK/load.err" >&2 || true
+    fi
+}
+
+# start_round KIND ROUND: a fresh server and its ready record; non-zero if it failed.
+start_round() {
+    local kind=$1 round=$2 ready idle
     log "round $round: $kind (fresh server)"
     if ! start_server "$kind"; then
         echo "{\"server\":\"$kind\",\"round\":$round,\"name\":\"ready\",\"failed\":true}" >>"$RAW"
         cleanup
-        return 0
+        return 1
     fi
     ready=$(cat "$WORK/ready.json")
     sleep 1
     idle=$(status_kb VmRSS)
     echo "{\"server\":\"$kind\",\"round\":$round,\"name\":\"ready\",\"pid\":$PID,\"idle_rss_kb\":$idle,\"ready\":$ready}" >>"$RAW"
     log "  ready: $ready; idle RSS ${idle} kB"
-    for spec in "${WORKLOADS[@]}"; do
-        name=${spec%%|*}
-        args=${spec#*|}
-        if ! alive; then
-            log "  $kind (pid $PID) is gone; its log:"
-            tail -20 "$WORK/server.log" >&2 || true
-            echo "{\"server\":\"$kind\",\"round\":$round,\"name\":\"$name\",\"server_died\":true,\"load\":null}" >>"$RAW"
-            continue
-        fi
-        echo 5 >"/proc/$PID/clear_refs" 2>/dev/null || true # reset VmHWM
-        c0=$(cpu_ticks)
-        r0=$(status_kb VmRSS)
-        rc=0
-        # shellcheck disable=SC2086
-        out=$("$LOAD" --url "http://127.0.0.1:$PORT" --name "$name" "${LOAD_LIMITS[@]}" $args 2>>"$WORK/load.err") || rc=$?
-        c1=$(cpu_ticks)
-        hwm=$(status_kb VmHWM)
-        r1=$(status_kb VmRSS)
-        [ -n "$out" ] || out=null
-        echo "{\"server\":\"$kind\",\"round\":$round,\"name\":\"$name\",\"cpu_ticks\":$((c1 - c0)),\"clk_tck\":$CLK_TCK,\"rss_kb_before\":$r0,\"hwm_kb\":$hwm,\"rss_kb_after\":$r1,\"rc\":$rc,\"load\":$out}" >>"$RAW"
-        log "  $name: $(grep -o '"mb_per_s":[0-9.]*\|"ops_per_s":[0-9.]*\|"errors":[0-9]*' <<<"$out" | tr '\n' ' ')cpu $(((c1 - c0) * 1000 / CLK_TCK)) ms, HWM ${hwm} kB"
-        if [ "$rc" != 0 ]; then
-            log "  load failed (rc $rc):"
-            tail -5 "$WORK/load.err" >&2 || true
-        fi
-    done
+}
+
+end_round() {
+    local kind=$1 round=$2
     if [ -s "$WORK/load.err" ]; then cp "$WORK/load.err" "$OUT/load-$kind-$round.err"; fi
     if [ -s "$WORK/server.log" ]; then cp "$WORK/server.log" "$OUT/server-$kind-$round.log"; fi
     cleanup
+}
+
+# run_round KIND ROUND
+run_round() {
+    local kind=$1 round=$2 spec name args
+    start_round "$kind" "$round" || return 0
+    for spec in "${WORKLOADS[@]}"; do
+        name=${spec%%|*}
+        args=${spec#*|}
+        # shellcheck disable=SC2086
+        measure "$kind" "$round" "$name" "" "${LOAD_LIMITS[@]}" $args
+    done
+    end_round "$kind" "$round"
+}
+
+# run_flat_round KIND ROUND (FLAT=1): manifest PUT and GET with about 1k manifests
+# stored, a fill up to $FLAT_TARGET manifests (bounded by $FLAT_FILL_SECONDS), then
+# the same PUT and GET again. All manifests go to one repository, tagged t00000...;
+# GETs pick manifests at random among all those stored. Every record carries
+# "stored": the manifests in the store when the workload started.
+run_flat_round() {
+    local kind=$1 round=$2 repo=bench/flat seed=51 stored filled
+    local m=(--max-seconds 120 --request-timeout 60 --repo "$repo" --seed "$seed")
+    start_round "$kind" "$round" || return 0
+    measure "$kind" "$round" flat-seed ',"stored":0' "${m[@]}" \
+        --workload manifest-put --count 1000 --offset 0 --concurrency 4
+    stored=1000
+    flat_phase "$kind" "$round" 1k "$stored" 1000
+    stored=$((stored + FLAT_PUTS))
+    measure "$kind" "$round" flat-fill ",\"stored\":$stored" --max-seconds "$FLAT_FILL_SECONDS" \
+        --request-timeout 60 --repo "$repo" --seed "$seed" \
+        --workload manifest-put --count $((FLAT_TARGET - stored)) --offset "$stored" --concurrency 16
+    # The fill takes indices in order and only stops starting new ones at its
+    # deadline: what it stored is the prefix of the indices it got to.
+    filled=$(python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); print((v or {}).get("ops", 0) + (v or {}).get("errors", 0))' "$WORK/last.json" 2>/dev/null || echo 0)
+    stored=$((stored + filled))
+    log "  $kind holds about $stored manifests; data dir $(du -sh "$WORK/data" 2>/dev/null | cut -f1)"
+    flat_phase "$kind" "$round" 100k "$stored" "$FLAT_TARGET"
+    end_round "$kind" "$round"
+}
+
+# flat_phase KIND ROUND LABEL STORED PUT_OFFSET: PUT $FLAT_PUTS new manifests from
+# index PUT_OFFSET, then $FLAT_GETS GETs by tag and by digest spread over 0..STORED.
+flat_phase() {
+    local kind=$1 round=$2 label=$3 stored=$4 offset=$5
+    local m=(--max-seconds 120 --request-timeout 60 --repo bench/flat --seed 51 --concurrency 4)
+    measure "$kind" "$round" "flat-put-$label" ",\"stored\":$stored" "${m[@]}" \
+        --workload manifest-put --count "$FLAT_PUTS" --offset "$offset"
+    measure "$kind" "$round" "flat-get-tag-$label" ",\"stored\":$((stored + FLAT_PUTS))" "${m[@]}" \
+        --workload manifest-get-tag --count "$FLAT_GETS" --offset 0 --spread "$stored"
+    measure "$kind" "$round" "flat-get-digest-$label" ",\"stored\":$((stored + FLAT_PUTS))" "${m[@]}" \
+        --workload manifest-get-digest --count "$FLAT_GETS" --offset 0 --spread "$stored"
 }
 
 # ---------------------------------------------------------------- run
@@ -235,6 +311,7 @@ START=$(date +%s)
 log "rounds: $ROUNDS each of: $SERVERS (ours: --storage $OURS_STORAGE); raw: $RAW"
 for round in $(seq 1 "$ROUNDS"); do
     for mode in raw sha256; do
+        [ "$FLAT" = 1 ] && break
         flag=()
         [ "$mode" = raw ] && flag=(--no-verify)
         out=$("$LOAD" --workload tcp-baseline --size "$TCP" --name "tcp-baseline-$mode" "${flag[@]}" --max-seconds 60) || out=null
@@ -242,7 +319,11 @@ for round in $(seq 1 "$ROUNDS"); do
         log "tcp-baseline-$mode: $(grep -o '"mb_per_s":[0-9.]*' <<<"$out")"
     done
     for kind in $SERVERS; do
-        run_round "$kind" "$round"
+        if [ "$FLAT" = 1 ]; then
+            run_flat_round "$kind" "$round"
+        else
+            run_round "$kind" "$round"
+        fi
     done
 done
 cp "$RAW" "$OUT/raw.jsonl"
@@ -250,7 +331,7 @@ cp "$RAW" "$OUT/raw.jsonl"
     echo "# Load benchmark: ours vs CNCF Distribution"
     echo
     echo "$(date -u +%Y-%m-%dT%H:%MZ), commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo '+dirty'), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)."
-    echo "Servers: ours = serve --storage $OURS_STORAGE; dist = $DIST_VERSION. Rounds: $ROUNDS each, alternating; QUICK=$QUICK; run took $(($(date +%s) - START)) s."
+    echo "Servers: ours = serve --storage $OURS_STORAGE; dist = $DIST_VERSION. Rounds: $ROUNDS each, alternating; QUICK=$QUICK BIG=${BIG:-0} FLAT=$FLAT; run took $(($(date +%s) - START)) s."
     echo
     python3 "$ROOT/benches/summarize.py" "$RAW"
 } >"$OUT/summary.md"

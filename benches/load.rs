@@ -93,6 +93,16 @@ struct Args {
     /// tag-list: how many tags the list must hold (0: do not check).
     #[arg(long, default_value_t = 0)]
     tags: u64,
+    /// Manifest workloads: index of the first manifest (manifest i is tagged
+    /// `t` + i, zero-padded to 5 digits); the flatness mode of compare.sh puts and reads
+    /// the manifests of one store in slices.
+    #[arg(long, default_value_t = 0)]
+    offset: u64,
+    /// Manifest GET/HEAD workloads: when positive, op i reads a manifest picked
+    /// pseudo-randomly (from --seed and i) among `--offset .. --offset + --spread`
+    /// instead of manifest `--offset + i`: reads spread over a large store.
+    #[arg(long, default_value_t = 0)]
+    spread: u64,
     /// ci-mix: number of repositories the images are spread over.
     #[arg(long, default_value_t = 10)]
     repos: u64,
@@ -690,19 +700,27 @@ fn config_blob(label: &str, layers: &[&Blob]) -> Blob {
     )
 }
 
-/// The manifests of the manifest workloads: one config and one layer, `count`
-/// manifests that differ by an annotation, tagged `t00000`...
+/// The manifests of the manifest workloads: one config and one layer; manifest i
+/// differs from the others by an annotation and is tagged `t00000`... (`t` and i,
+/// zero-padded to 5 digits).
 struct ManifestSet {
     config: Blob,
     layer: Blob,
     items: Vec<(String, Bytes, String)>,
 }
 
-fn manifest_set(seed: u64, count: u64) -> ManifestSet {
+/// Manifests `offset..offset + count`, or with `spread > 0`, `count` manifests picked
+/// pseudo-randomly among `offset..offset + spread` (repeats allowed).
+fn manifest_set(seed: u64, count: u64, offset: u64, spread: u64) -> ManifestSet {
     let layer = Blob::generated(blob_key(seed, u64::MAX, 4096), 4096, true);
     let config = config_blob(&format!("manifests-{seed}"), &[&layer]);
     let items = (0..count)
-        .map(|i| {
+        .map(|j| {
+            let i = if spread > 0 {
+                offset + mix(seed ^ 0x5EED_5EED ^ j.wrapping_mul(GOLDEN)) % spread
+            } else {
+                offset + j
+            };
             let m = image_manifest(&config, &[&layer], &format!("{seed}-{i}"));
             let d = sha256_digest(&m);
             (format!("t{i:05}"), Bytes::from(m), d)
@@ -1089,6 +1107,8 @@ fn report(name: &str, args: &Args, o: &mut Outcome, ctx: Option<&Ctx>, extra: Va
         "errors": o.errors,
         "timed_out": o.timed_out,
         "count": args.count,
+        "offset": args.offset,
+        "spread": args.spread,
         "concurrency": args.concurrency,
         "size": args.size,
         "verified": !args.no_verify,
@@ -1307,7 +1327,12 @@ fn run(args: &Args) -> Result<Value, String> {
             | Workload::ManifestGetTag
             | Workload::ManifestGetDigest
             | Workload::ManifestHead => {
-                let set = manifest_set(args.seed, count);
+                let spread = if args.workload == Workload::ManifestPut {
+                    0
+                } else {
+                    args.spread
+                };
+                let set = manifest_set(args.seed, count, args.offset, spread);
                 if args.workload == Workload::ManifestPut {
                     ensure_blob(&ctx, &repo, &set.layer).await?;
                     ensure_blob(&ctx, &repo, &set.config).await?;

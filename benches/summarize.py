@@ -79,6 +79,14 @@ def metrics(rec):
         "errors": load.get("errors", 0) + (1 if load.get("timed_out") else 0),
         "ops": load.get("ops", 0),
     }
+    if "stored" in rec:
+        # A fill bounded in time may stop early: that is reported, not an error.
+        if rec["name"] == "flat-fill":
+            m["errors"] = load.get("errors", 0)
+            m["timed_out"] = 1 if load.get("timed_out") else 0
+        m["stored"] = rec["stored"]
+        m["seconds"] = load.get("seconds")
+        m["rss_after_mib"] = rec.get("rss_kb_after", 0) / 1024
     if "cpu_ticks" in rec:
         cpu = rec["cpu_ticks"] / rec.get("clk_tck", 100)
         m["cpu"] = cpu
@@ -88,6 +96,59 @@ def metrics(rec):
         m["cpu_req_ms"] = cpu * 1e3 / req if req else None
         m["hwm_mib"] = rec.get("hwm_kb", 0) / 1024
     return m
+
+
+# Flatness (compare.sh FLAT=1): throughput at about 100k manifests over that at 1k.
+FLAT_MIN_RATIO = 0.8
+
+
+def flat_tables(flat, servers):
+    """The store-growth table: each flat workload at ~1k and at ~100k manifests."""
+
+    def med(name, server, key):
+        return median([m.get(key) for m in flat.get((name, server), [])])
+
+    print("Flatness as the store grows (FLAT=1): manifest PUT (new tags) and GET (by tag, "
+          "by digest, manifests picked at random among all stored), one repository, "
+          "concurrency 4. Cells are medians over rounds; `stored` is the number of "
+          "manifests in the store when the workload started. Target (ours): throughput at "
+          f"100k within 20% of 1k (ratio >= {FLAT_MIN_RATIO:g}).")
+    print()
+    print("| workload | server | stored 1k / big | ops/s at 1k | ops/s big | big/1k | target "
+          "| met | p50 ms 1k / big | p99 ms 1k / big | server CPU ms/req 1k / big | errors |")
+    print("|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|")
+    for w in ("put", "get-tag", "get-digest"):
+        for s in servers:
+            a, b = f"flat-{w}-1k", f"flat-{w}-100k"
+            if (a, s) not in flat:
+                continue
+            x, y = med(a, s, "thr"), med(b, s, "thr")
+            ratio = y / x if x and y is not None else None
+            met = ""
+            if s == OURS and ratio is not None:
+                met = "yes" if ratio >= FLAT_MIN_RATIO else "NO"
+            errs = sum(m.get("errors", 0) for k in (a, b) for m in flat.get((k, s), []))
+            print(f"| {w} | {s} | {fmt(med(a, s, 'stored'), 0)} / {fmt(med(b, s, 'stored'), 0)} | "
+                  f"{fmt(x)} | {fmt(y)} | {fmt(ratio, 2)} | "
+                  f"{'>= 0.8' if s == OURS else ''} | {met} | "
+                  f"{pair(med(a, s, 'p50'), med(b, s, 'p50'))} | "
+                  f"{pair(med(a, s, 'p99'), med(b, s, 'p99'))} | "
+                  f"{pair(med(a, s, 'cpu_req_ms'), med(b, s, 'cpu_req_ms'))} | {errs} |")
+    print()
+    print("| fill | server | from | manifests put | seconds | ops/s | server CPU ms/req "
+          "| peak RSS MiB | RSS after MiB | stopped at the time limit | errors |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    for s in servers:
+        if ("flat-fill", s) not in flat:
+            continue
+        n = "flat-fill"
+        ops = med(n, s, "ops")
+        errs = sum(m.get("errors", 0) for m in flat[(n, s)])
+        print(f"| concurrency 16 | {s} | {fmt(med(n, s, 'stored'), 0)} | {fmt(ops, 0)} | "
+              f"{fmt(med(n, s, 'seconds'))} | {fmt(med(n, s, 'thr'))} | "
+              f"{fmt(med(n, s, 'cpu_req_ms'))} | {fmt(med(n, s, 'hwm_mib'), 1)} | "
+              f"{fmt(med(n, s, 'rss_after_mib'), 1)} | "
+              f"{'yes' if any(m.get('timed_out') for m in flat[(n, s)]) else 'no'} | {errs} |")
 
 
 def main(path):
@@ -119,8 +180,15 @@ def main(path):
                 runs[(name, server)].append(metrics(rec))
 
     servers = [s for s in (OURS, DIST) if rounds.get(s)]
+    flat = {k: v for k, v in runs.items() if k[0].startswith("flat-")}
+    runs = {k: v for k, v in runs.items() if not k[0].startswith("flat-")}
     names = [n for n in ORDER if any((n, s) in runs for s in servers)]
     names += sorted({n for n, _ in runs} - set(names))
+    if flat:
+        flat_tables(flat, servers)
+        if not names:
+            return
+        print()
 
     def med(name, server, key):
         return median([m.get(key) for m in runs.get((name, server), [])])

@@ -112,6 +112,21 @@ pub trait KvRead {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KvPair>>;
+    /// The keys [`scan`](Self::scan) would return, without their values (listings that
+    /// need only the names: no copy of the values).
+    fn scan_keys(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>> {
+        Ok(self
+            .scan(table, prefix, after, limit)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
     /// Number of entries in a table.
     fn count(&self, table: Table) -> Result<u64>;
 }
@@ -660,6 +675,24 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                 t.scan(Table::Tags, &p, after.as_deref(), limit)?
                     .iter()
                     .map(|(k, v)| Ok((parse_stored(Tag::parse(last_part(k)?))?, decode(v)?)))
+                    .collect()
+            })
+            .await
+    }
+
+    async fn list_tag_names(
+        &self,
+        repo: &RepoName,
+        after: Option<&Tag>,
+        limit: usize,
+    ) -> Result<Vec<Tag>> {
+        let p = prefix(&[repo.as_str()]);
+        let after = after.map(|a| key(&[repo.as_str(), a.as_str()]));
+        self.engine
+            .read(move |t| {
+                t.scan_keys(Table::Tags, &p, after.as_deref(), limit)?
+                    .iter()
+                    .map(|k| parse_stored(Tag::parse(last_part(k)?)))
                     .collect()
             })
             .await

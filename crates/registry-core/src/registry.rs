@@ -375,6 +375,18 @@ impl<F: Fn(&RepoName) -> bool + Send + Sync> ReadAccess for F {
     }
 }
 
+/// Where the bytes being committed are.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// An upload session (kept until the blob is linked, so a commit can be repeated).
+    Upload(&'a UploadId),
+    /// In memory, whole (a manifest): stored in one call, again if need be.
+    Bytes {
+        repo: &'a RepoName,
+        bytes: &'a Bytes,
+    },
+}
+
 /// What to link once bytes are committed.
 enum LinkStep<'a> {
     Blob {
@@ -725,7 +737,7 @@ impl Registry {
         }
         let linked = self
             .commit_and_link(
-                id,
+                Source::Upload(id),
                 digest,
                 LinkStep::Blob {
                     repo,
@@ -802,21 +814,31 @@ impl Registry {
         result
     }
 
-    /// Commits upload `id` as blob `digest` and links it, following the protocol of
+    /// Commits `source` as blob `digest` and links it, following the protocol of
     /// `docs/design.md` §4.3 (bytes first; wait out a collector's deletion lease on the
     /// same digest; confirm the bytes after linking, since a link pins them).
     async fn commit_and_link(
         &self,
-        id: &UploadId,
+        source: Source<'_>,
         digest: &Digest,
         step: LinkStep<'_>,
         len: u64,
     ) -> Result<()> {
         let blobs = &self.inner.blobs;
+        let commit = || async {
+            match source {
+                Source::Upload(id) => blobs.commit_upload(id, digest, len).await,
+                Source::Bytes { repo, bytes } => {
+                    blobs
+                        .put_bytes(repo, digest, bytes.clone(), self.now())
+                        .await
+                }
+            }
+        };
         let mut linked = None;
         for _ in 0..COMMIT_ATTEMPTS {
             self.wait_for_deletion(digest).await?;
-            let committed = blobs.commit_upload(id, digest, len).await?;
+            let committed = commit().await?;
             let done = match self.link_step(digest, &step).await {
                 Ok(done) => done,
                 Err(e) => {
@@ -833,11 +855,13 @@ impl Registry {
             };
             if done {
                 // The link now pins the record; if a collection deleted the bytes between
-                // our commit and our link, commit them again (the upload is still there).
+                // our commit and our link, commit them again (the source is still there).
                 if blobs.stat(digest).await?.is_none() {
-                    blobs.commit_upload(id, digest, len).await?;
+                    commit().await?;
                 }
-                blobs.delete_upload(id).await?;
+                if let Source::Upload(id) = source {
+                    blobs.delete_upload(id).await?;
+                }
                 if let (Some(outcome), LinkStep::Manifest { repo, .. }) = (linked, &step) {
                     for (tag, from) in outcome.moved_tags {
                         self.emit(Event::TagMoved {
@@ -1170,30 +1194,22 @@ impl Registry {
                 tags,
             });
         }
-        let id = UploadId::random();
-        let blobs = &self.inner.blobs;
-        blobs.create_upload(&id, repo, self.now()).await?;
+        // The bytes are all here: stored in one call, no upload session (on the fs
+        // store that is two fsyncs instead of six).
         let len = bytes.len() as u64;
-        let result = async {
-            blobs
-                .append_upload(&id, 0, stream::iter([Ok(bytes)]).boxed(), self.now())
-                .await?;
-            self.commit_and_link(
-                &id,
-                &digest,
-                LinkStep::Manifest {
-                    repo,
-                    manifest: &manifest,
-                },
-                len,
-            )
-            .await
-        }
-        .await;
-        if result.is_err() {
-            blobs.delete_upload(&id).await?;
-        }
-        result?;
+        self.commit_and_link(
+            Source::Bytes {
+                repo,
+                bytes: &bytes,
+            },
+            &digest,
+            LinkStep::Manifest {
+                repo,
+                manifest: &manifest,
+            },
+            len,
+        )
+        .await?;
         self.emit(Event::ManifestPut {
             repo: repo.clone(),
             digest: digest.clone(),
@@ -1349,14 +1365,11 @@ impl Registry {
             });
         }
         let last = options.last.as_deref().map(Tag::parse).transpose()?;
-        let mut items: Vec<Tag> = self
+        let mut items = self
             .inner
             .meta
-            .list_tags(repo, last.as_ref(), n + 1)
-            .await?
-            .into_iter()
-            .map(|(t, _)| t)
-            .collect();
+            .list_tag_names(repo, last.as_ref(), n + 1)
+            .await?;
         Ok(paginate(&mut items, n, |t| t.to_string()))
     }
 

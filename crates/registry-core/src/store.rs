@@ -200,6 +200,36 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Discards an upload session; `false` if it did not exist.
     async fn delete_upload(&self, id: &UploadId) -> Result<bool>;
 
+    /// Stores `bytes`, which the caller hashed to `digest`, as committed blob `digest`
+    /// in one call: for small content the caller holds whole (manifests). The same
+    /// guarantees as [`commit_upload`](Self::commit_upload) (atomic, durable before it
+    /// returns, [`CommitOutcome::AlreadyPresent`] if the blob was there), without an
+    /// upload session anyone could see or continue. May be repeated with the same bytes
+    /// (the re-commit of `docs/design.md` §4.3). The default goes through a temporary
+    /// upload session in `repo`, deleted before it returns; a store may do it cheaper.
+    async fn put_bytes(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        bytes: Bytes,
+        now: Timestamp,
+    ) -> Result<CommitOutcome> {
+        let id = UploadId::random();
+        self.create_upload(&id, repo, now).await?;
+        let len = bytes.len() as u64;
+        let data = futures::stream::iter([Ok(bytes)]);
+        let result = async {
+            self.append_upload(&id, 0, Box::pin(data), now).await?;
+            self.commit_upload(&id, digest, len).await
+        }
+        .await;
+        // Committed bytes belong to the blob now; the session is of no further use.
+        let deleted = self.delete_upload(&id).await;
+        let outcome = result?;
+        deleted?;
+        Ok(outcome)
+    }
+
     /// Every open upload session (for expiry).
     async fn list_uploads(&self) -> Result<Vec<UploadInfo>>;
 }
@@ -419,6 +449,21 @@ pub trait MetadataStore: Send + Sync + 'static {
         after: Option<&Tag>,
         limit: usize,
     ) -> Result<Vec<(Tag, Digest)>>;
+    /// The tags [`list_tags`](Self::list_tags) would return, without their manifests
+    /// (the tag list of the distribution API needs only the names).
+    async fn list_tag_names(
+        &self,
+        repo: &RepoName,
+        after: Option<&Tag>,
+        limit: usize,
+    ) -> Result<Vec<Tag>> {
+        Ok(self
+            .list_tags(repo, after, limit)
+            .await?
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect())
+    }
     /// Tags of a repository with their tagging times, in lexical order, strictly after
     /// `after`, at most `limit`.
     async fn list_tag_entries(

@@ -726,9 +726,18 @@ async fn put_manifest(state: &AppState, repo: &RepoName, r: &str, req: Request) 
 async fn list_tags(state: &AppState, repo: &RepoName, q: Vec<(String, String)>) -> ApiResult {
     let options = list_options(&q)?;
     let page = state.registry.list_tags(repo, &options).await?;
-    let tags: Vec<&str> = page.items.iter().map(|t| t.as_str()).collect();
-    let mut r =
-        axum::Json(serde_json::json!({ "name": repo.as_str(), "tags": tags })).into_response();
+    /// Serialized as it is, with no `serde_json::Value` (one allocation per tag) between.
+    #[derive(serde::Serialize)]
+    struct TagList<'a> {
+        name: &'a str,
+        tags: Vec<&'a str>,
+    }
+    let tags = page.items.iter().map(|t| t.as_str()).collect();
+    let mut r = axum::Json(TagList {
+        name: repo.as_str(),
+        tags,
+    })
+    .into_response();
     if let Some(next) = &page.next {
         let n = options.n.unwrap_or(page.items.len());
         set(

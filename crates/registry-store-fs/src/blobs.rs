@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -34,6 +35,52 @@ pub struct FsBlobStore {
     /// directory is fsynced. Created lazily (creating all 512 up front costs more than
     /// a store open should), each made durable once per process.
     durable_fans: Arc<Mutex<HashSet<PathBuf>>>,
+    /// The store's directories: durable before any write is acknowledged.
+    skeleton: Arc<Skeleton>,
+}
+
+/// The directories of a store (`blobs/<algorithm>`, `blobs`, `uploads`) and the name
+/// of its redb file, made durable once per process: by a background task right after
+/// the store opens (so that opening, and a server's readiness, do not wait for four
+/// directory fsyncs), and in any case by the first write before it is acknowledged
+/// ([`Skeleton::ensure_durable`], called by every write path of the blob store and of
+/// the metadata engine). Until then nothing has been acknowledged, so a crash loses
+/// nothing: the next open creates what is missing.
+#[derive(Debug)]
+pub(crate) struct Skeleton {
+    root: PathBuf,
+    durable: AtomicBool,
+    lock: Mutex<()>,
+}
+
+impl Skeleton {
+    pub(crate) fn new(root: &Path) -> Skeleton {
+        Skeleton {
+            root: root.to_owned(),
+            durable: AtomicBool::new(false),
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Returns once the store's directories (and everything named in them so far,
+    /// among which the fan-out directories and the redb file) are durable.
+    pub(crate) fn ensure_durable(&self) -> io::Result<()> {
+        if self.durable.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.durable.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let blobs = self.root.join("blobs");
+        for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
+            fsync_dir(&blobs.join(algorithm.name()))?;
+        }
+        fsync_dir(&blobs)?;
+        fsync_dir(&self.root)?;
+        self.durable.store(true, Ordering::Release);
+        Ok(())
+    }
 }
 
 /// What an upload session's sidecar file records.
@@ -92,24 +139,32 @@ impl Drop for BusyGuard {
 }
 
 impl FsBlobStore {
-    /// Uses (and creates) `root/blobs` and `root/uploads`.
+    /// Uses (and creates) `root/blobs` and `root/uploads`, and makes them durable.
     pub fn open(root: &Path) -> Result<Self> {
+        let skeleton = Arc::new(Skeleton::new(root));
+        let store = Self::open_with(root, skeleton.clone())?;
+        skeleton.ensure_durable().map_err(io_err)?;
+        Ok(store)
+    }
+
+    /// Like [`open`](Self::open), but the directories are made durable by `skeleton`
+    /// (see [`Skeleton`]), not here: every write makes sure of it before it is
+    /// acknowledged.
+    pub(crate) fn open_with(root: &Path, skeleton: Arc<Skeleton>) -> Result<Self> {
         let blobs = root.join("blobs");
         let mut durable_fans = HashSet::new();
         for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
             let dir = blobs.join(algorithm.name());
             fs::create_dir_all(&dir).map_err(io_err)?;
-            // Fan-out directories an earlier process created may not be durable yet
-            // (it may have crashed before fsyncing their parent): make them so now.
-            fsync_dir(&dir).map_err(io_err)?;
+            // Fan-out directories an earlier process created may not be durable yet (it
+            // may have crashed before fsyncing their parent): the skeleton's fsync of
+            // `dir` makes them so before any commit into them is acknowledged.
             for fan in fs::read_dir(&dir).map_err(io_err)? {
                 durable_fans.insert(fan.map_err(io_err)?.path());
             }
         }
-        fsync_dir(&blobs).map_err(io_err)?;
         let uploads = root.join("uploads");
         fs::create_dir_all(&uploads).map_err(io_err)?;
-        fsync_dir(root).map_err(io_err)?;
         // Sessions being created or deleted when a crash struck: never acknowledged
         // (creation) or already forgotten (deletion). Nothing else uses these names.
         for entry in fs::read_dir(&uploads).map_err(io_err)? {
@@ -117,13 +172,18 @@ impl FsBlobStore {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             if name.starts_with(".tmp-") || name.starts_with(".trash-") {
-                fs::remove_dir_all(entry.path()).map_err(io_err)?;
+                if entry.file_type().map_err(io_err)?.is_dir() {
+                    fs::remove_dir_all(entry.path()).map_err(io_err)?;
+                } else {
+                    fs::remove_file(entry.path()).map_err(io_err)?;
+                }
             }
         }
         Ok(FsBlobStore {
             root: Arc::new(root.to_owned()),
             busy: Arc::default(),
             durable_fans: Arc::new(Mutex::new(durable_fans)),
+            skeleton,
         })
     }
 
@@ -349,13 +409,22 @@ struct FileReader {
     file: File,
     left: u64,
     check: Option<(Hasher, Digest)>,
+    /// Size of the next block: [`FIRST_BLOCK`], doubling up to [`BLOCK`].
+    block: usize,
 }
+
+/// The first block of a read is small and the next ones double up to [`BLOCK`]: the
+/// first bytes leave sooner, and the reading and hashing of the next block overlaps the
+/// sending of this one from early on (for a 1 MiB blob, four blocks instead of one
+/// read, hashed and sent in turn).
+const FIRST_BLOCK: usize = 128 << 10;
 
 impl FileReader {
     /// Reads (and hashes, when verifying) the next block on a blocking thread. The last
     /// block of a verified read is only returned if everything hashed to the digest.
     fn next_block(mut self) -> io::Result<(Self, Bytes)> {
-        let want = self.left.min(BLOCK as u64) as usize;
+        let want = self.left.min(self.block as u64) as usize;
+        self.block = (self.block * 2).min(BLOCK);
         // `read_to_end` into reserved capacity reads straight into uninitialised memory
         // (File supports `read_buf`): no zero-filling of every block.
         let mut buf = Vec::with_capacity(want);
@@ -403,6 +472,7 @@ fn file_stream(file: File, len: u64, verify: Option<Digest>) -> ByteStream {
         file,
         left: len,
         check: verify.map(|d| (Hasher::new(d.algorithm()), d)),
+        block: FIRST_BLOCK,
     };
     // Even an empty read runs one block, so an empty blob is verified too.
     stream::unfold(
@@ -514,7 +584,9 @@ impl BlobStore for FsBlobStore {
             started_at: now,
         })
         .map_err(Error::storage)?;
+        let skeleton = self.skeleton.clone();
         blocking(move || {
+            skeleton.ensure_durable().map_err(io_err)?;
             fs::create_dir(&tmp).map_err(io_err)?;
             let mut s = File::create(tmp.join("info.json")).map_err(io_err)?;
             s.write_all(&record).map_err(io_err)?;
@@ -651,7 +723,9 @@ impl BlobStore for FsBlobStore {
         let session = self.upload_dir(id);
         let unknown = Error::UploadUnknown { id: id.to_string() };
         let fans = self.durable_fans.clone();
+        let skeleton = self.skeleton.clone();
         blocking(move || {
+            skeleton.ensure_durable().map_err(io_err)?;
             if !committed.exists() {
                 if !data.exists() {
                     return Err(unknown);
@@ -683,6 +757,64 @@ impl BlobStore for FsBlobStore {
             // our caller is about to acknowledge the blob.
             fsync_dir(dir).map_err(io_err)?;
             Ok(outcome)
+        })
+        .await
+    }
+
+    /// One temporary file, fsynced, hard-linked to the blob's name, the directory
+    /// fsynced: two fsyncs, where a session costs six (its creation three, its commit
+    /// three). The temporary name (`uploads/.tmp-<random>`) is never a session's, and
+    /// one left by a crash is removed on open.
+    async fn put_bytes(
+        &self,
+        _repo: &RepoName,
+        digest: &Digest,
+        bytes: Bytes,
+        _now: Timestamp,
+    ) -> Result<CommitOutcome> {
+        let tmp = self
+            .root
+            .join("uploads")
+            .join(format!(".tmp-{}", UploadId::random()));
+        let blob = self.blob_path(digest);
+        let fans = self.durable_fans.clone();
+        let skeleton = self.skeleton.clone();
+        blocking(move || {
+            skeleton.ensure_durable().map_err(io_err)?;
+            let dir = blob.parent().expect("blob paths have a parent");
+            make_durable_fan(&fans, dir).map_err(io_err)?;
+            if fs::symlink_metadata(&blob).is_ok() {
+                // Blob files are immutable once named: nothing to write. Their name may
+                // not be durable yet (a concurrent commit), hence the fsync.
+                fsync_dir(dir).map_err(io_err)?;
+                return Ok(CommitOutcome::AlreadyPresent);
+            }
+            let stored = (|| {
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+                let outcome = match fs::hard_link(&tmp, &blob) {
+                    Ok(()) => CommitOutcome::Stored,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        CommitOutcome::AlreadyPresent
+                    }
+                    Err(e) => return Err(e),
+                };
+                fsync_dir(dir)?;
+                Ok(outcome)
+            })();
+            // The bytes live on under the blob's name (or were not needed). A temporary
+            // file that cannot be removed is harmless: the next open removes it.
+            match fs::remove_file(&tmp) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    tracing::warn!(path = %tmp.display(), error = %e, "cannot remove a temporary file");
+                }
+                _ => {}
+            }
+            stored.map_err(io_err)
         })
         .await
     }

@@ -45,7 +45,8 @@
 //! - `blobs/<algorithm>/<first two hex>/<hex>`: blob bytes, immutable once named;
 //! - `uploads/<id>/`: one upload session: `info.json` (repository, start time), and
 //!   `data` (the bytes so far; its modification time is the session's last activity),
-//!   renamed `data.committed` when committed.
+//!   renamed `data.committed` when committed; `uploads/.tmp-<id>`: a manifest being
+//!   stored (`put_bytes`), or a session being created.
 //!
 //! ## Writes
 //! The registry hashes an upload while this store appends it to `data` in large writes;
@@ -54,7 +55,11 @@
 //! blob), hard-links it to its blob name (an existing name means `AlreadyPresent`) and
 //! fsyncs the directory; only then does the registry commit the metadata that makes
 //! the blob visible. The upload stays readable until it is deleted, so a commit can be
-//! repeated. Metadata commits use `Durability::Immediate`: fsynced before they return.
+//! repeated. Manifests skip the session: `put_bytes` writes a temporary file, fsyncs
+//! it, hard-links it to the blob name and fsyncs the directory. Metadata commits are
+//! durable before they return (group commit: see [`RedbKv`]). The store's own
+//! directories are made durable in the background after open, and every write waits
+//! for that before it is acknowledged (`docs/design.md` §5).
 //!
 //! ## After a crash
 //! Nothing acknowledged is lost, nothing partial is visible. What may be left:
@@ -63,7 +68,8 @@
 //!   than the registry's upload expiry are deleted by
 //!   [`Registry::collect_garbage`](registry_core::Registry::collect_garbage)
 //!   (through `list_uploads` / `delete_upload`); sessions half-created or
-//!   half-deleted (`uploads/.tmp-*`, `uploads/.trash-*`) are removed on open;
+//!   half-deleted (`uploads/.tmp-*`, `uploads/.trash-*`), and temporary manifest
+//!   files, are removed on open;
 //! - orphan blob files (committed, metadata never written): unreadable, since every
 //!   read goes through metadata; [`FsStore::check`] reports them and, repairing,
 //!   removes those older than a grace time; a collection with `GcOptions::orphans`
@@ -88,6 +94,7 @@ use registry_core::store::{BlobRecord, BlobState, BlobStore, MetadataStore, Stor
 use registry_core::{Digest, Error, Hasher, Result, Timestamp};
 
 pub use blobs::FsBlobStore;
+use blobs::Skeleton;
 pub use redb_kv::RedbKv;
 
 /// How old an orphan file must be before [`FsStore::check`] with `repair` removes it:
@@ -149,20 +156,32 @@ impl FsStore {
     /// are kept: clients may continue them.
     pub async fn open(dir: impl AsRef<Path>) -> Result<FsStore> {
         let root = dir.as_ref().to_owned();
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&root).map_err(Error::storage)?;
-            let blobs = FsBlobStore::open(&root)?;
-            let kv = RedbKv::open(&root.join("meta.redb"))?;
-            tracing::debug!(root = %root.display(), "fs store opened");
-            Ok(FsStore {
-                root,
-                blobs: Arc::new(blobs),
-                metadata: Arc::new(KvMetadata::new(kv)),
-                orphan_grace: DEFAULT_ORPHAN_GRACE,
-            })
+        let skeleton = Arc::new(Skeleton::new(&root));
+        let store = tokio::task::spawn_blocking({
+            let skeleton = skeleton.clone();
+            move || {
+                std::fs::create_dir_all(&root).map_err(Error::storage)?;
+                let blobs = FsBlobStore::open_with(&root, skeleton.clone())?;
+                let kv = RedbKv::open_with(&root.join("meta.redb"), Some(skeleton))?;
+                tracing::debug!(root = %root.display(), "fs store opened");
+                Ok::<_, Error>(FsStore {
+                    root,
+                    blobs: Arc::new(blobs),
+                    metadata: Arc::new(KvMetadata::new(kv)),
+                    orphan_grace: DEFAULT_ORPHAN_GRACE,
+                })
+            }
         })
         .await
-        .map_err(|e| Error::storage(format!("open task failed: {e}")))?
+        .map_err(|e| Error::storage(format!("open task failed: {e}")))??;
+        // The directory fsyncs, off the open path: the first write waits for them if
+        // they are not done by then (and reports their error, if any).
+        drop(tokio::task::spawn_blocking(move || {
+            if let Err(e) = skeleton.ensure_durable() {
+                tracing::warn!(error = %e, "making the store's directories durable failed; the first write retries");
+            }
+        }));
+        Ok(store)
     }
 
     /// Sets how old an orphan file must be before a repairing [`check`](Self::check)

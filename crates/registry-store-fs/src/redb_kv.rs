@@ -4,6 +4,7 @@
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
@@ -11,6 +12,8 @@ use redb::{
 use registry_core::kv::{KvEngine, KvPair, KvRead, KvWrite, Table};
 use registry_core::store::storage_error;
 use registry_core::{Error, Result};
+
+use crate::blobs::Skeleton;
 
 fn def(table: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
     TableDefinition::new(table.name())
@@ -23,11 +26,16 @@ fn def(table: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
 /// finished. One waiter at a time makes that durable commit (an empty transaction with
 /// `Durability::Immediate`, which persists every commit before it); the others wait for
 /// it, or for the next one when theirs committed after it began. So concurrent writers
-/// share one fsync, and none returns before its change is durable.
+/// share one fsync, and none returns before its change is durable. The durable commit
+/// covers every transaction committed before it took redb's writer lock, and waits up
+/// to [`GATHER`] for write transactions already under way, so that it covers them too.
 #[derive(Debug, Clone)]
 pub struct RedbKv {
     db: Arc<Database>,
     group: Arc<GroupCommit>,
+    /// In an [`FsStore`](crate::FsStore): its directories, made durable before any
+    /// write is acknowledged (the redb file's own name is among them).
+    skeleton: Option<Arc<Skeleton>>,
 }
 
 /// The state of group commit, shared by the writers of one database.
@@ -46,12 +54,40 @@ struct GroupState {
     durable: u64,
     /// A writer is making a durable commit right now.
     flushing: bool,
+    /// Write transactions begun (or waiting for redb's writer lock) and not yet
+    /// committed or aborted: a durable commit about to start waits a little for them.
+    writing: u32,
+}
+
+/// How long a durable commit waits at most for write transactions under way to commit
+/// first, so that one fsync covers them too. Without it the writer that just committed
+/// takes redb's writer lock straight back for its durable commit, before the writers
+/// queued behind it get it, and concurrent writers end up with one fsync each. Only
+/// taken when another transaction is under way: a lone writer never waits.
+const GATHER: Duration = Duration::from_micros(500);
+
+/// A write transaction under way (see [`GroupCommit::begin`]).
+struct Writing<'a>(&'a GroupCommit);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.lock().writing -= 1;
+        self.0.flushed.notify_all();
+    }
 }
 
 impl GroupCommit {
     fn lock(&self) -> std::sync::MutexGuard<'_, GroupState> {
         // The state is a few counters, consistent after any panic.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A write transaction is about to begin; it counts as under way until the guard
+    /// is dropped (committed, with its number from [`next_seq`](Self::next_seq), or not;
+    /// also if it panics).
+    fn begin(&self) -> Writing<'_> {
+        self.lock().writing += 1;
+        Writing(self)
     }
 
     /// The sequence number of the write transaction about to commit; call it while
@@ -74,19 +110,36 @@ impl GroupCommit {
                 continue;
             }
             state.flushing = true;
-            // Numbers taken but not yet committed are covered too: their transactions
-            // hold the writer lock, so the durable commit below comes after them.
-            let target = state.committed;
+            let deadline = Instant::now() + GATHER;
+            while state.writing > 0 {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                state = self
+                    .flushed
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
             drop(state);
-            let flushed = (|| {
+            let flushed = (|| -> Result<u64> {
                 let mut txn = db.begin_write().map_err(storage_error)?;
+                // Read once this transaction holds redb's writer lock: every number
+                // taken so far belongs to a transaction that has committed by now (each
+                // takes its number while holding that lock), so the durable commit below
+                // covers them all, including those that committed while this one waited
+                // for the lock. (Reading it before `begin_write` left those to the next
+                // durable commit: one fsync per writer instead of one per group.)
+                let target = self.lock().committed;
                 txn.set_durability(Durability::Immediate)
                     .map_err(storage_error)?;
-                txn.commit().map_err(storage_error)
+                txn.commit().map_err(storage_error)?;
+                Ok(target)
             })();
             state = self.lock();
             state.flushing = false;
-            if flushed.is_ok() {
+            if let Ok(target) = flushed {
                 state.durable = state.durable.max(target);
             }
             self.flushed.notify_all();
@@ -100,25 +153,50 @@ impl GroupCommit {
 impl RedbKv {
     /// Opens (or creates) the database at `path` and makes sure every table exists.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, None)
+    }
+
+    pub(crate) fn open_with(path: &Path, skeleton: Option<Arc<Skeleton>>) -> Result<Self> {
         let db = Database::create(path).map_err(storage_error)?;
-        let txn = db.begin_write().map_err(storage_error)?;
-        for table in Table::ALL {
-            txn.open_table(def(table)).map_err(storage_error)?;
+        let missing = {
+            let txn = db.begin_read().map_err(storage_error)?;
+            let mut missing = false;
+            for table in Table::ALL {
+                match txn.open_table(def(table)) {
+                    Ok(_) => {}
+                    Err(redb::TableError::TableDoesNotExist(_)) => missing = true,
+                    Err(e) => return Err(storage_error(e)),
+                }
+            }
+            missing
+        };
+        if missing {
+            // Not fsynced: empty tables hold nothing acknowledged. Should a crash undo
+            // this commit, the next open creates them again; the first durable commit
+            // (group commit, below) persists them with the first write.
+            let mut txn = db.begin_write().map_err(storage_error)?;
+            txn.set_durability(Durability::None)
+                .map_err(storage_error)?;
+            for table in Table::ALL {
+                txn.open_table(def(table)).map_err(storage_error)?;
+            }
+            txn.commit().map_err(storage_error)?;
         }
-        txn.commit().map_err(storage_error)?;
         Ok(RedbKv {
             db: Arc::new(db),
             group: Arc::default(),
+            skeleton,
         })
     }
 }
 
-fn scan_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
+fn scan_table<T: ReadableTable<&'static [u8], &'static [u8]>, O>(
     t: &T,
     prefix: &[u8],
     after: Option<&[u8]>,
     limit: usize,
-) -> Result<Vec<KvPair>> {
+    out_of: impl Fn(&[u8], &[u8]) -> O,
+) -> Result<Vec<O>> {
     let lower = match after {
         Some(a) if a >= prefix => Bound::Excluded(a),
         _ => Bound::Included(prefix),
@@ -135,7 +213,7 @@ fn scan_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
         if !k.value().starts_with(prefix) {
             break;
         }
-        out.push((k.value().to_vec(), v.value().to_vec()));
+        out.push(out_of(k.value(), v.value()));
     }
     Ok(out)
 }
@@ -162,7 +240,17 @@ macro_rules! kv_read {
                 limit: usize,
             ) -> Result<Vec<KvPair>> {
                 let t = self.0.open_table(def(table)).map_err(storage_error)?;
-                scan_table(&t, prefix, after, limit)
+                scan_table(&t, prefix, after, limit, |k, v| (k.to_vec(), v.to_vec()))
+            }
+            fn scan_keys(
+                &self,
+                table: Table,
+                prefix: &[u8],
+                after: Option<&[u8]>,
+                limit: usize,
+            ) -> Result<Vec<Vec<u8>>> {
+                let t = self.0.open_table(def(table)).map_err(storage_error)?;
+                scan_table(&t, prefix, after, limit, |k, _| k.to_vec())
             }
             fn count(&self, table: Table) -> Result<u64> {
                 let t = self.0.open_table(def(table)).map_err(storage_error)?;
@@ -213,25 +301,36 @@ impl KvEngine for RedbKv {
         R: Send + 'static,
     {
         let (db, group) = (self.db.clone(), self.group.clone());
+        let skeleton = self.skeleton.clone();
         blocking(move || {
-            let mut txn = Write(db.begin_write().map_err(storage_error)?);
-            match f(&mut txn) {
-                Ok(r) => {
-                    // Not fsynced here: `wait_durable` shares one fsync among the
-                    // writers that committed meanwhile, and returns only once it is done.
-                    txn.0
-                        .set_durability(Durability::None)
-                        .map_err(storage_error)?;
-                    let seq = group.next_seq();
-                    txn.0.commit().map_err(storage_error)?;
-                    group.wait_durable(&db, seq)?;
-                    Ok(r)
-                }
-                Err(e) => {
-                    txn.0.abort().map_err(storage_error)?;
-                    Err(e)
-                }
+            if let Some(s) = &skeleton {
+                s.ensure_durable().map_err(storage_error)?;
             }
+            let writing = group.begin();
+            let committed = (|| {
+                let mut txn = Write(db.begin_write().map_err(storage_error)?);
+                match f(&mut txn) {
+                    Ok(r) => {
+                        // Not fsynced here: `wait_durable` shares one fsync among the
+                        // writers that committed meanwhile, and returns only once it is
+                        // done.
+                        txn.0
+                            .set_durability(Durability::None)
+                            .map_err(storage_error)?;
+                        let seq = group.next_seq();
+                        txn.0.commit().map_err(storage_error)?;
+                        Ok((r, seq))
+                    }
+                    Err(e) => {
+                        txn.0.abort().map_err(storage_error)?;
+                        Err(e)
+                    }
+                }
+            })();
+            drop(writing);
+            let (r, seq) = committed?;
+            group.wait_durable(&db, seq)?;
+            Ok(r)
         })
         .await
     }

@@ -186,6 +186,14 @@ impl MetadataStore for HookedMeta {
     ) -> Result<Vec<(Tag, Digest)>> {
         self.inner.list_tags(repo, after, limit).await
     }
+    async fn list_tag_names(
+        &self,
+        repo: &RepoName,
+        after: Option<&Tag>,
+        limit: usize,
+    ) -> Result<Vec<Tag>> {
+        self.inner.list_tag_names(repo, after, limit).await
+    }
     async fn list_tag_entries(
         &self,
         repo: &RepoName,

@@ -313,6 +313,7 @@ macro_rules! behaviour_suite {
             collection_policies,
             collection_finds_orphans,
             commit_refuses_a_session_that_grew,
+            put_bytes_commits_in_one_call,
             race_upload_during_sweep,
             race_manifest_put_vs_link_collection,
             race_mount_vs_source_delete,

@@ -1690,6 +1690,40 @@ pub async fn commit_refuses_a_session_that_grew(f: Fixture) {
     assert_cleans_up(&r).await;
 }
 
+/// `put_bytes` stores whole bytes as a blob in one call (what a manifest push uses):
+/// readable at once, `AlreadyPresent` when repeated, and no upload session left behind.
+pub async fn put_bytes_commits_in_one_call(f: Fixture) {
+    let (r, _) = f.registry();
+    let repo = repo("suite/put-bytes");
+    let blobs = r.storage().blobs;
+    let data = Bytes::from_static(b"whole bytes, held in memory");
+    let d = Digest::sha256(&data);
+    assert_eq!(
+        blobs
+            .put_bytes(&repo, &d, data.clone(), Timestamp(0))
+            .await
+            .unwrap(),
+        crate::store::CommitOutcome::Stored
+    );
+    assert_eq!(blobs.stat(&d).await.unwrap(), Some(data.len() as u64));
+    let mut read = Vec::new();
+    let mut s = blobs.read(&d, None).await.unwrap().unwrap().stream;
+    while let Some(c) = s.next().await {
+        read.extend_from_slice(&c.unwrap());
+    }
+    assert_eq!(read, data);
+    assert_eq!(
+        blobs
+            .put_bytes(&repo, &d, data.clone(), Timestamp(0))
+            .await
+            .unwrap(),
+        crate::store::CommitOutcome::AlreadyPresent
+    );
+    assert!(blobs.list_uploads().await.unwrap().is_empty());
+    assert!(blobs.delete(&d).await.unwrap());
+    assert_cleans_up(&r).await;
+}
+
 /// Orphan bytes (committed, never linked: a crash between commit and link) are found
 /// and deleted by the orphan scan; linked blobs are not touched.
 pub async fn collection_finds_orphans(f: Fixture) {
