@@ -28,7 +28,7 @@ fn def(table: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
 /// it, or for the next one when theirs committed after it began. So concurrent writers
 /// share one fsync, and none returns before its change is durable. The durable commit
 /// covers every transaction committed before it took redb's writer lock, and waits up
-/// to [`GATHER`] for write transactions already under way, so that it covers them too.
+/// to half a millisecond for write transactions already under way, so that it covers them too.
 #[derive(Debug, Clone)]
 pub struct RedbKv {
     db: Arc<Database>,
