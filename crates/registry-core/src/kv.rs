@@ -657,6 +657,20 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
         self.engine.read(move |t| get(t, Table::Tags, &k)).await
     }
 
+    async fn tagged_manifest(&self, repo: &RepoName, tag: &Tag) -> Result<Option<ManifestRecord>> {
+        let (repo, tag) = (repo.clone(), tag.clone());
+        self.engine
+            .read(move |t| {
+                let Some(digest) =
+                    get::<Digest>(t, Table::Tags, &key(&[repo.as_str(), tag.as_str()]))?
+                else {
+                    return Ok(None);
+                };
+                get(t, Table::Manifests, &key(&[repo.as_str(), digest.as_str()]))
+            })
+            .await
+    }
+
     async fn repository(&self, repo: &RepoName) -> Result<Option<RepoRecord>> {
         let k = key(&[repo.as_str()]);
         self.engine.read(move |t| get(t, Table::Repos, &k)).await

@@ -1227,15 +1227,11 @@ impl Registry {
         let unknown = || Error::ManifestUnknown {
             reference: reference.to_string(),
         };
-        let digest = match reference {
-            Reference::Digest(d) => d.clone(),
-            Reference::Tag(t) => self.inner.meta.tag(repo, t).await?.ok_or_else(unknown)?,
-        };
-        self.inner
-            .meta
-            .manifest(repo, &digest)
-            .await?
-            .ok_or_else(unknown)
+        match reference {
+            Reference::Digest(d) => self.inner.meta.manifest(repo, d).await,
+            Reference::Tag(t) => self.inner.meta.tagged_manifest(repo, t).await,
+        }?
+        .ok_or_else(unknown)
     }
 
     /// A manifest's digest, media type and size.

@@ -440,6 +440,16 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>>;
     /// The manifest a tag points at.
     async fn tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>>;
+    /// The record of the manifest a tag points at: [`tag`](Self::tag) then
+    /// [`manifest`](Self::manifest). Stores that can read both at once override it (one
+    /// read transaction instead of two: a GET by tag is the registry's most common
+    /// request).
+    async fn tagged_manifest(&self, repo: &RepoName, tag: &Tag) -> Result<Option<ManifestRecord>> {
+        match self.tag(repo, tag).await? {
+            Some(digest) => self.manifest(repo, &digest).await,
+            None => Ok(None),
+        }
+    }
     /// A repository's record; `None` if it does not exist.
     async fn repository(&self, repo: &RepoName) -> Result<Option<RepoRecord>>;
     /// Tags of a repository in lexical order, strictly after `after`, at most `limit`.

@@ -367,7 +367,6 @@ impl Drop for Appender {
     }
 }
 
-/// Streams `len` bytes of `file` from its current position in blocks.
 /// Writes every chunk, in order, with as few `writev` calls as the kernel allows.
 fn write_all_chunks(file: &mut File, chunks: &[Bytes]) -> io::Result<()> {
     let (mut index, mut offset) = (0, 0);
@@ -420,6 +419,17 @@ struct FileReader {
 const FIRST_BLOCK: usize = 128 << 10;
 
 impl FileReader {
+    /// A reader of `len` bytes of `file` from its current position, hashed against
+    /// `verify` if given.
+    fn new(file: File, len: u64, verify: Option<Digest>) -> Self {
+        FileReader {
+            file,
+            left: len,
+            check: verify.map(|d| (Hasher::new(d.algorithm()), d)),
+            block: FIRST_BLOCK,
+        }
+    }
+
     /// Reads (and hashes, when verifying) the next block on a blocking thread. The last
     /// block of a verified read is only returned if everything hashed to the digest.
     fn next_block(mut self) -> io::Result<(Self, Bytes)> {
@@ -463,32 +473,27 @@ fn spawn_block(reader: FileReader) -> BlockTask {
     tokio::task::spawn_blocking(move || reader.next_block())
 }
 
-/// Streams `len` bytes of `file` from its current position in blocks, keeping the read
-/// of the next block in flight while the current one is sent (two blocks per stream at
-/// most: memory stays constant). With `verify`, the bytes are hashed as they are read
-/// and the stream ends in an error instead of its last block if they do not match.
-fn file_stream(file: File, len: u64, verify: Option<Digest>) -> ByteStream {
-    let reader = FileReader {
-        file,
-        left: len,
-        check: verify.map(|d| (Hasher::new(d.algorithm()), d)),
-        block: FIRST_BLOCK,
-    };
+/// Streams what is left of `reader` in blocks, after `first` if that block was read
+/// already, keeping the read of the next block in flight while the current one is sent
+/// (two blocks per stream at most: memory stays constant). With a check, the bytes are
+/// hashed as they are read and the stream ends in an error instead of its last block if
+/// they do not match.
+fn file_stream(reader: FileReader, first: Option<Bytes>) -> ByteStream {
     // Even an empty read runs one block, so an empty blob is verified too.
-    stream::unfold(
-        Some(spawn_block(reader)),
-        |task: Option<BlockTask>| async move {
-            let (reader, chunk) = match task?.await {
-                Ok(Ok(done)) => done,
-                Ok(Err(e)) => return Some((Err(e), None)),
-                Err(e) => return Some((Err(io::Error::other(e)), None)),
-            };
-            let next = (reader.left > 0).then(|| spawn_block(reader));
-            Some((Ok(chunk), next))
-        },
-    )
-    .filter(|item| futures::future::ready(!matches!(item, Ok(c) if c.is_empty())))
-    .boxed()
+    let next = (first.is_none() || reader.left > 0).then(|| spawn_block(reader));
+    let rest = stream::unfold(next, |task: Option<BlockTask>| async move {
+        let (reader, chunk) = match task?.await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => return Some((Err(e), None)),
+            Err(e) => return Some((Err(io::Error::other(e)), None)),
+        };
+        let next = (reader.left > 0).then(|| spawn_block(reader));
+        Some((Ok(chunk), next))
+    });
+    stream::iter(first.map(Ok))
+        .chain(rest)
+        .filter(|item| futures::future::ready(!matches!(item, Ok(c) if c.is_empty())))
+        .boxed()
 }
 
 #[async_trait]
@@ -529,13 +534,21 @@ impl BlobStore for FsBlobStore {
                 }
                 file.seek(SeekFrom::Start(r.start)).map_err(io_err)?;
             }
-            Ok(Some((file, size)))
+            let reader = FileReader::new(file, range.map_or(size, |r| r.len()), check);
+            // The first block in the same task as the open: a manifest or a small blob
+            // is read in one hop to the blocking pool (a hop costs two thread wake-ups,
+            // more than reading a few KiB from the page cache). A failed first block is
+            // the stream's first item, as a failed later block would be.
+            Ok(Some((size, reader.next_block())))
         })
         .await?;
-        Ok(opened.map(|(file, size)| BlobRead {
+        Ok(opened.map(|(size, first)| BlobRead {
             size,
             range,
-            stream: file_stream(file, range.map_or(size, |r| r.len()), check),
+            stream: match first {
+                Ok((reader, block)) => file_stream(reader, Some(block)),
+                Err(e) => stream::once(futures::future::ready(Err(e))).boxed(),
+            },
         }))
     }
 
@@ -705,7 +718,7 @@ impl BlobStore for FsBlobStore {
             Ok((f, len))
         })
         .await?;
-        Ok(file_stream(file, len, None))
+        Ok(file_stream(FileReader::new(file, len, None), None))
     }
 
     async fn commit_upload(
