@@ -164,6 +164,18 @@ pub trait KvEngine: Send + Sync + 'static {
         F: FnOnce(&dyn KvRead) -> Result<R> + Send + 'static,
         R: Send + 'static;
 
+    /// Runs `f`, a lookup of a few keys, on a consistent snapshot: what
+    /// [`read`](Self::read) does. An engine whose lookups cost less than a hop to another
+    /// thread may override it to run them in place (redb: a B-tree path of a few pages,
+    /// cached); scans and everything else go through `read`.
+    fn lookup<R, F>(&self, f: F) -> impl Future<Output = Result<R>> + Send
+    where
+        F: FnOnce(&dyn KvRead) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.read(f)
+    }
+
     /// Runs `f` in one serialisable write transaction, committed (durably, if the engine
     /// is durable) when `f` returns `Ok` and rolled back when it returns `Err`.
     ///
@@ -617,13 +629,13 @@ fn delete_manifest_txn(
 impl<E: KvEngine> MetadataStore for KvMetadata<E> {
     async fn blob(&self, digest: &Digest) -> Result<Option<BlobRecord>> {
         let k = key(&[digest.as_str()]);
-        self.engine.read(move |t| get(t, Table::Blobs, &k)).await
+        self.engine.lookup(move |t| get(t, Table::Blobs, &k)).await
     }
 
     async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobLink>> {
         let k = key(&[repo.as_str(), digest.as_str()]);
         self.engine
-            .read(move |t| get(t, Table::BlobLinks, &k))
+            .lookup(move |t| get(t, Table::BlobLinks, &k))
             .await
     }
 
@@ -648,19 +660,19 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
     async fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>> {
         let k = key(&[repo.as_str(), digest.as_str()]);
         self.engine
-            .read(move |t| get(t, Table::Manifests, &k))
+            .lookup(move |t| get(t, Table::Manifests, &k))
             .await
     }
 
     async fn tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
         let k = key(&[repo.as_str(), tag.as_str()]);
-        self.engine.read(move |t| get(t, Table::Tags, &k)).await
+        self.engine.lookup(move |t| get(t, Table::Tags, &k)).await
     }
 
     async fn tagged_manifest(&self, repo: &RepoName, tag: &Tag) -> Result<Option<ManifestRecord>> {
         let (repo, tag) = (repo.clone(), tag.clone());
         self.engine
-            .read(move |t| {
+            .lookup(move |t| {
                 let Some(digest) =
                     get::<Digest>(t, Table::Tags, &key(&[repo.as_str(), tag.as_str()]))?
                 else {
@@ -673,7 +685,7 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
 
     async fn repository(&self, repo: &RepoName) -> Result<Option<RepoRecord>> {
         let k = key(&[repo.as_str()]);
-        self.engine.read(move |t| get(t, Table::Repos, &k)).await
+        self.engine.lookup(move |t| get(t, Table::Repos, &k)).await
     }
 
     async fn list_tags(
@@ -742,7 +754,7 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
     async fn quota_usage(&self, prefix: &RepoName) -> Result<Option<u64>> {
         let k = key(&[prefix.as_str()]);
         self.engine
-            .read(move |t| get(t, Table::QuotaUsage, &k))
+            .lookup(move |t| get(t, Table::QuotaUsage, &k))
             .await
     }
 
