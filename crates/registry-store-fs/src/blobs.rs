@@ -262,10 +262,15 @@ fn open_session_file<T>(
     Ok(None)
 }
 
-/// An append in progress: the file, where the append started, and the session's busy
-/// mark. Dropping it without [`Appender::finish`] (the request future was cancelled, say
-/// a client went away) cuts the file back to where the append started, because
-/// appends are all-or-nothing even when nobody is left to see the error.
+/// An append in progress: the session's data file (opened by the first block task),
+/// where the append started, and the session's busy mark. Dropping it without
+/// [`Appender::finish`] (the request future was cancelled, say a client went away)
+/// cuts the file back to where the append started, because appends are
+/// all-or-nothing even when nobody is left to see the error.
+///
+/// Opening the file, writing the first block and, for a body of one block or less
+/// (a manifest-sized or 1 MiB blob), setting the idle time all happen in one blocking
+/// task: every hop to the blocking pool costs two thread wake-ups.
 struct Appender {
     state: Arc<Mutex<AppendState>>,
     start: u64,
@@ -273,7 +278,11 @@ struct Appender {
 }
 
 struct AppendState {
-    file: File,
+    /// The session's data file, to be opened (and its length checked against the
+    /// append's offset) by the first task.
+    path: PathBuf,
+    id: UploadId,
+    file: Option<File>,
     /// Set once the append has been rolled back: a block write still queued on the
     /// blocking pool must then not land after the truncation.
     rolled_back: bool,
@@ -282,7 +291,37 @@ struct AppendState {
 impl AppendState {
     fn roll_back(&mut self, start: u64) -> io::Result<()> {
         self.rolled_back = true;
-        self.file.set_len(start)
+        // Not opened: nothing was written.
+        match &self.file {
+            Some(f) => f.set_len(start),
+            None => Ok(()),
+        }
+    }
+
+    /// The data file, opened on first use if its length is `offset` (where the
+    /// append starts); the session's errors otherwise.
+    fn file(&mut self, offset: u64) -> Result<&mut File> {
+        if self.file.is_none() {
+            let mut f = match OpenOptions::new().write(true).open(&self.path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(Error::UploadUnknown {
+                        id: self.id.to_string(),
+                    })
+                }
+                Err(e) => return Err(io_err(e)),
+            };
+            let len = f.metadata().map_err(io_err)?.len();
+            if len != offset {
+                return Err(Error::UploadOffset {
+                    expected: len,
+                    got: offset,
+                });
+            }
+            f.seek(SeekFrom::Start(offset)).map_err(io_err)?;
+            self.file = Some(f);
+        }
+        Ok(self.file.as_mut().expect("opened above"))
     }
 }
 
@@ -292,10 +331,12 @@ fn lock(state: &Mutex<AppendState>) -> std::sync::MutexGuard<'_, AppendState> {
 }
 
 impl Appender {
-    fn new(file: File, start: u64, busy: BusyGuard) -> Self {
+    fn new(path: PathBuf, id: UploadId, start: u64, busy: BusyGuard) -> Self {
         Appender {
             state: Arc::new(Mutex::new(AppendState {
-                file,
+                path,
+                id,
+                file: None,
                 rolled_back: false,
             })),
             start,
@@ -306,13 +347,13 @@ impl Appender {
     /// Writes the chunks in order with vectored writes: the network's frames go to the
     /// file as they are, never copied into one buffer first.
     async fn write(&self, chunks: Vec<Bytes>) -> Result<()> {
-        let state = self.state.clone();
+        let (state, start) = (self.state.clone(), self.start);
         blocking(move || {
             let mut state = lock(&state);
             if state.rolled_back {
                 return Err(Error::storage("append was rolled back"));
             }
-            write_all_chunks(&mut state.file, &chunks).map_err(io_err)
+            write_all_chunks(state.file(start)?, &chunks).map_err(io_err)
         })
         .await
     }
@@ -329,19 +370,24 @@ impl Appender {
         .await
     }
 
-    /// Keeps what was written; the session's idle time starts now.
-    async fn finish(mut self, now: Timestamp) -> Result<()> {
-        let state = self.state.clone();
-        let busy = self.busy.take();
+    /// Writes the last chunks and keeps what was written; the session's idle time
+    /// starts now. An error leaves the append to be aborted.
+    async fn finish(&mut self, last: Vec<Bytes>, now: Timestamp) -> Result<()> {
+        let (state, start) = (self.state.clone(), self.start);
         blocking(move || {
-            let result = lock(&state)
-                .file
-                .set_modified(now.to_system_time())
-                .map_err(io_err);
-            drop(busy);
-            result
+            let mut state = lock(&state);
+            if state.rolled_back {
+                return Err(Error::storage("append was rolled back"));
+            }
+            // Even an empty append opens the file: its offset is checked.
+            let file = state.file(start)?;
+            write_all_chunks(file, &last).map_err(io_err)?;
+            file.set_modified(now.to_system_time()).map_err(io_err)
         })
-        .await
+        .await?;
+        // Done: dropping the mark (and the appender) keeps what was written.
+        self.busy.take();
+        Ok(())
     }
 }
 
@@ -649,33 +695,15 @@ impl BlobStore for FsBlobStore {
         now: Timestamp,
     ) -> Result<u64> {
         let busy = self.mark_busy(id)?;
-        let path = self.upload_data(id);
-        let unknown = Error::UploadUnknown { id: id.to_string() };
-        let file = blocking(move || {
-            let mut f = match OpenOptions::new().write(true).open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(unknown),
-                Err(e) => return Err(io_err(e)),
-            };
-            let len = f.metadata().map_err(io_err)?.len();
-            if len != offset {
-                return Err(Error::UploadOffset {
-                    expected: len,
-                    got: offset,
-                });
-            }
-            f.seek(SeekFrom::Start(offset)).map_err(io_err)?;
-            Ok(f)
-        })
-        .await?;
-        let appender = Appender::new(file, offset, busy);
+        let mut appender = Appender::new(self.upload_data(id), id.clone(), offset, busy);
         let mut written = offset;
         // Network chunks are gathered (by reference, not copied) into large vectored
-        // writes: few system calls, and memory bounded by BLOCK plus one chunk.
+        // writes: few system calls, and memory bounded by BLOCK plus one chunk. The
+        // last chunks are written by `finish`.
         let mut pending: Vec<Bytes> = Vec::new();
         let mut pending_len = 0;
         loop {
-            let done = match data.next().await {
+            match data.next().await {
                 Some(Ok(chunk)) => {
                     pending_len += chunk.len();
                     if !chunk.is_empty() {
@@ -684,29 +712,26 @@ impl BlobStore for FsBlobStore {
                     if pending_len < BLOCK {
                         continue;
                     }
-                    false
                 }
                 Some(Err(e)) => {
                     appender.abort().await?;
                     return Err(Error::storage(e));
                 }
-                None => true,
-            };
-            if !pending.is_empty() {
-                let n = pending_len as u64;
-                pending_len = 0;
-                if let Err(e) = appender.write(std::mem::take(&mut pending)).await {
-                    appender.abort().await?;
-                    return Err(e);
-                }
-                written += n;
+                None => break,
             }
-            if done {
-                break;
+            let n = pending_len as u64;
+            pending_len = 0;
+            if let Err(e) = appender.write(std::mem::take(&mut pending)).await {
+                appender.abort().await?;
+                return Err(e);
             }
+            written += n;
         }
-        appender.finish(now).await?;
-        Ok(written)
+        if let Err(e) = appender.finish(pending, now).await {
+            appender.abort().await?;
+            return Err(e);
+        }
+        Ok(written + pending_len as u64)
     }
 
     async fn read_upload(&self, id: &UploadId) -> Result<ByteStream> {
