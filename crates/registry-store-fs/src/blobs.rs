@@ -307,7 +307,7 @@ impl AppendState {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     return Err(Error::UploadUnknown {
                         id: self.id.to_string(),
-                    })
+                    });
                 }
                 Err(e) => return Err(io_err(e)),
             };
