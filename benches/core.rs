@@ -70,6 +70,72 @@ fn memory_store(c: &mut Criterion) {
     hot_paths(c, "memory_store", &rt, &Registry::in_memory());
 }
 
+/// What an integration test harness pays for an ephemeral registry over HTTP: an
+/// in-memory registry served on a loopback port, one `GET /v2/` answered 200 over a
+/// fresh connection, then a graceful shutdown that waits for the server task.
+fn loopback(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("loopback");
+    // One block_on around all iterations, as a test harness's runtime would run them.
+    g.bench_function("serve_local_first_200_and_shutdown", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = std::time::Instant::now();
+                for _ in 0..iters {
+                    serve_answer_and_shut_down().await;
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+}
+
+async fn serve_answer_and_shut_down() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server =
+        registry_http::serve_local(Registry::in_memory(), registry_http::HttpConfig::default())
+            .await
+            .unwrap();
+    let mut conn = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    conn.write_all(b"GET /v2/ HTTP/1.1\r\nHost: bench\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    while !is_complete_response(&reply) {
+        let mut chunk = [0u8; 4096];
+        let n = conn.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before the whole response");
+        reply.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        reply.starts_with(b"HTTP/1.1 200"),
+        "GET /v2/ did not answer 200"
+    );
+    // Reset instead of a FIN handshake: a closed connection leaves a socket in
+    // TIME_WAIT for a minute, and tens of thousands of iterations would exhaust the
+    // ephemeral ports and time the kernel's port search instead of the registry.
+    conn.set_zero_linger().unwrap();
+    drop(conn);
+    server.shutdown().await;
+}
+
+/// Whether `reply` holds a whole response: the head and `Content-Length` bytes of body.
+fn is_complete_response(reply: &[u8]) -> bool {
+    let Some(head_end) = reply.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&reply[..head_end]).to_ascii_lowercase();
+    let body_len: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    reply.len() >= head_end + 4 + body_len
+}
+
 /// The same hot paths on the fs store (files and redb in a temp dir): every write pays
 /// its fsyncs, so these show the durable cost per operation.
 fn fs_store(c: &mut Criterion) {
@@ -152,5 +218,12 @@ fn hot_paths(c: &mut Criterion, name: &str, rt: &tokio::runtime::Runtime, regist
     g.finish();
 }
 
-criterion_group!(benches, parsing, inspection, memory_store, fs_store);
+criterion_group!(
+    benches,
+    parsing,
+    inspection,
+    memory_store,
+    loopback,
+    fs_store
+);
 criterion_main!(benches);
