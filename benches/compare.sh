@@ -7,9 +7,10 @@
 #   FLAT=1 bash benches/compare.sh       # flatness: manifest PUT/GET at 1k and 100k stored
 #
 # Environment: ROUNDS (rounds per server, default 3, QUICK 2), SERVERS ("ours dist",
-# or one of them), OURS_STORAGE (fs|memory, default fs), OUT (default target/bench),
-# BIG=1 (add a 4 GiB push and pull), FLAT=1 (only the store-growth workloads; with
-# FLAT_TARGET, FLAT_FILL_SECONDS, FLAT_PUTS, FLAT_GETS).
+# or one of them), OURS_STORAGE (fs|memory, default fs), OURS_ARGS (extra flags for
+# our serve, e.g. --no-verify-reads), OUT (default target/bench), BIG=1 (add a 4 GiB
+# push and pull), FLAT=1 (only the store-growth workloads; with FLAT_TARGET,
+# FLAT_FILL_SECONDS, FLAT_PUTS, FLAT_GETS).
 # Each round starts a fresh server with a fresh temp data dir on 127.0.0.1, records
 # its PID, samples its CPU time and RSS from /proc around every workload and stops
 # exactly that PID. Raw JSON lines: $OUT/raw-*.jsonl (latest: $OUT/raw.jsonl);
@@ -35,6 +36,8 @@ FLAT_PUTS=${FLAT_PUTS:-1000}
 FLAT_GETS=${FLAT_GETS:-5000}
 SERVERS=${SERVERS:-ours dist}
 OURS_STORAGE=${OURS_STORAGE:-fs}
+# Extra flags for our serve example, split on spaces (e.g. --no-verify-reads).
+read -r -a OURS_ARGS <<<"${OURS_ARGS:-}"
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=${OUT:-$TARGET_DIR/bench}
 LOAD=$TARGET_DIR/release/load
@@ -185,7 +188,7 @@ EOF
             cmd=(docker-registry serve "$WORK/config.yml")
             ;;
         ours)
-            cmd=("$SERVE" --addr "127.0.0.1:$PORT" --data-dir "$WORK/data" --storage "$OURS_STORAGE")
+            cmd=("$SERVE" --addr "127.0.0.1:$PORT" --data-dir "$WORK/data" --storage "$OURS_STORAGE" "${OURS_ARGS[@]}")
             ;;
         *) log "unknown server $kind"; return 1 ;;
     esac
@@ -317,7 +320,7 @@ flat_phase() {
 
 # ---------------------------------------------------------------- run
 START=$(date +%s)
-log "rounds: $ROUNDS each of: $SERVERS (ours: --storage $OURS_STORAGE); raw: $RAW"
+log "rounds: $ROUNDS each of: $SERVERS (ours: --storage $OURS_STORAGE ${OURS_ARGS[*]}); raw: $RAW"
 for round in $(seq 1 "$ROUNDS"); do
     for mode in raw sha256; do
         [ "$FLAT" = 1 ] && break
@@ -340,7 +343,7 @@ cp "$RAW" "$OUT/raw.jsonl"
     echo "# Load benchmark: ours vs CNCF Distribution"
     echo
     echo "$(date -u +%Y-%m-%dT%H:%MZ), commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo '+dirty'), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)."
-    echo "Servers: ours = serve --storage $OURS_STORAGE; dist = $DIST_VERSION. Rounds: $ROUNDS each, alternating; QUICK=$QUICK BIG=${BIG:-0} FLAT=$FLAT; run took $(($(date +%s) - START)) s."
+    echo "Servers: ours = serve --storage $OURS_STORAGE${OURS_ARGS[*]:+ ${OURS_ARGS[*]}}; dist = $DIST_VERSION. Rounds: $ROUNDS each, alternating; QUICK=$QUICK BIG=${BIG:-0} FLAT=$FLAT; run took $(($(date +%s) - START)) s."
     echo
     python3 "$ROOT/benches/summarize.py" "$RAW"
 } >"$OUT/summary.md"

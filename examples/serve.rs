@@ -73,6 +73,10 @@ struct Args {
     /// Refuse deletes of manifests and blobs.
     #[arg(long)]
     no_deletes: bool,
+    /// Serve full blob reads without hashing them on the way out (faster pulls; a
+    /// file corrupted on disk is then served as it is, until `check --verify-digests`).
+    #[arg(long)]
+    no_verify_reads: bool,
     /// Prefix of `Location` and `Link` headers when clients reach the registry through
     /// a proxy under another address (default: relative URLs).
     #[arg(long)]
@@ -332,6 +336,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let registry = with_policies(Registry::builder(storage), &args)
         .with_max_manifest_size(args.max_manifest_size)
         .with_protection_window(Duration::from_secs(args.gc_window))
+        .with_verify_reads(!args.no_verify_reads)
         .build();
     let config = HttpConfig::default()
         .with_read_only(args.read_only)

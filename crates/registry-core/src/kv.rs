@@ -112,20 +112,22 @@ pub trait KvRead {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KvPair>>;
-    /// The keys [`scan`](Self::scan) would return, without their values (listings that
-    /// need only the names: no copy of the values).
-    fn scan_keys(
+    /// Calls `each` with the keys [`scan`](Self::scan) would return, in order, without
+    /// their values and without collecting them: listings that need only the names
+    /// build their items straight from the engine's pages (one allocation per item,
+    /// not two). Stops at the first error `each` returns.
+    fn for_each_key(
         &self,
         table: Table,
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<Vec<u8>>> {
-        Ok(self
-            .scan(table, prefix, after, limit)?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect())
+        each: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        for (k, _) in self.scan(table, prefix, after, limit)? {
+            each(&k)?;
+        }
+        Ok(())
     }
     /// Number of entries in a table.
     fn count(&self, table: Table) -> Result<u64>;
@@ -716,10 +718,12 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
         let after = after.map(|a| key(&[repo.as_str(), a.as_str()]));
         self.engine
             .read(move |t| {
-                t.scan_keys(Table::Tags, &p, after.as_deref(), limit)?
-                    .iter()
-                    .map(|k| parse_stored(Tag::parse(last_part(k)?)))
-                    .collect()
+                let mut tags = Vec::with_capacity(limit.min(1024));
+                t.for_each_key(Table::Tags, &p, after.as_deref(), limit, &mut |k| {
+                    tags.push(parse_stored(Tag::parse(last_part(k)?))?);
+                    Ok(())
+                })?;
+                Ok(tags)
             })
             .await
     }

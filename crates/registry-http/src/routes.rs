@@ -732,12 +732,21 @@ async fn list_tags(state: &AppState, repo: &RepoName, q: Vec<(String, String)>) 
         name: &'a str,
         tags: Vec<&'a str>,
     }
-    let tags = page.items.iter().map(|t| t.as_str()).collect();
-    let mut r = axum::Json(TagList {
-        name: repo.as_str(),
-        tags,
-    })
-    .into_response();
+    let tags: Vec<&str> = page.items.iter().map(|t| t.as_str()).collect();
+    // Sized up front (tags need no escaping: their grammar has no quote or backslash),
+    // so that a long list is written once instead of regrown through reallocations.
+    let size = 32 + repo.as_str().len() + tags.iter().map(|t| t.len() + 3).sum::<usize>();
+    let mut body = Vec::with_capacity(size);
+    serde_json::to_writer(
+        &mut body,
+        &TagList {
+            name: repo.as_str(),
+            tags,
+        },
+    )
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string()))?;
+    let mut r = Response::new(Body::from(body));
+    set(r.headers_mut(), "content-type", "application/json");
     if let Some(next) = &page.next {
         let n = options.n.unwrap_or(page.items.len());
         set(

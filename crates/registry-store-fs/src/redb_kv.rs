@@ -197,25 +197,42 @@ fn scan_table<T: ReadableTable<&'static [u8], &'static [u8]>, O>(
     limit: usize,
     out_of: impl Fn(&[u8], &[u8]) -> O,
 ) -> Result<Vec<O>> {
+    let mut out = Vec::new();
+    visit_table(t, prefix, after, limit, |k, v| {
+        out.push(out_of(k, v));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Calls `each` on the entries [`KvRead::scan`] selects, borrowed from redb's pages.
+fn visit_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    prefix: &[u8],
+    after: Option<&[u8]>,
+    limit: usize,
+    mut each: impl FnMut(&[u8], &[u8]) -> Result<()>,
+) -> Result<()> {
     let lower = match after {
         Some(a) if a >= prefix => Bound::Excluded(a),
         _ => Bound::Included(prefix),
     };
-    let mut out = Vec::new();
+    let mut seen = 0;
     for entry in t
         .range::<&[u8]>((lower, Bound::Unbounded))
         .map_err(storage_error)?
     {
-        if out.len() >= limit {
+        if seen >= limit {
             break;
         }
         let (k, v) = entry.map_err(storage_error)?;
         if !k.value().starts_with(prefix) {
             break;
         }
-        out.push(out_of(k.value(), v.value()));
+        each(k.value(), v.value())?;
+        seen += 1;
     }
-    Ok(out)
+    Ok(())
 }
 
 struct Read(redb::ReadTransaction);
@@ -242,15 +259,16 @@ macro_rules! kv_read {
                 let t = self.0.open_table(def(table)).map_err(storage_error)?;
                 scan_table(&t, prefix, after, limit, |k, v| (k.to_vec(), v.to_vec()))
             }
-            fn scan_keys(
+            fn for_each_key(
                 &self,
                 table: Table,
                 prefix: &[u8],
                 after: Option<&[u8]>,
                 limit: usize,
-            ) -> Result<Vec<Vec<u8>>> {
+                each: &mut dyn FnMut(&[u8]) -> Result<()>,
+            ) -> Result<()> {
                 let t = self.0.open_table(def(table)).map_err(storage_error)?;
-                scan_table(&t, prefix, after, limit, |k, _| k.to_vec())
+                visit_table(&t, prefix, after, limit, |k, _| each(k))
             }
             fn count(&self, table: Table) -> Result<u64> {
                 let t = self.0.open_table(def(table)).map_err(storage_error)?;
