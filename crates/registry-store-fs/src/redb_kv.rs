@@ -217,20 +217,16 @@ fn visit_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
         Some(a) if a >= prefix => Bound::Excluded(a),
         _ => Bound::Included(prefix),
     };
-    let mut seen = 0;
     for entry in t
         .range::<&[u8]>((lower, Bound::Unbounded))
         .map_err(storage_error)?
+        .take(limit)
     {
-        if seen >= limit {
-            break;
-        }
         let (k, v) = entry.map_err(storage_error)?;
         if !k.value().starts_with(prefix) {
             break;
         }
         each(k.value(), v.value())?;
-        seen += 1;
     }
     Ok(())
 }
