@@ -26,6 +26,13 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 step "docs"
 RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --all-features --locked
 
+step "each library crate alone, with its default features (as docs.rs and dependents build it)"
+# The workspace build unifies features across members and can hide a crate that needs
+# a dependency feature it does not ask for.
+for crate in registry-core registry-store-fs registry-store-object registry-http; do
+    cargo check --locked --quiet -p "$crate" --lib
+done
+
 step "tests"
 cargo test --workspace --all-features --locked
 
