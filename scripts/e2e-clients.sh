@@ -8,7 +8,8 @@
 # Environment:
 #   REGISTRY_CMD      ours (default) | distribution
 #   REGISTRY_STORAGE  storage of our serve example: fs (default) | memory
-#   E2E_ONLY          space-separated scenario names to run (skopeo oras buildah podman raw auth);
+#   E2E_ONLY          space-separated scenario names to run (skopeo oras buildah podman raw auth
+#                     reads);
 #                     all by default
 #   E2E_KEEP=1        keep the temp dir (logs, layouts) for inspection
 #
@@ -22,7 +23,7 @@ cd "$ROOT"
 
 REGISTRY_CMD=${REGISTRY_CMD:-ours}
 REGISTRY_STORAGE=${REGISTRY_STORAGE:-fs}
-E2E_ONLY=${E2E_ONLY:-skopeo oras buildah podman raw auth}
+E2E_ONLY=${E2E_ONLY:-skopeo oras buildah podman raw auth reads}
 
 scripts/install-test-deps.sh || { echo "installing test dependencies failed" >&2; exit 2; }
 PYTHON=$ROOT/target/test-deps/venv/bin/python
@@ -971,11 +972,70 @@ scenario_auth() {
     check "auth: podman login, push and pull; refused before login and after logout" auth_podman_login
 }
 
+# ================================================================ verified reads (our serve flags)
+# Two more serve processes on fs data dirs of their own, one with --no-verify-reads. A
+# blob file altered on disk behind the registry's back (same size, 16 bytes changed)
+# must fail the transfer by default and be served as it is with the flag.
+VR=$WORK/reads
+
+# serve_altered_blob NAME ARGS...: starts serve (fs, fresh data dir) with ARGS, pushes
+# a blob, alters its file; sets VHOST, VD (its digest) and leaves the altered bytes in
+# $VR/NAME/altered.
+serve_altered_blob() {
+    local name=$1 port i
+    shift
+    mkdir -p "$VR/$name"
+    port=$(free_port)
+    VHOST=127.0.0.1:$port
+    "${CARGO_TARGET_DIR:-target}/release/examples/serve" --addr "$VHOST" --storage fs \
+        --data-dir "$VR/$name/data" "$@" >"$VR/$name.log" 2>&1 &
+    echo $! >>"$EXTRA_PIDS"
+    for ((i = 0; i < 100; i++)); do
+        [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$VHOST/v2/")" = 200 ] && break
+        sleep 0.1
+    done
+    head -c 300000 /dev/urandom >"$VR/$name/blob"
+    VD=$(sha "$VR/$name/blob")
+    req POST "http://$VHOST/v2/e2e/reads/blobs/uploads/?digest=$VD" \
+        -H "Content-Type: application/octet-stream" --data-binary "@$VR/$name/blob"
+    expect 201
+    local hex=${VD#sha256:}
+    local file=$VR/$name/data/blobs/sha256/${hex:0:2}/$hex
+    [ -f "$file" ] || fail "no blob file at $file"
+    printf 'altered on disk!' | dd of="$file" bs=1 seek=200000 conv=notrunc status=none
+    cp "$file" "$VR/$name/altered"
+    ! cmp -s "$VR/$name/altered" "$VR/$name/blob" || fail "the blob file did not change"
+}
+
+reads_verified_by_default() {
+    serve_altered_blob checked
+    local rc=0
+    curl -sS --max-time 60 -o "$VR/checked/got" "http://$VHOST/v2/e2e/reads/blobs/$VD" || rc=$?
+    [ "$rc" != 0 ] || fail "the altered blob was served as a complete transfer"
+    ! cmp -s "$VR/checked/got" "$VR/checked/altered" || fail "the altered bytes were served whole"
+}
+
+reads_not_verified_with_flag() {
+    serve_altered_blob unchecked --no-verify-reads
+    req GET "http://$VHOST/v2/e2e/reads/blobs/$VD"
+    expect 200
+    cmp "$RB" "$VR/unchecked/altered" || fail "--no-verify-reads did not serve the file as it is"
+}
+
+scenario_reads() {
+    if [ "$REGISTRY_CMD" != ours ]; then
+        echo "# reads: skipped for $REGISTRY_CMD (the flag is our serve example's)"
+        return
+    fi
+    check "reads: a blob file altered on disk fails the transfer (verified reads, the default)" reads_verified_by_default
+    check "reads: --no-verify-reads serves an altered blob file as it is" reads_not_verified_with_flag
+}
+
 # ================================================================ run
 for s in $E2E_ONLY; do
     case "$s" in
-    skopeo | oras | buildah | podman | raw | auth) "scenario_$s" ;;
-    *) echo "unknown scenario '$s' (skopeo oras buildah podman raw auth)" >&2; exit 2 ;;
+    skopeo | oras | buildah | podman | raw | auth | reads) "scenario_$s" ;;
+    *) echo "unknown scenario '$s' (skopeo oras buildah podman raw auth reads)" >&2; exit 2 ;;
     esac
 done
 
