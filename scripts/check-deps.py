@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fails if a crate depends across the borders of ARCHITECTURE.md: core depends on no
+"""Fails if a crate depends across the borders of docs/design.md: core depends on no
 other registry crate, storage adapters never on registry-http, http never on a store."""
 import json
 import subprocess

@@ -29,7 +29,7 @@ pub const AZURITE_KEY: &str =
 /// Where `scripts/install-test-deps.sh` installs: the repository's own `target/`,
 /// whatever `CARGO_TARGET_DIR` says (the script and every test agree on one place).
 fn test_deps() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-deps")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-deps")
 }
 
 fn free_port() -> u16 {

@@ -208,5 +208,5 @@ pub async fn serve_on(
 
 /// The README's examples, compiled and run as doc tests so they never rot.
 #[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
+#[doc = include_str!("../../README.md")]
 mod readme {}
