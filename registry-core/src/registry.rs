@@ -905,21 +905,17 @@ impl Registry {
         }
     }
 
-    /// After a refused link (a manifest with a missing blob, say), removes bytes this
-    /// commit stored if no record claims them, so a refusal leaves nothing behind. A
-    /// concurrent committer of the same digest is safe: it re-commits after linking.
+    /// After a refused link (a manifest with a missing blob, say), removes the bytes this
+    /// commit stored, so a refusal leaves nothing behind, through the deletion lease like
+    /// any byte deletion ([`crate::store::delete_unlinked_bytes`]): a concurrent
+    /// committer of the same bytes that linked first keeps them (the lease is refused
+    /// while a link exists); one that links after waits for the deletion and commits its
+    /// bytes again (§4.3 of `docs/design.md`).
     async fn drop_unlinked_bytes(&self, digest: &Digest, committed: crate::store::CommitOutcome) {
         if committed != crate::store::CommitOutcome::Stored {
             return;
         }
-        let result = async {
-            if self.inner.meta.blob(digest).await?.is_none() {
-                self.inner.blobs.delete(digest).await?;
-            }
-            Ok::<_, Error>(())
-        }
-        .await;
-        if let Err(e) = result {
+        if let Err(e) = self.delete_unlinked_blob(digest).await {
             // Orphaned bytes are harmless; the collector's orphan scan reclaims them.
             tracing::warn!(%digest, error = %e, "could not remove bytes of a refused commit");
         }
@@ -954,21 +950,14 @@ impl Registry {
     /// Deletes the bytes of a blob with no links if this caller obtains the deletion
     /// lease; returns the size freed.
     pub(crate) async fn delete_unlinked_blob(&self, digest: &Digest) -> Result<Option<u64>> {
-        let lease = self.inner.config.deletion_lease;
-        let Some(rec) = self
-            .inner
-            .meta
-            .begin_blob_deletion(digest, self.now(), lease)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let crate::store::BlobState::Deleting { since } = rec.state else {
-            return Err(Error::storage("begin_blob_deletion returned a live record"));
-        };
-        self.inner.blobs.delete(digest).await?;
-        self.inner.meta.finish_blob_deletion(digest, since).await?;
-        Ok(Some(rec.size))
+        crate::store::delete_unlinked_bytes(
+            self.inner.blobs.as_ref(),
+            self.inner.meta.as_ref(),
+            digest,
+            self.now(),
+            self.inner.config.deletion_lease,
+        )
+        .await
     }
 
     // ----- blobs -----

@@ -669,6 +669,37 @@ impl fmt::Debug for Storage {
     }
 }
 
+/// Deletes a blob's bytes: the one way bytes are ever deleted (the collector, the orphan
+/// scan, the clean-up after a refused push, an adapter's repair all come here).
+///
+/// Only the holder of the deletion lease deletes, between taking it
+/// ([`MetadataStore::begin_blob_deletion`], which refuses while the blob has any link)
+/// and removing the record ([`MetadataStore::finish_blob_deletion`]). While the lease
+/// exists nobody can link the digest (linking reports `BlobDeleting` and waits), so bytes
+/// that a link pins are never deleted, and a committer racing the deletion commits its
+/// bytes again after it (`docs/design.md` §4.3). A check of "no record" followed by a
+/// delete, in two steps, is not safe: a link can land between them.
+///
+/// Returns the size on record if this call deleted the bytes; `None` if the blob has
+/// links or another deleter holds a fresh lease.
+pub async fn delete_unlinked_bytes(
+    blobs: &dyn BlobStore,
+    metadata: &dyn MetadataStore,
+    digest: &Digest,
+    now: Timestamp,
+    lease: std::time::Duration,
+) -> Result<Option<u64>> {
+    let Some(rec) = metadata.begin_blob_deletion(digest, now, lease).await? else {
+        return Ok(None);
+    };
+    let BlobState::Deleting { since } = rec.state else {
+        return Err(Error::storage("begin_blob_deletion returned a live record"));
+    };
+    blobs.delete(digest).await?;
+    metadata.finish_blob_deletion(digest, since).await?;
+    Ok(Some(rec.size))
+}
+
 /// Turns anything displayable into a storage error (for adapters).
 pub fn storage_error(e: impl fmt::Display) -> Error {
     Error::storage(e.to_string())

@@ -90,7 +90,7 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use registry_core::kv::{KvEngine, KvMetadata, Table};
 use registry_core::registry::DEFAULT_DELETION_LEASE;
-use registry_core::store::{BlobRecord, BlobState, BlobStore, MetadataStore, Storage};
+use registry_core::store::{BlobRecord, BlobStore, MetadataStore, Storage};
 use registry_core::{Digest, Error, Hasher, Result, Timestamp};
 
 pub use blobs::FsBlobStore;
@@ -298,23 +298,21 @@ impl FsStore {
     }
 
     /// Deletes a blob's bytes and record through the collector's lease protocol
-    /// (`begin_blob_deletion` / `finish_blob_deletion`): an uploader committing the
-    /// same digest meanwhile finds the record `Deleting`, waits, and commits again.
-    /// `false` if the blob gained a link or someone else holds the lease.
+    /// ([`registry_core::store::delete_unlinked_bytes`], the one way bytes are deleted):
+    /// an uploader committing the same digest meanwhile finds the record `Deleting`,
+    /// waits, and commits again. `false` if the blob gained a link or someone else holds
+    /// the lease.
     async fn reclaim(&self, d: &Digest) -> Result<bool> {
         let now = Timestamp::from_system_time(SystemTime::now());
-        let Some(rec) = self
-            .metadata
-            .begin_blob_deletion(d, now, DEFAULT_DELETION_LEASE)
-            .await?
-        else {
-            return Ok(false);
-        };
-        let BlobState::Deleting { since } = rec.state else {
-            return Err(Error::storage("begin_blob_deletion returned a live record"));
-        };
-        self.blobs.delete(d).await?;
-        self.metadata.finish_blob_deletion(d, since).await
+        let deleted = registry_core::store::delete_unlinked_bytes(
+            self.blobs.as_ref(),
+            self.metadata.as_ref(),
+            d,
+            now,
+            DEFAULT_DELETION_LEASE,
+        )
+        .await?;
+        Ok(deleted.is_some())
     }
 
     /// Repairs a record whose bytes are gone: removes the repository links to it that

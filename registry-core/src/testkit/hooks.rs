@@ -148,6 +148,18 @@ impl BlobStore for HookedBlobs {
     async fn delete_upload(&self, id: &UploadId) -> Result<bool> {
         self.inner.delete_upload(id).await
     }
+    // Forwarded, not left to the trait's default: the races must run the store's own
+    // one-call commit, as production does.
+    async fn put_bytes(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        bytes: bytes::Bytes,
+        now: Timestamp,
+    ) -> Result<CommitOutcome> {
+        self.hooks.point("blobs.put_bytes").await;
+        self.inner.put_bytes(repo, digest, bytes, now).await
+    }
     async fn list_uploads(&self) -> Result<Vec<UploadInfo>> {
         self.inner.list_uploads().await
     }

@@ -35,6 +35,7 @@ use crate::time::{ManualClock, Timestamp};
 pub mod hooks;
 pub mod model;
 pub mod policy_suite;
+pub mod refusal_suite;
 pub mod stress;
 pub mod suite;
 
@@ -327,6 +328,11 @@ macro_rules! behaviour_suite {
             policy_quota_concurrent,
             retention_keep_last_and_younger,
             retention_spares_immutable_tags,
+            race_refused_missing_blob_vs_accepted,
+            race_refused_immutable_tag_vs_accepted,
+            race_refused_quota_vs_accepted,
+            race_refused_read_only_vs_accepted,
+            race_refused_size_vs_accepted,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {

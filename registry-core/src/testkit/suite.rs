@@ -17,6 +17,7 @@ use crate::time::ManualClock;
 use std::sync::Arc;
 
 pub use super::policy_suite::*;
+pub use super::refusal_suite::*;
 
 fn put_options() -> PutManifestOptions {
     PutManifestOptions::default()
