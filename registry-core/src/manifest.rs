@@ -25,6 +25,12 @@ pub mod media_type {
     /// Docker manifest list.
     pub const DOCKER_MANIFEST_LIST: &str =
         "application/vnd.docker.distribution.manifest.list.v2+json";
+    /// Docker image manifest, schema 1 (signed and unsigned): refused, see
+    /// [`ManifestInfo::inspect`](super::ManifestInfo::inspect).
+    pub const DOCKER_SCHEMA1: [&str; 2] = [
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    ];
     /// Docker foreign layer: lives at its `urls`, never in the registry.
     pub const DOCKER_FOREIGN_LAYER: &str =
         "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
@@ -131,6 +137,47 @@ fn kind_of(media_type: &str) -> ManifestKind {
     }
 }
 
+/// Refuses what may not be stored as a manifest we do not understand: Docker schema 1
+/// (its layers would be unprotected from collection, since we cannot read them; the
+/// reference registry dropped it too) and any media type other than a well-formed
+/// `application/` type whose subtype is JSON. Manifests are served back with the type
+/// they were pushed with, so `text/html` or `image/svg+xml` would be stored XSS.
+fn check_opaque(media_type: &str) -> Result<(), Error> {
+    if media_type::DOCKER_SCHEMA1.contains(&media_type) {
+        return Err(schema1_refused());
+    }
+    // RFC 6838 restricted names: a letter or digit, then up to 126 more of these.
+    fn restricted_name(s: &str) -> bool {
+        (1..=127).contains(&s.len())
+            && s.as_bytes()[0].is_ascii_alphanumeric()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    }
+    let json_application = match media_type.split_once('/') {
+        Some((kind, subtype)) => {
+            kind.eq_ignore_ascii_case("application")
+                && restricted_name(subtype)
+                && (subtype.eq_ignore_ascii_case("json")
+                    || subtype.to_ascii_lowercase().ends_with("+json"))
+        }
+        None => false,
+    };
+    if !json_application {
+        return Err(invalid(format!(
+            "unsupported manifest media type {media_type:?}: expected an OCI or Docker \
+             manifest type, or another application/...+json type"
+        )));
+    }
+    Ok(())
+}
+
+fn schema1_refused() -> Error {
+    invalid(
+        "Docker schema 1 manifests are not supported; push schema 2 or OCI \
+         (for example with `skopeo copy --format v2s2`)",
+    )
+}
+
 fn check_agreement(declared: &str, inner: Option<&str>) -> Result<(), Error> {
     match inner {
         Some(inner) if inner != declared => Err(invalid(format!(
@@ -164,6 +211,7 @@ impl ManifestInfo {
         }
         let declared = essence(content_type);
         if !declared.is_empty() && kind_of(declared) == ManifestKind::Opaque {
+            check_opaque(declared)?;
             let probe: Probe = serde_json::from_slice(bytes)
                 .map_err(|e| invalid(format!("manifest is not valid JSON: {e}")))?;
             check_agreement(declared, probe.media_type.as_deref())?;
@@ -180,6 +228,7 @@ impl ManifestInfo {
                     .map_err(|e| invalid(format!("manifest is not valid JSON: {e}")))?;
                 return match probe.media_type {
                     Some(mt) if kind_of(&mt) == ManifestKind::Opaque => {
+                        check_opaque(&mt)?;
                         Ok(ManifestInfo::empty(mt, ManifestKind::Opaque))
                     }
                     _ => Err(invalid(format!("malformed manifest: {e}"))),
@@ -195,9 +244,15 @@ impl ManifestInfo {
             (true, Some(inner)) => inner.clone(),
             (true, None) if raw.manifests.is_some() => media_type::OCI_INDEX.to_owned(),
             (true, None) if raw.config.is_some() => media_type::OCI_MANIFEST.to_owned(),
+            (true, None) if raw.schema_version.as_ref().and_then(|v| v.as_u64()) == Some(1) => {
+                return Err(schema1_refused());
+            }
             (true, None) => return Err(invalid("no media type in Content-Type or manifest")),
         };
         let kind = kind_of(&media_type);
+        if kind == ManifestKind::Opaque {
+            check_opaque(&media_type)?;
+        }
         let mut info = ManifestInfo::empty(media_type, kind);
         if kind == ManifestKind::Opaque {
             return Ok(info);
@@ -276,6 +331,56 @@ impl ManifestInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn opaque_types_are_json_application_types_only() {
+        let body = br#"{"anything":1}"#;
+        for ok in [
+            "application/json",
+            "application/vnd.example.thing+json",
+            "application/vnd.example.thing+JSON; charset=utf-8",
+        ] {
+            assert!(ManifestInfo::inspect(ok, body).is_ok(), "{ok}");
+        }
+        // What a browser renders or runs, and what is not a media type at all.
+        for refused in [
+            "text/html",
+            "text/html; charset=utf-8",
+            "image/svg+xml",
+            "application/xhtml+xml",
+            "application/octet-stream",
+            "application/vnd.x+json<script>",
+            "application/+json",
+            "json",
+            "application/",
+        ] {
+            let e = ManifestInfo::inspect(refused, body).unwrap_err();
+            assert!(
+                matches!(e, Error::ManifestInvalid { .. }),
+                "{refused}: {e:?}"
+            );
+        }
+        // Named only inside the document, without a Content-Type: the same rule.
+        let inner = br#"{"mediaType":"text/html","x":1}"#;
+        assert!(ManifestInfo::inspect("", inner).is_err());
+    }
+
+    #[test]
+    fn docker_schema1_is_refused_clearly() {
+        let signed = br#"{"schemaVersion":1,"name":"a/b","tag":"v1","fsLayers":[],"history":[]}"#;
+        for ct in [
+            media_type::DOCKER_SCHEMA1[0],
+            media_type::DOCKER_SCHEMA1[1],
+            "",
+        ] {
+            match ManifestInfo::inspect(ct, signed) {
+                Err(Error::ManifestInvalid { reason }) => {
+                    assert!(reason.contains("schema 1"), "{ct}: {reason}")
+                }
+                other => panic!("{ct}: {other:?}"),
+            }
+        }
+    }
 
     fn d(s: &str) -> Digest {
         Digest::sha256(s.as_bytes())
