@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use wildmatch::WildMatch;
+
 use crate::access::under_prefix;
 use crate::error::{Error, InvalidInput, Result};
 use crate::names::{RepoName, Tag};
@@ -16,12 +18,25 @@ use crate::names::{RepoName, Tag};
 /// Syntax: `[REPO_PREFIX:]GLOB`, where `GLOB` holds tag characters
 /// (`[A-Za-z0-9._-]`) and `*` (any run of characters, possibly empty), for example
 /// `v*`, `release-*`, `*`, or `prod/app:v*`. Repository names cannot contain `:`, so the
-/// split is unambiguous.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// split is unambiguous. Matching is case-sensitive and covers the whole tag. There is
+/// no `?`, no character class and no escape; tags have no `/`, so `*` needs no path
+/// rule. (The glob is matched by the `wildmatch` crate, whose only other
+/// metacharacter, `?`, the parser refuses.)
+#[derive(Debug, Clone)]
 pub struct TagPattern {
     prefix: Option<RepoName>,
     glob: String,
+    matcher: WildMatch,
 }
+
+impl PartialEq for TagPattern {
+    fn eq(&self, other: &Self) -> bool {
+        // The matcher is built from the glob: equal globs match alike.
+        (&self.prefix, &self.glob) == (&other.prefix, &other.glob)
+    }
+}
+
+impl Eq for TagPattern {}
 
 impl TagPattern {
     /// Parses `[REPO_PREFIX:]GLOB`; anything else is [`InvalidInput::Policy`].
@@ -47,6 +62,7 @@ impl TagPattern {
         Ok(TagPattern {
             prefix,
             glob: glob.to_owned(),
+            matcher: WildMatch::new(glob),
         })
     }
 
@@ -66,7 +82,7 @@ impl TagPattern {
         self.prefix
             .as_ref()
             .is_none_or(|p| under_prefix(repo.as_str(), p.as_str()))
-            && glob_match(self.glob.as_bytes(), tag.as_str().as_bytes())
+            && self.matcher.matches(tag.as_str())
     }
 }
 
@@ -84,31 +100,6 @@ impl std::str::FromStr for TagPattern {
     fn from_str(s: &str) -> Result<Self> {
         TagPattern::parse(s)
     }
-}
-
-/// `*`-only glob matching. Greedy with one backtrack point (the last `*`), which is
-/// enough for `*` (no other metacharacter) and linear-ish in practice: tags are at most
-/// 128 bytes.
-fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-    let (mut p, mut t) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        if p < pattern.len() && pattern[p] == b'*' {
-            star = Some((p, t));
-            p += 1;
-        } else if p < pattern.len() && pattern[p] == text[t] {
-            p += 1;
-            t += 1;
-        } else if let Some((sp, st)) = star {
-            // Let the last `*` swallow one more character and retry from there.
-            p = sp + 1;
-            t = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
-    }
-    pattern[p..].iter().all(|&b| b == b'*')
 }
 
 /// A storage quota: the distinct blobs (layers, configs, manifests) linked in the
@@ -208,6 +199,25 @@ mod tests {
         assert!(m("prod:v*", "prod/app/x", "v1"));
         assert!(!m("prod:v*", "production", "v1"));
         assert!(!m("prod/app:v*", "dev/app", "v1"));
+        // Stars in a row, stars at both ends, backtracking past a partial match.
+        assert!(m("v**1", "a", "v1"));
+        assert!(m("*a*b*", "a", "xaxbx"));
+        assert!(!m("*a*b", "a", "xaxbx"));
+        assert!(m("*ab", "a", "aab"));
+        assert!(m("a*a*a", "a", "aaa"));
+        assert!(!m("a*a*a", "a", "aa"));
+        // Case-sensitive, whole-tag matching.
+        assert!(!m("V*", "a", "v1"));
+        assert!(!m("v1", "a", "xv1"));
+    }
+
+    #[test]
+    fn equality_is_by_prefix_and_glob() {
+        let p = |s: &str| TagPattern::parse(s).unwrap();
+        assert_eq!(p("v*"), p("v*"));
+        assert_ne!(p("v*"), p("v**"));
+        assert_ne!(p("a:v*"), p("v*"));
+        assert_eq!(p("v*").under(RepoName::parse("a").unwrap()), p("a:v*"));
     }
 
     #[test]

@@ -4,6 +4,14 @@
 //!
 //! Both take hostile text straight from a request header. They never panic, and what
 //! they return is safe to do arithmetic on (see [`parse_content_range`]).
+//!
+//! They are hand-written on purpose: the range crates (`headers`' typed `Range` and
+//! `ContentRange`, `http-range-header`) know only RFC 9110 forms, so none reads the
+//! upload's unitless `Content-Range: start-end`; and for `Range` they accept
+//! multi-ranges and refuse other units or stray spaces as errors, where the rules here
+//! ignore a multi-range or another unit (the whole blob is sent), tolerate spaces, and
+//! leave satisfiability (416 with `Content-Range: bytes */LEN`) to
+//! [`RangeRequest::resolve`].
 
 use axum::http::StatusCode;
 use registry_core::RangeRequest;

@@ -75,44 +75,21 @@ fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "NAME_UNKNOWN", "no such endpoint")
 }
 
+/// The query string's `key=value` pairs, decoded, in order; repeated keys (`tag=`,
+/// `scope=`) are all kept.
 fn query_pairs(req: &Request) -> Vec<(String, String)> {
-    req.uri()
-        .query()
-        .map(|q| {
-            q.split('&')
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                    (percent_decode(k), percent_decode(v))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    req.uri().query().map(parse_query).unwrap_or_default()
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-                {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            // No `+` to space: media types in `artifactType` contain `+`, never spaces.
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// Decodes a query string with `serde_urlencoded` (the WHATWG
+/// `application/x-www-form-urlencoded` parser: `%XX` escapes decoded, malformed ones kept
+/// as they are, invalid UTF-8 replaced), except that a `+` stays a `+` rather than
+/// becoming a space: media types in `artifactType` contain `+`, never spaces, and
+/// clients send them unescaped. Request bodies that are forms use
+/// [`serde_urlencoded`] as it is ([`token_form`]).
+fn parse_query(query: &str) -> Vec<(String, String)> {
+    // Decoding into owned string pairs cannot fail: every input is some list of pairs.
+    serde_urlencoded::from_str(&query.replace('+', "%2B")).unwrap_or_default()
 }
 
 fn first<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
@@ -818,19 +795,10 @@ pub(crate) async fn token_form(State(state): State<AppState>, req: Request) -> A
     let body = axum::body::to_bytes(req.into_body(), 64 * 1024)
         .await
         .map_err(|_| ApiError::bad_request("UNSUPPORTED", "token request body too large"))?;
-    let form: Vec<(String, String)> = std::str::from_utf8(&body)
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            // Forms encode spaces as `+`; scopes are space-separated.
-            (
-                percent_decode(&k.replace('+', " ")),
-                percent_decode(&v.replace('+', " ")),
-            )
-        })
-        .collect();
+    // A body that is not UTF-8 is no form: it gets the unsupported `grant_type` error.
+    // Forms encode spaces as `+`; scopes are space-separated.
+    let form: Vec<(String, String)> =
+        serde_urlencoded::from_str(std::str::from_utf8(&body).unwrap_or("")).unwrap_or_default();
     let caller = match first(&form, "grant_type") {
         Some("password") => {
             let user = first(&form, "username").unwrap_or("");
@@ -909,15 +877,31 @@ mod tests {
     }
 
     #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("sha256%3Aab"), "sha256:ab");
-        assert_eq!(percent_decode("a%2Fb"), "a/b");
-        assert_eq!(percent_decode("%"), "%");
-        assert_eq!(percent_decode("%zz"), "%zz");
+    fn query_decoding() {
+        let q = parse_query;
+        let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        assert_eq!(q("digest=sha256%3Aab"), [pair("digest", "sha256:ab")]);
+        assert_eq!(q("from=a%2Fb"), [pair("from", "a/b")]);
+        // Malformed escapes are kept as they are.
+        assert_eq!(q("x=%"), [pair("x", "%")]);
+        assert_eq!(q("x=%zz&y=%4"), [pair("x", "%zz"), pair("y", "%4")]);
+        // `+` is a `+`, escaped or not.
         assert_eq!(
-            percent_decode("application/vnd.example+json"),
-            "application/vnd.example+json"
+            q("artifactType=application/vnd.example+json"),
+            [pair("artifactType", "application/vnd.example+json")]
         );
-        assert_eq!(percent_decode("a%2Bb"), "a+b");
+        assert_eq!(q("a=a%2Bb"), [pair("a", "a+b")]);
+        // Empty pieces are skipped, a key without `=` has an empty value, repeated keys
+        // are all kept in order.
+        assert_eq!(
+            q("&tag=a&&tag=b&n&=v"),
+            [
+                pair("tag", "a"),
+                pair("tag", "b"),
+                pair("n", ""),
+                pair("", "v")
+            ]
+        );
+        assert_eq!(q("a=%FF"), [pair("a", "\u{FFFD}")]);
     }
 }
