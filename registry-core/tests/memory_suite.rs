@@ -20,8 +20,9 @@ fn model_based() {
     model::run(cases, fixture);
 }
 
-/// Concurrent pushers, deleters, tag movers and a zero-window collector; prints the
-/// operation counts.
+/// Concurrent pushers, deleters, tag movers and a zero-window collector, every push
+/// racing refused pushes of the same bytes (issue 16); prints the operation counts.
+/// Nothing acknowledged may be lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stress_collection_under_load() {
     let report = registry_core::testkit::stress::run(
@@ -31,4 +32,5 @@ async fn stress_collection_under_load() {
     .await;
     println!("stress (memory): {report:?}");
     assert!(report.pushes > 0 && report.collections > 0);
+    assert!(report.refused_immutable + report.refused_quota > 0 && report.lost == 0);
 }

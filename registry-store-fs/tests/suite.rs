@@ -23,6 +23,8 @@ fn model_based() {
     model::run(cases, fixture);
 }
 
+/// Concurrent pushers, deleters, tag movers and a zero-window collector, every push
+/// racing refused pushes of the same bytes (issue 16); prints the operation counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stress_collection_under_load() {
     let f = fixture().await;
@@ -37,4 +39,5 @@ async fn stress_collection_under_load() {
     .await;
     println!("stress (fs): {report:?}");
     assert!(report.pushes > 0 && report.collections > 0);
+    assert!(report.refused_immutable + report.refused_quota > 0 && report.lost == 0);
 }

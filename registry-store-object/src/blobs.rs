@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures::stream::{self, BoxStream};
@@ -301,6 +302,19 @@ impl ObjectBlobStore {
         }
         writer.finish().await.map_err(os_err)?;
         Ok(written)
+    }
+
+    /// When a blob's object was last written (`None` if it does not exist): how old an
+    /// orphan is, for [`crate::BucketStore::check`].
+    pub(crate) async fn last_modified(&self, d: &Digest) -> Result<Option<SystemTime>> {
+        match self.store.head(&self.blob_path(d)).await {
+            Ok(meta) => {
+                let ms = u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0);
+                Ok(Some(UNIX_EPOCH + Duration::from_millis(ms)))
+            }
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(os_err(e)),
+        }
     }
 
     /// Copies `from` to the blob's name unless it exists: the one atomic step that makes

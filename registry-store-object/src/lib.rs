@@ -33,6 +33,12 @@
 //! - `meta/log/<version>`, `meta/checkpoint/<version>`: all metadata, as a log of
 //!   transactions (see [`LogKv`]).
 //!
+//! ## Checking
+//! [`BucketStore::check`] verifies the store like the fs store's `check`: the metadata
+//! audit (counts and indexes against the links), every blob record against its object
+//! (a record whose bytes are gone is a problem), orphan objects, and optionally every
+//! object's digest; with `repair` it fixes what it can.
+//!
 //! Metadata transactions are serialised through the log: each commit is one
 //! create-if-absent write of the next entry, so the rules of `registry_core::kv` (the
 //! same code the memory and redb stores run) hold across processes. `docs/design.md`
@@ -48,9 +54,11 @@
 #![forbid(unsafe_code)]
 
 mod blobs;
+mod check;
 mod log_kv;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use object_store::ObjectStore;
 use object_store::path::Path;
@@ -59,6 +67,7 @@ use registry_core::store::Storage;
 use registry_core::{Error, Result};
 
 pub use blobs::ObjectBlobStore;
+pub use check::{CheckOptions, CheckReport, DEFAULT_ORPHAN_GRACE};
 pub use log_kv::LogKv;
 pub use object_store;
 
@@ -94,6 +103,8 @@ impl Default for BucketOptions {
 pub struct BucketStore {
     blobs: Arc<ObjectBlobStore>,
     metadata: Arc<KvMetadata<LogKv>>,
+    /// See [`BucketStore::with_orphan_grace`].
+    orphan_grace: Duration,
 }
 
 impl BucketStore {
@@ -118,6 +129,7 @@ impl BucketStore {
         Ok(BucketStore {
             blobs: Arc::new(ObjectBlobStore::new(store, &root)),
             metadata: Arc::new(KvMetadata::new(kv)),
+            orphan_grace: DEFAULT_ORPHAN_GRACE,
         })
     }
 

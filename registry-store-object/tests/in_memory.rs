@@ -1,5 +1,5 @@
 //! The shared behaviour suite and the model test against object_store's `InMemory`
-//! (the same adapter code as against S3 and Azure; see `emulators.rs` for those).
+//! (the same adapter code as against S3 and Azure; see `s3.rs` and `azure.rs` for those).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +13,8 @@ use object_store::{
 };
 use registry_core::testkit::{Fixture, model, stress};
 use registry_store_object::BucketStore;
+
+mod common;
 
 async fn fixture() -> Fixture {
     let bucket = Arc::new(InMemory::new());
@@ -33,7 +35,9 @@ fn model_based() {
 
 /// Three adapters sharing nothing but the bucket (each its own metadata cache), under
 /// concurrent pushes of images sharing layers, deletes, tag moves and a collector per
-/// instance; see `registry_core::testkit::stress::run_shared` for what is checked.
+/// instance, every push racing refused pushes of the same bytes through the other
+/// instances (issue 16); see `registry_core::testkit::stress::run_shared` for what is
+/// checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_share_one_bucket() {
     let bucket = Arc::new(InMemory::new());
@@ -54,6 +58,15 @@ async fn three_instances_share_one_bucket() {
     println!("three instances (InMemory): {report:?}");
     assert_eq!(report.pushes, 60);
     assert!(report.collections > 0 && report.deletes > 0);
+    assert!(report.refused_immutable + report.refused_quota > 0 && report.lost == 0);
+}
+
+/// `check` reports records whose bytes were deleted straight from the bucket; see
+/// `common::check_reports_records_without_bytes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_records_without_bytes() {
+    let bucket: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    common::check_reports_records_without_bytes(bucket.clone(), bucket).await;
 }
 
 /// Counts object-store requests by kind, to report what a push and a pull cost.

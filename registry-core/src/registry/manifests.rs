@@ -75,8 +75,18 @@ impl Registry {
             tags: tags.clone(),
         };
         if self.inner.meta.manifest(repo, &digest).await?.is_some() {
-            // Pushed again (CI does this constantly): the bytes and references are
-            // there; only the tags may move.
+            // Pushed again (CI does this constantly): the references are there; only
+            // the tags may move. The bytes should be there too, unless a crash or an
+            // outside hand removed them (R1 in docs/design.md): the record pins them
+            // (no deletion lease while it exists), so storing them again is safe, and
+            // a client repairs the manifest by pushing it again, as for a blob.
+            if self.inner.blobs.stat(&digest).await?.is_none() {
+                tracing::warn!(%digest, %repo, "manifest pushed again had no bytes: restored");
+                self.inner
+                    .blobs
+                    .put_bytes(repo, &digest, bytes.clone(), self.now())
+                    .await?;
+            }
             for tag in &tags {
                 self.tag_manifest(repo, tag, &digest).await?;
             }

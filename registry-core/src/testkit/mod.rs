@@ -33,6 +33,7 @@ use crate::store::{ByteStream, MetaStats, Storage};
 use crate::time::{ManualClock, Timestamp};
 
 pub mod hooks;
+pub(crate) mod interleave;
 pub mod model;
 pub mod policy_suite;
 pub mod refusal_suite;
@@ -302,6 +303,7 @@ macro_rules! behaviour_suite {
             manifest_invalid_json,
             manifest_opaque_media_type,
             manifest_repush_is_idempotent,
+            manifest_repush_restores_missing_bytes,
             manifest_multi_tag_push,
             index_requires_children,
             delete_semantics,

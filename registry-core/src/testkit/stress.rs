@@ -2,16 +2,27 @@
 //! base layers), deleters, tag movers and a collector looping with a zero window. It
 //! checks that no accepted manifest ever references a missing blob, that every pull of
 //! a live image verifies, and that after deleting everything storage is empty.
+//!
+//! With [`StressConfig::refused_racers`] (the default), every manifest push races
+//! pushes of the *same bytes* that are refused after their bytes were stored (issue 16):
+//! into a repository lacking the image's blobs (`MANIFEST_BLOB_UNKNOWN`), under an
+//! immutable tag that points elsewhere (`ImmutableTag`), over a quota (`QuotaExceeded`),
+//! and uploads of the image's own blobs into a repository whose quota refuses every
+//! link. A refusal must never take away the bytes of the push acknowledged next to it:
+//! every acknowledged manifest not deleted since must stay readable, by digest and by
+//! tag, with every blob it references. Such a manifest found unreadable is counted as
+//! *lost*; the run fails if any is.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Mutex;
+use tokio::sync::{Barrier, Mutex};
 
 use super::*;
 use crate::manifest::media_type::OCI_MANIFEST;
+use crate::policy::TagPattern;
 
 /// How much work to do; both bounds apply.
 #[derive(Debug, Clone)]
@@ -31,7 +42,22 @@ pub struct StressConfig {
     /// storage, where a push takes seconds, a zero window starves pushers: each attempt
     /// is refused by a collection that took its fresh blob links.
     pub protection_window: Duration,
+    /// Every manifest push races refused pushes of the same bytes (see the module
+    /// docs), each through another instance when there are several.
+    pub refused_racers: bool,
+    /// Every storage call first yields to the scheduler 0 to 3 times, and one in
+    /// [`JITTER_SLEEP_ONE_IN`] sleeps 1 to 4 times the store's mean call duration (at
+    /// least 1 ms): concurrent tasks then overtake one another between any two storage
+    /// calls, not only where a store happens to wait (the in-memory store never does),
+    /// and even slow calls (an fsync, a request to an emulator) fit between two calls
+    /// of another task. Byte deletions sleep 8 times as often and up to 16 times as
+    /// long: the window between deciding to delete and deleting is where bytes get
+    /// lost.
+    pub jitter: bool,
 }
+
+/// See [`StressConfig::jitter`].
+pub const JITTER_SLEEP_ONE_IN: u64 = 16;
 
 impl Default for StressConfig {
     fn default() -> Self {
@@ -41,6 +67,8 @@ impl Default for StressConfig {
             max_duration: Duration::from_secs(60),
             collector_pause: Duration::from_millis(3),
             protection_window: Duration::ZERO,
+            refused_racers: true,
+            jitter: true,
         }
     }
 }
@@ -65,16 +93,63 @@ pub struct StressReport {
     pub blobs_collected: u64,
     /// Full invariant checks run while the load went on.
     pub checks: u64,
+    /// Manifest pushes attempted: the pushers' (retries included) and the racers'.
+    pub attempts: u64,
+    /// Manifest pushes acknowledged (answered `Ok`).
+    pub acknowledged: u64,
+    /// Manifest pushes refused, for any reason (`push_retries` and the racers'
+    /// refusals below). `attempts == acknowledged + refused`.
+    pub refused: u64,
+    /// Racers refused with `ManifestBlobUnknown` (the repository lacks a blob).
+    pub refused_blob_unknown: u64,
+    /// Racers refused with `ImmutableTag`.
+    pub refused_immutable: u64,
+    /// Racers refused with `QuotaExceeded`.
+    pub refused_quota: u64,
+    /// Racers' blob uploads refused with `QuotaExceeded` after their bytes were stored
+    /// (not counted in `attempts`: they are not manifest pushes).
+    pub refused_blob_uploads: u64,
+    /// Acknowledged manifests, not deleted since, found unreadable (the manifest or a
+    /// blob it references). Must be 0.
+    pub lost: u64,
 }
 
 #[derive(Clone)]
 struct Image {
     repo: RepoName,
+    tag: Tag,
     digest: Digest,
     blobs: Vec<Digest>,
 }
 
 const REPOS: [&str; 3] = ["stress/a", "stress/b", "stress/c"];
+
+/// Where the racers push (see [`Racer`]).
+const LACKING_REPO: &str = "stress/lacking";
+const PINNED_REPO: &str = "stress/pinned";
+const PINNED_TAG: &str = "pinned";
+const QUOTA_REPO: &str = "stress/quota";
+/// Below the size of every stress manifest (asserted), above what the racers' blobs
+/// need at once: blobs fit, manifests do not.
+const QUOTA_BYTES: u64 = 400;
+const FULL_REPO: &str = "stress/full";
+
+/// A refused push of the same bytes as an accepted one.
+#[derive(Debug, Clone, Copy)]
+enum Racer {
+    /// The manifest into a repository holding none of its blobs.
+    Lacking,
+    /// The image into a repository where its tag is immutable and points elsewhere.
+    Pinned,
+    /// The image into a repository whose quota holds the blobs but not the manifest.
+    OverQuota,
+    /// The image's own blobs into a repository whose quota refuses every link (racing
+    /// the accepted pusher's uploads of the same blobs), then the manifest (refused:
+    /// its blobs are not there).
+    Full,
+}
+
+const RACERS: [Racer; 4] = [Racer::Lacking, Racer::Pinned, Racer::OverQuota, Racer::Full];
 
 #[derive(Default)]
 struct Counters {
@@ -86,9 +161,40 @@ struct Counters {
     collections: AtomicU64,
     blobs_collected: AtomicU64,
     checks: AtomicU64,
+    attempts: AtomicU64,
+    acknowledged: AtomicU64,
+    refused: AtomicU64,
+    refused_blob_unknown: AtomicU64,
+    refused_immutable: AtomicU64,
+    refused_quota: AtomicU64,
+    refused_blob_uploads: AtomicU64,
+    /// Acknowledged manifests found unreadable: digest → what was wrong, first seen.
+    lost: std::sync::Mutex<BTreeMap<Digest, String>>,
+    /// Racer outcomes that break a policy (a push that should have been refused was
+    /// accepted, or refused for a reason that cannot apply).
+    unexpected: std::sync::Mutex<Vec<String>>,
 }
 
-/// Pulls an image and verifies the manifest and every blob against its digest.
+impl Counters {
+    fn lose(&self, image: &Image, why: String) {
+        let mut lost = self.lost.lock().expect("lost lock");
+        if !lost.contains_key(&image.digest) {
+            eprintln!(
+                "stress: LOST acknowledged manifest {} in {}: {why}",
+                image.digest, image.repo
+            );
+            lost.insert(image.digest.clone(), why);
+        }
+    }
+
+    fn unexpected(&self, what: String) {
+        eprintln!("stress: unexpected: {what}");
+        self.unexpected.lock().expect("unexpected lock").push(what);
+    }
+}
+
+/// Pulls an image and verifies the manifest (by digest, and by its tag while the tag
+/// still points at it) and every blob against its digest.
 async fn pull_and_verify(r: &Registry, image: &Image) -> Result<(), String> {
     let m = r
         .get_manifest(&image.repo, &Reference::Digest(image.digest.clone()))
@@ -96,6 +202,44 @@ async fn pull_and_verify(r: &Registry, image: &Image) -> Result<(), String> {
         .map_err(|e| format!("manifest {}: {e}", image.digest))?;
     if !image.digest.verify(&m.bytes) {
         return Err(format!("manifest {} bytes do not verify", image.digest));
+    }
+    let still_tagged = |r: &Registry| {
+        let (r, image) = (r.clone(), image.clone());
+        async move {
+            r.storage()
+                .metadata
+                .tag(&image.repo, &image.tag)
+                .await
+                .ok()
+                .flatten()
+                == Some(image.digest.clone())
+        }
+    };
+    if still_tagged(r).await {
+        match r
+            .get_manifest(&image.repo, &Reference::Tag(image.tag.clone()))
+            .await
+        {
+            Ok(m) if m.meta.digest == image.digest => {
+                if !image.digest.verify(&m.bytes) {
+                    return Err(format!(
+                        "manifest {} by tag {}: bytes do not verify",
+                        image.digest, image.tag
+                    ));
+                }
+            }
+            // The tag moved in between (only the pusher moves it, and a delete removes
+            // it): nothing to check by tag.
+            Ok(_) => {}
+            Err(e) => {
+                if still_tagged(r).await {
+                    return Err(format!(
+                        "manifest {} by tag {}: {e}",
+                        image.digest, image.tag
+                    ));
+                }
+            }
+        }
     }
     for b in &image.blobs {
         let data = read_blob(r, &image.repo, b)
@@ -108,8 +252,110 @@ async fn pull_and_verify(r: &Registry, image: &Image) -> Result<(), String> {
     Ok(())
 }
 
+/// Waits at a barrier, bounded: a party that never comes is a bug, not a hang.
+async fn meet(barrier: &Barrier, what: &str) {
+    if tokio::time::timeout(Duration::from_secs(120), barrier.wait())
+        .await
+        .is_err()
+    {
+        panic!("stress: {what}: a racer never arrived");
+    }
+}
+
+/// One refused push of the bytes an accepted pusher pushes at the same moment: uploads
+/// (when its kind needs them) after `uploads`, the manifest after `put`.
+#[allow(clippy::too_many_arguments)]
+async fn race_refused(
+    r: Registry,
+    kind: Racer,
+    blobs: Vec<Vec<u8>>,
+    manifest: Bytes,
+    uploads: Arc<Barrier>,
+    put: Arc<Barrier>,
+    counters: Arc<Counters>,
+) {
+    // The config and the pusher's own layer: the blobs whose bytes only this image has,
+    // so that this upload may be the one that stores them.
+    let own = [blobs[0].clone(), blobs[3].clone()];
+    let (repo_name, tag_name, to_upload): (&str, &str, &[Vec<u8>]) = match kind {
+        Racer::Lacking => (LACKING_REPO, "lacking", &[]),
+        Racer::Pinned => (PINNED_REPO, PINNED_TAG, &blobs),
+        Racer::OverQuota => (QUOTA_REPO, "q", &blobs),
+        Racer::Full => (FULL_REPO, "full", &own),
+    };
+    let repo = super::repo(repo_name);
+    meet(&uploads, "uploads").await;
+    let mut linked = Vec::new();
+    for data in to_upload {
+        let d = Digest::sha256(data);
+        match r
+            .put_blob(&repo, &d, Some(data.len() as u64), body(&[data]))
+            .await
+        {
+            Ok(_) => linked.push(d),
+            Err(Error::QuotaExceeded { .. }) => {
+                counters
+                    .refused_blob_uploads
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => counters.unexpected(format!("{kind:?}: blob upload into {repo}: {e}")),
+        }
+    }
+    if let Racer::Full = kind {
+        if !linked.is_empty() {
+            counters.unexpected(format!("{kind:?}: a blob upload passed a 1-byte quota"));
+        }
+    }
+    meet(&put, "manifest put").await;
+    counters.attempts.fetch_add(1, Ordering::Relaxed);
+    let result = r
+        .put_manifest(
+            &repo,
+            &Reference::Tag(super::tag(tag_name)),
+            OCI_MANIFEST,
+            manifest,
+            PutManifestOptions::default(),
+        )
+        .await;
+    match result {
+        Ok(res) => {
+            counters.acknowledged.fetch_add(1, Ordering::Relaxed);
+            counters.unexpected(format!(
+                "{kind:?}: push of {} into {repo} accepted",
+                res.digest
+            ));
+        }
+        Err(e) => {
+            counters.refused.fetch_add(1, Ordering::Relaxed);
+            let counter = match (&e, kind) {
+                // Any racer may find a blob link taken by a zero-window collection.
+                (Error::ManifestBlobUnknown { .. }, _) => &counters.refused_blob_unknown,
+                (Error::ImmutableTag { .. }, Racer::Pinned) => &counters.refused_immutable,
+                (Error::QuotaExceeded { .. }, Racer::OverQuota) => &counters.refused_quota,
+                _ => {
+                    counters.unexpected(format!("{kind:?}: push into {repo}: {e}"));
+                    return;
+                }
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    // Free the quota for the next racers: this image's own blobs (the base layers are
+    // shared, counted once, and other racers' manifests need their links).
+    if let Racer::OverQuota = kind {
+        let own: Vec<Digest> = own.iter().map(|b| Digest::sha256(b)).collect();
+        for d in linked.into_iter().filter(|d| own.contains(d)) {
+            match r.delete_blob(&repo, &d).await {
+                Ok(()) | Err(Error::BlobUnknown { .. }) => {}
+                Err(e) => counters.unexpected(format!("{kind:?}: unlinking {d}: {e}")),
+            }
+        }
+    }
+}
+
 /// Runs the stress test on `storage` (which must start empty) and returns its counts.
-/// Panics on the first invariant violation.
+/// Panics on the first invariant violation, and at the end if an acknowledged manifest
+/// was lost.
 pub async fn run(storage: Storage, config: StressConfig) -> StressReport {
     run_shared(vec![storage], config).await
 }
@@ -117,21 +363,57 @@ pub async fn run(storage: Storage, config: StressConfig) -> StressReport {
 /// The stress test over several registries sharing one store (several processes on one
 /// bucket, say): each `Storage` is one instance's view of the same stored state.
 /// Pushers spread over the instances and verify each push through the *next* instance
-/// (what one writes, another reads at once); every instance runs its own collector;
-/// deletes, tag moves and checks go through different instances. At the end every
-/// instance must see the same empty store.
+/// (what one writes, another reads at once); racers of a push go through the instances
+/// after it; every instance runs its own collector; deletes, tag moves and checks go
+/// through different instances. At the end every instance must see the same empty
+/// store.
 pub async fn run_shared(storages: Vec<Storage>, config: StressConfig) -> StressReport {
     assert!(!storages.is_empty(), "at least one storage");
+    let storages: Vec<Storage> = if config.jitter {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        let schedule = super::interleave::Schedule::jitter(seed, JITTER_SLEEP_ONE_IN);
+        storages.into_iter().map(|s| schedule.wrap(s)).collect()
+    } else {
+        storages
+    };
     let regs: Vec<Registry> = storages
+        .iter()
+        .map(|s| {
+            Registry::builder(s.clone())
+                .with_protection_window(config.protection_window)
+                .build()
+        })
+        .collect();
+    // The racers' instances: the same storage, with the policies that refuse them. The
+    // other registries have none, so the final clean-up may delete everything.
+    let pinned = TagPattern::parse(&format!("{PINNED_REPO}:{PINNED_TAG}")).expect("pattern");
+    let policy_regs: Vec<Registry> = storages
         .into_iter()
         .map(|s| {
             Registry::builder(s)
                 .with_protection_window(config.protection_window)
+                .with_immutable_tags(pinned.clone())
+                .with_quota(super::repo(QUOTA_REPO), QUOTA_BYTES)
+                .with_quota(super::repo(FULL_REPO), 1)
                 .build()
         })
         .collect();
     let n = regs.len();
     let r = regs[0].clone();
+    if config.refused_racers {
+        // The immutable tag the `Pinned` racers try to move.
+        push_image(
+            &policy_regs[0],
+            &super::repo(PINNED_REPO),
+            PINNED_TAG,
+            b"{\"pinned\":true}",
+            &[b"pinned layer"],
+        )
+        .await;
+    }
     let deadline = Instant::now() + config.max_duration;
     // Accepted images not yet deleted; deleters remove an entry before deleting it, and
     // checks hold the lock, so every entry here must be fully readable.
@@ -149,6 +431,10 @@ pub async fn run_shared(storages: Vec<Storage>, config: StressConfig) -> StressR
         let (r, live, counters) = (regs[w % n].clone(), live.clone(), counters.clone());
         let starving = starving.clone();
         let reader = regs[(w + 1) % n].clone();
+        let racer_regs: Vec<Registry> = (0..RACERS.len())
+            .map(|k| policy_regs[(w + 1 + k) % n].clone())
+            .collect();
+        let racing = config.refused_racers;
         let images = config.images_per_pusher;
         pushers.push(tokio::spawn(async move {
             for i in 0..images {
@@ -160,57 +446,116 @@ pub async fn run_shared(storages: Vec<Storage>, config: StressConfig) -> StressR
                 let own = format!("layer of pusher {w} image {i}").into_bytes();
                 let cfg = format!("{{\"pusher\":{w},\"image\":{i}}}").into_bytes();
                 let layers: Vec<&[u8]> = vec![base[0], base[1], &own];
-                let manifest = image_manifest(&cfg, &layers);
+                let manifest = Bytes::from(image_manifest(&cfg, &layers));
+                assert!(
+                    manifest.len() as u64 > QUOTA_BYTES,
+                    "the quota racer's manifest must not fit its quota"
+                );
+                // Config first, own layer last: the order `race_refused` relies on.
+                let blob_bytes: Vec<Vec<u8>> = std::iter::once(&cfg[..])
+                    .chain(layers.iter().copied())
+                    .map(<[u8]>::to_vec)
+                    .collect();
                 let tag = super::tag(&format!("w{w}-{}", i % 4));
                 let mut attempts = 0;
-                let digest = loop {
+                let accepted = loop {
                     attempts += 1;
                     assert!(attempts < 200, "push kept failing");
                     if attempts == 10 {
                         starving.fetch_add(1, Ordering::SeqCst);
                     }
-                    push_blob(&r, &repo, &cfg).await;
-                    for l in &layers {
-                        push_blob(&r, &repo, l).await;
+                    // Racers start their uploads and their manifest push together with
+                    // ours: the same bytes, stored by whoever comes first.
+                    let parties = if racing { RACERS.len() + 1 } else { 1 };
+                    let (uploads, put) = (
+                        Arc::new(Barrier::new(parties)),
+                        Arc::new(Barrier::new(parties)),
+                    );
+                    let racers: Vec<_> = if racing {
+                        RACERS
+                            .iter()
+                            .zip(&racer_regs)
+                            .map(|(kind, rr)| {
+                                tokio::spawn(race_refused(
+                                    rr.clone(),
+                                    *kind,
+                                    blob_bytes.clone(),
+                                    manifest.clone(),
+                                    uploads.clone(),
+                                    put.clone(),
+                                    counters.clone(),
+                                ))
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    meet(&uploads, "uploads").await;
+                    for data in &blob_bytes {
+                        push_blob(&r, &repo, data).await;
                     }
-                    match r
+                    meet(&put, "manifest put").await;
+                    counters.attempts.fetch_add(1, Ordering::Relaxed);
+                    let result = r
                         .put_manifest(
                             &repo,
                             &Reference::Tag(tag.clone()),
                             OCI_MANIFEST,
-                            Bytes::from(manifest.clone()),
+                            manifest.clone(),
                             PutManifestOptions::default(),
                         )
-                        .await
-                    {
+                        .await;
+                    let image = match &result {
                         Ok(res) => {
-                            if attempts >= 10 {
-                                starving.fetch_sub(1, Ordering::SeqCst);
+                            counters.acknowledged.fetch_add(1, Ordering::Relaxed);
+                            let image = Image {
+                                repo: repo.clone(),
+                                tag: tag.clone(),
+                                digest: res.digest.clone(),
+                                blobs: blob_bytes.iter().map(|b| Digest::sha256(b)).collect(),
+                            };
+                            // Right after the acknowledgement, through another instance.
+                            if let Err(e) = pull_and_verify(&reader, &image).await {
+                                counters.lose(&image, format!("right after its push: {e}"));
                             }
-                            break res.digest;
+                            Some(image)
                         }
                         // With a zero window a collection may take a blob link between
                         // the upload and the manifest: the push is refused, never
                         // accepted incomplete. Clients retry from the uploads.
                         Err(Error::ManifestBlobUnknown { .. }) => {
+                            counters.refused.fetch_add(1, Ordering::Relaxed);
                             counters.push_retries.fetch_add(1, Ordering::Relaxed);
+                            None
                         }
                         Err(e) => panic!("push failed: {e}"),
+                    };
+                    // Every refusal's clean-up is over once its racer is: whatever it
+                    // deleted is gone by now.
+                    for racer in racers {
+                        racer.await.expect("racer");
+                    }
+                    if let Some(image) = image {
+                        if attempts >= 10 {
+                            starving.fetch_sub(1, Ordering::SeqCst);
+                        }
+                        for rr in [&r, &reader] {
+                            if let Err(e) = pull_and_verify(rr, &image).await {
+                                counters.lose(&image, format!("after the racers: {e}"));
+                            }
+                        }
+                        break image;
                     }
                 };
-                let image = Image {
-                    repo,
-                    digest: digest.clone(),
-                    blobs: std::iter::once(&cfg[..])
-                        .chain(layers.iter().copied())
-                        .map(Digest::sha256)
-                        .collect(),
-                };
                 let mut guard = live.lock().await;
-                pull_and_verify(&reader, &image)
-                    .await
-                    .expect("pull right after push");
-                guard.insert(digest, image);
+                let lost = counters
+                    .lost
+                    .lock()
+                    .expect("lost lock")
+                    .contains_key(&accepted.digest);
+                if !lost {
+                    guard.insert(accepted.digest.clone(), accepted);
+                }
                 drop(guard);
                 counters.pushes.fetch_add(1, Ordering::Relaxed);
                 counters.pulls.fetch_add(1, Ordering::Relaxed);
@@ -318,7 +663,7 @@ pub async fn run_shared(storages: Vec<Storage>, config: StressConfig) -> StressR
                 let guard = live.lock().await;
                 for image in guard.values() {
                     if let Err(e) = pull_and_verify(r, image).await {
-                        panic!("a live image is broken while collections run: {e}");
+                        counters.lose(image, format!("while collections run: {e}"));
                     }
                     counters.pulls.fetch_add(1, Ordering::Relaxed);
                 }
@@ -338,8 +683,50 @@ pub async fn run_shared(storages: Vec<Storage>, config: StressConfig) -> StressR
     }
     for image in live.lock().await.values() {
         for r in &regs {
-            pull_and_verify(r, image).await.expect("final verification");
+            if let Err(e) = pull_and_verify(r, image).await {
+                counters.lose(image, format!("at the end: {e}"));
+            }
         }
+    }
+    let c = &counters;
+    let report = StressReport {
+        pushes: c.pushes.load(Ordering::Relaxed),
+        push_retries: c.push_retries.load(Ordering::Relaxed),
+        pulls: c.pulls.load(Ordering::Relaxed),
+        deletes: c.deletes.load(Ordering::Relaxed),
+        tag_moves: c.tag_moves.load(Ordering::Relaxed),
+        collections: c.collections.load(Ordering::Relaxed),
+        blobs_collected: c.blobs_collected.load(Ordering::Relaxed),
+        checks: c.checks.load(Ordering::Relaxed),
+        attempts: c.attempts.load(Ordering::Relaxed),
+        acknowledged: c.acknowledged.load(Ordering::Relaxed),
+        refused: c.refused.load(Ordering::Relaxed),
+        refused_blob_unknown: c.refused_blob_unknown.load(Ordering::Relaxed),
+        refused_immutable: c.refused_immutable.load(Ordering::Relaxed),
+        refused_quota: c.refused_quota.load(Ordering::Relaxed),
+        refused_blob_uploads: c.refused_blob_uploads.load(Ordering::Relaxed),
+        lost: c.lost.lock().expect("lost lock").len() as u64,
+    };
+    println!("stress: {report:?}");
+    let lost = c.lost.lock().expect("lost lock").clone();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged manifest(s) lost: {lost:#?}\n{report:?}",
+        lost.len()
+    );
+    let unexpected = c.unexpected.lock().expect("unexpected lock").clone();
+    assert!(
+        unexpected.is_empty(),
+        "unexpected outcomes: {unexpected:#?}"
+    );
+    assert_eq!(
+        report.attempts,
+        report.acknowledged + report.refused,
+        "every attempt is acknowledged or refused"
+    );
+    assert_eq!(report.acknowledged, report.pushes);
+    if config.refused_racers && report.pushes > 0 {
+        assert!(report.refused > report.push_retries, "racers were refused");
     }
     assert_cleans_up(&r).await;
     for other in &regs[1..] {
@@ -350,15 +737,5 @@ pub async fn run_shared(storages: Vec<Storage>, config: StressConfig) -> StressR
             "every instance sees the same (empty) store"
         );
     }
-    let c = &counters;
-    StressReport {
-        pushes: c.pushes.load(Ordering::Relaxed),
-        push_retries: c.push_retries.load(Ordering::Relaxed),
-        pulls: c.pulls.load(Ordering::Relaxed),
-        deletes: c.deletes.load(Ordering::Relaxed),
-        tag_moves: c.tag_moves.load(Ordering::Relaxed),
-        collections: c.collections.load(Ordering::Relaxed),
-        blobs_collected: c.blobs_collected.load(Ordering::Relaxed),
-        checks: c.checks.load(Ordering::Relaxed),
-    }
+    report
 }

@@ -755,6 +755,26 @@ pub async fn manifest_opaque_media_type(f: Fixture) {
     assert_cleans_up(&r).await;
 }
 
+/// A manifest whose bytes went missing (a crash inside the re-commit window, or an
+/// outside hand) reads as unknown, and pushing it again restores it.
+pub async fn manifest_repush_restores_missing_bytes(f: Fixture) {
+    let (r, _) = f.registry();
+    let repo = repo("suite/restore");
+    let (d, _) = push_image(&r, &repo, "v1", b"{}", &[b"layer"]).await;
+    assert!(r.storage().blobs.delete(&d).await.unwrap());
+    assert!(matches!(
+        r.get_manifest(&repo, &tag_ref("v1")).await,
+        Err(Error::ManifestUnknown { .. })
+    ));
+    let m = image_manifest(b"{}", &[b"layer"]);
+    put_manifest(&r, &repo, &tag_ref("v1"), OCI_MANIFEST, &m)
+        .await
+        .unwrap();
+    let got = r.get_manifest(&repo, &tag_ref("v1")).await.unwrap();
+    assert_eq!(got.bytes, m.as_bytes());
+    assert_cleans_up(&r).await;
+}
+
 /// Pushing the same manifest again changes no counts; moving a tag does.
 pub async fn manifest_repush_is_idempotent(f: Fixture) {
     let (r, _) = f.registry();
