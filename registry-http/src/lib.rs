@@ -39,6 +39,7 @@ mod auth;
 mod error;
 pub mod range;
 mod routes;
+mod server;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,6 +53,7 @@ use tokio::task::JoinHandle;
 
 pub use auth::{Auth, Resource, Scope, TokenClaims, TokenError, TokenIssuer, TokenVerifier};
 pub use error::ApiError;
+pub use server::ServerLimits;
 
 /// HTTP-level configuration. Storage limits (manifest and blob size, upload expiry)
 /// live in [`registry_core::RegistryConfig`].
@@ -69,6 +71,9 @@ pub struct HttpConfig {
     /// Authentication and authorization; `None` lets everyone do everything (the
     /// embedded default, for loopback test registries).
     pub auth: Option<Arc<Auth>>,
+    /// Connection limits of the built-in server ([`serve_on`], [`serve_local`]); a
+    /// router mounted on another server does not use them.
+    pub server: ServerLimits,
 }
 
 impl Default for HttpConfig {
@@ -79,6 +84,7 @@ impl Default for HttpConfig {
             read_only: false,
             body_idle_timeout: Duration::from_secs(30),
             auth: None,
+            server: ServerLimits::default(),
         }
     }
 }
@@ -102,6 +108,11 @@ impl HttpConfig {
     /// Sets the request body idle timeout.
     pub fn with_body_idle_timeout(mut self, timeout: Duration) -> Self {
         self.body_idle_timeout = timeout;
+        self
+    }
+    /// Sets the built-in server's connection limits.
+    pub fn with_server_limits(mut self, limits: ServerLimits) -> Self {
+        self.server = limits;
         self
     }
     /// Requires authentication and checks every request against `auth`'s policy.
@@ -179,7 +190,8 @@ pub async fn serve_local(registry: Registry, config: HttpConfig) -> std::io::Res
     serve_on(listener, registry, config).await
 }
 
-/// Serves `registry` on an already bound listener, in a task on the current runtime.
+/// Serves `registry` on an already bound listener, in a task on the current runtime,
+/// with the connection limits of [`HttpConfig::server`].
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     registry: Registry,
@@ -187,17 +199,9 @@ pub async fn serve_on(
 ) -> std::io::Result<LocalServer> {
     let addr = listener.local_addr()?;
     let (tx, rx) = oneshot::channel::<()>();
+    let limits = config.server.clone();
     let app = router(registry, config);
-    let task = tokio::spawn(async move {
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "registry server failed");
-        }
-    });
+    let task = tokio::spawn(server::run(listener, app, limits, rx));
     Ok(LocalServer {
         addr,
         url: format!("http://{addr}"),
@@ -206,7 +210,9 @@ pub async fn serve_on(
     })
 }
 
-/// The README's examples, compiled and run as doc tests so they never rot.
+/// The README's examples, compiled and run as doc tests so they never rot. They are
+/// complete programs (their own `fn main`): a forge renders the README as it is, so it
+/// must not rely on rustdoc's hidden `# ` lines.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 mod readme {}

@@ -1,0 +1,173 @@
+//! The built-in server behind [`serve_on`](crate::serve_on) and
+//! [`serve_local`](crate::serve_local): HTTP/1.1 with connection hygiene, so that idle or
+//! slow clients cannot hold the process's sockets and file descriptors.
+//!
+//! - A client must send a request's headers within [`ServerLimits::header_read_timeout`]
+//!   of opening the connection, and of the previous response on a kept-alive one: a
+//!   slowloris client and an idle keep-alive connection are both closed after it.
+//! - At most [`ServerLimits::max_connections`] connections are served. When all are
+//!   taken, the oldest connection is asked to close (it finishes the request it is
+//!   serving, if any, and is closed at once if it is between requests) before the next
+//!   one is accepted; meanwhile new clients wait in the listen backlog. So the process
+//!   never holds more sockets than the limit, and a client that opens many connections
+//!   and sends nothing only delays others until the oldest of its connections goes.
+//!
+//! Embedders who mount [`router`](crate::router) on their own server get none of this
+//! from the router: configure the equivalents there (hyper's `header_read_timeout`, a
+//! connection limit in the accept loop).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, watch};
+
+/// Limits of the built-in server behind [`serve_on`](crate::serve_on): a header-read
+/// timeout that is also the keep-alive idle timeout, and a connection cap that makes
+/// room by closing the oldest connection.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Time allowed for a request's headers, counted from the connection's opening or
+    /// from the previous response (so it is also the keep-alive idle timeout).
+    /// Default 20 s.
+    pub header_read_timeout: Duration,
+    /// Connections served at once. Default 512, well below the usual limit of 1,024
+    /// file descriptors per process, which blob reads and the metadata store share.
+    pub max_connections: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            header_read_timeout: Duration::from_secs(20),
+            max_connections: 512,
+        }
+    }
+}
+
+/// Open connections, oldest first, each with the means to ask it to close.
+#[derive(Default)]
+struct Connections {
+    open: Mutex<BTreeMap<u64, Open>>,
+}
+
+struct Open {
+    peer: SocketAddr,
+    close: Arc<Notify>,
+    asked: bool,
+}
+
+impl Connections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Open>> {
+        // Plain values: a panic elsewhere cannot leave the map inconsistent.
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the oldest connection not yet asked to close.
+    fn close_oldest(&self, limit: usize) {
+        let mut open = self.lock();
+        if let Some(oldest) = open.values_mut().find(|c| !c.asked) {
+            oldest.asked = true;
+            oldest.close.notify_one();
+            tracing::warn!(
+                peer = %oldest.peer,
+                limit,
+                "connection limit reached: closing the oldest connection"
+            );
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` fires, then stops accepting and waits
+/// for open connections to finish the requests they are serving.
+pub(crate) async fn run(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    mut shutdown: tokio::sync::oneshot::Receiver<()>,
+) {
+    let max = limits.max_connections.max(1);
+    let slots = Arc::new(Semaphore::new(max));
+    let connections = Arc::new(Connections::default());
+    let (stopping, stop) = watch::channel(false);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let mut next_id = 0u64;
+    loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                connections.close_oldest(max);
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+                    _ = &mut shutdown => break,
+                }
+            }
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, say: try again shortly rather than spin.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        // Small responses (status, HEAD) go out at once instead of waiting for more.
+        let _ = stream.set_nodelay(true);
+        let id = next_id;
+        next_id += 1;
+        let close = Arc::new(Notify::new());
+        connections.lock().insert(
+            id,
+            Open {
+                peer,
+                close: close.clone(),
+                asked: false,
+            },
+        );
+        let connection =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let (connections, mut stop) = (connections.clone(), stop.clone());
+        let header_timeout = limits.header_read_timeout;
+        tokio::spawn(async move {
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = close.notified() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+                _ = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                if e.is_timeout() {
+                    tracing::info!(
+                        %peer,
+                        timeout = ?header_timeout,
+                        "closed a connection that sent no request headers in time"
+                    );
+                } else {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            }
+            connections.lock().remove(&id);
+            drop(slot);
+        });
+    }
+    let _ = stopping.send(true);
+    // Every connection holds a slot until it has finished.
+    let _ = slots.acquire_many(max as u32).await;
+}
