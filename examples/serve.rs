@@ -5,7 +5,10 @@
 //! `--storage memory|fs|s3://BUCKET|az://CONTAINER|gs://BUCKET`, `--max-manifest-size BYTES`, `--gc-interval SECS`,
 //! `--gc-window SECS`, `--read-only`, `--no-deletes`, `--base-url URL`,
 //! `--auth-user NAME:PASSWORD` (repeatable), `--anonymous-read`. Logs go through
-//! `tracing` (`RUST_LOG=debug` for more); credentials are never logged.
+//! `tracing` (`RUST_LOG=debug` for more, or per target: `RUST_LOG=registry_http=debug,info`);
+//! credentials are never logged. On start it prints the URL, where the data is and how
+//! to stop; a failure (port in use, data directory not writable, object storage not
+//! configured) is a message saying what failed and what to try, and exit status 1.
 //!
 //! Authentication: with `--auth-user` (or `--anonymous-read`) every request needs
 //! credentials, Basic or a bearer token from `/token` (clients follow the
@@ -27,12 +30,13 @@
 //! Policies: `--immutable-tags PATTERN` (repeatable; `[REPO_PREFIX:]GLOB` with `*`, for
 //! example `v*` or `prod/app:release-*`; also honoured by `gc`), `--quota PREFIX=BYTES`
 //! (repeatable). Retention, for `gc` only: `--keep-last N:PATTERN` and
-//! `--keep-younger-than DURATION[:PATTERN]` (DURATION like `30d`, `12h`, `90m`, `45s`;
-//! PATTERN defaults to `*`), each repeatable; the removed tags are printed before the
+//! `--keep-younger-than DURATION[:PATTERN]` (DURATION like `30d`, `12h`, `90m`, `45s`,
+//! `1w`, `1d 12h`; PATTERN defaults to `*`), each repeatable; the removed tags are printed before the
 //! report.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -43,6 +47,8 @@ use registry_core::{
 use registry_http::{Auth, HttpConfig, TokenIssuer};
 use registry_store_fs::{CheckOptions, FsStore};
 use registry_store_object::{BucketOptions, BucketStore};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
 
 #[derive(Parser, Debug)]
 #[command(about = "Serve an OCI registry")]
@@ -175,19 +181,10 @@ fn parse_keep_younger(s: &str) -> Result<RetentionRule, String> {
     ))
 }
 
-/// `30d`, `12h`, `90m`, `45s`.
+/// `30d`, `12h`, `90m`, `45s`, or any other duration humantime reads (`1w`, `1h 30m`).
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?}: expected a duration like 30d, 12h, 90m or 45s");
-    let unit = s.chars().last().ok_or_else(bad)?;
-    let n: u64 = s[..s.len() - unit.len_utf8()].parse().map_err(|_| bad())?;
-    let secs = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3600,
-        'd' => 86_400,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(bad)
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?}: {e}; expected a duration like 30d, 12h, 90m or 45s"))
 }
 
 /// A registry builder with the policy flags applied.
@@ -242,41 +239,206 @@ fn auth_from_args(args: &Args) -> Option<Auth> {
     Some(auth)
 }
 
-async fn open_storage(args: &Args) -> Result<Storage, Box<dyn std::error::Error>> {
+/// The data directory as an absolute path, for messages.
+fn shown(dir: &Path) -> String {
+    std::path::absolute(dir)
+        .unwrap_or_else(|_| dir.to_owned())
+        .display()
+        .to_string()
+}
+
+/// One line saying where the data lives.
+fn storage_line(args: &Args) -> String {
+    match &args.storage {
+        StorageKind::Memory => "storage: memory (everything is gone when serve exits)".to_owned(),
+        StorageKind::Fs => format!("storage: fs, data in {}", shown(&args.data_dir)),
+        StorageKind::Object(url) => {
+            format!("storage: object store {url} (configured from the environment)")
+        }
+    }
+}
+
+/// The first I/O error in the chain of `e`, if any.
+fn io_cause<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    std::iter::successors(Some(e), |e| e.source()).find_map(|e| e.downcast_ref())
+}
+
+/// Why the fs store in `dir` could not be opened, and what to try.
+fn fs_failure(dir: &Path, e: &registry_core::Error) -> String {
+    use std::io::ErrorKind;
+    let dir = shown(dir);
+    let elsewhere = "pick a directory you can write with --data-dir DIR, or keep nothing \
+                     with --storage memory";
+    match io_cause(e).map(|io| io.kind()) {
+        Some(ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem) => format!(
+            "cannot create or write the data directory {dir}: permission denied\n  {elsewhere}"
+        ),
+        Some(ErrorKind::AlreadyExists | ErrorKind::NotADirectory) => format!(
+            "cannot use {dir} as the data directory: a file (not a directory) is in the \
+             way\n  {elsewhere}"
+        ),
+        Some(ErrorKind::StorageFull) => {
+            format!("cannot write the data directory {dir}: no space left\n  {elsewhere}")
+        }
+        _ if e.to_string().contains("already open") => format!(
+            "the data directory {dir} is in use by another process (a serve already \
+             running on it?)\n  \
+             stop that process, or pick another directory with --data-dir DIR (one \
+             process per fs data directory; several can share object storage)"
+        ),
+        _ => format!(
+            "cannot open the data directory {dir}: {}\n  {elsewhere}",
+            cause(e)
+        ),
+    }
+}
+
+/// What went wrong, without the "storage error: " every storage failure starts with.
+fn cause(e: &registry_core::Error) -> String {
+    match e {
+        registry_core::Error::Storage(inner) => inner.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// `" (neither is set)"`, `" (B is not set)"` or nothing, for two variables.
+fn unset(vars: [&str; 2]) -> String {
+    let missing: Vec<&str> = vars
+        .into_iter()
+        .filter(|v| std::env::var_os(v).is_none())
+        .collect();
+    match missing[..] {
+        [] => String::new(),
+        [one] => format!(" ({one} is not set)"),
+        _ => " (neither is set)".to_owned(),
+    }
+}
+
+/// Why the object store at `url` could not be used, and what to try.
+fn object_failure(url: &str, what: &str, e: &registry_core::Error) -> String {
+    let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+    let hint = match scheme {
+        "s3" => format!(
+            "S3 is configured from the environment: AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY{}, AWS_REGION, and for an S3-compatible server \
+             AWS_ENDPOINT (plus AWS_ALLOW_HTTP=true for http://)",
+            unset(["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
+        ),
+        "az" | "azure" if std::env::var_os("AZURE_STORAGE_USE_EMULATOR").is_none() => format!(
+            "Azure is configured from the environment: AZURE_STORAGE_ACCOUNT_NAME and \
+             AZURE_STORAGE_ACCOUNT_KEY{} (or AZURE_STORAGE_USE_EMULATOR=true for Azurite)",
+            unset(["AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY"])
+        ),
+        "az" | "azure" => "Azure is configured from the environment; with \
+                           AZURE_STORAGE_USE_EMULATOR=true, Azurite is expected at \
+                           127.0.0.1:10000 (or AZURITE_BLOB_STORAGE_URL)"
+            .to_owned(),
+        "gs" => "GCS is configured from the environment: GOOGLE_SERVICE_ACCOUNT (the path \
+                 of a service account key file) or GOOGLE_APPLICATION_CREDENTIALS"
+            .to_owned(),
+        _ => "expected s3://BUCKET[/PREFIX], az://CONTAINER[/PREFIX] or gs://BUCKET[/PREFIX]"
+            .to_owned(),
+    };
+    format!("{what} {url}: {}\n  {hint}", cause(e))
+}
+
+async fn open_storage(args: &Args) -> Result<Storage, String> {
     Ok(match &args.storage {
         StorageKind::Memory => registry_core::MemoryStore::new().into_storage(),
-        StorageKind::Fs => FsStore::open(&args.data_dir).await?.into_storage(),
+        StorageKind::Fs => FsStore::open(&args.data_dir)
+            .await
+            .map_err(|e| fs_failure(&args.data_dir, &e))?
+            .into_storage(),
         StorageKind::Object(url) => {
-            let (store, prefix) = registry_store_object::from_url(url)?;
+            let (store, prefix) = registry_store_object::from_url(url)
+                .map_err(|e| object_failure(url, "cannot configure object storage", &e))?;
             let options = BucketOptions {
                 prefix,
                 ..BucketOptions::default()
             };
-            BucketStore::open_with(store, options).await?.into_storage()
+            BucketStore::open_with(store, options)
+                .await
+                .map_err(|e| object_failure(url, "cannot open object storage", &e))?
+                .into_storage()
         }
     })
 }
 
+/// Why listening on `addr` failed, and what to try.
+fn bind_failure(addr: SocketAddr, e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    let next = SocketAddr::new(addr.ip(), addr.port().wrapping_add(1).max(1024));
+    match e.kind() {
+        ErrorKind::AddrInUse => format!(
+            "cannot listen on {addr}: address already in use\n  \
+             another registry (or another program) may be running there: stop it, or \
+             pick another port with --addr {next}"
+        ),
+        ErrorKind::PermissionDenied => format!(
+            "cannot listen on {addr}: permission denied\n  \
+             ports below 1024 need privileges: pick another port with --addr {}",
+            SocketAddr::new(addr.ip(), 5000)
+        ),
+        ErrorKind::AddrNotAvailable => format!(
+            "cannot listen on {addr}: {} is not an address of this machine\n  \
+             use --addr 127.0.0.1:{port} (this machine only) or --addr 0.0.0.0:{port} \
+             (every interface)",
+            addr.ip(),
+            port = addr.port()
+        ),
+        _ => format!("cannot listen on {addr}: {e}\n  pick another address with --addr HOST:PORT"),
+    }
+}
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+async fn main() -> ExitCode {
+    // `RUST_LOG=debug`, `RUST_LOG=registry_http=debug,info`: levels per target (no
+    // `env-filter` feature: it brings a regex engine into the build).
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) => directives.parse().unwrap_or_else(|e| {
+            eprintln!("serve: RUST_LOG={directives:?} not understood ({e}); logging at info");
+            Targets::new().with_default(tracing::Level::INFO)
+        }),
+        Err(_) => Targets::new().with_default(tracing::Level::INFO),
+    };
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer())
+        .with(filter)
         .init();
     let args = Args::parse();
+    match run(&args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("serve: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the command; `Err` is the message for the user.
+async fn run(args: &Args) -> Result<(), String> {
     match &args.command {
         Some(Command::Check {
             verify_digests,
             repair,
         }) => {
-            let store = FsStore::open(&args.data_dir).await?;
+            if !args.data_dir.is_dir() {
+                return Err(format!(
+                    "no store to check: {} is not a directory\n  \
+                     pass the store's directory with --data-dir DIR",
+                    shown(&args.data_dir)
+                ));
+            }
+            let store = FsStore::open(&args.data_dir)
+                .await
+                .map_err(|e| fs_failure(&args.data_dir, &e))?;
             let report = store
                 .check(CheckOptions {
                     verify_digests: *verify_digests,
                     repair: *repair,
                 })
-                .await?;
+                .await
+                .map_err(|e| format!("check of {} failed: {e}", shown(&args.data_dir)))?;
             for p in &report.problems {
                 println!("problem: {p}");
             }
@@ -294,7 +456,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             keep_younger_than,
         }) => {
             let registry =
-                with_policies(Registry::builder(open_storage(&args).await?), &args).build();
+                with_policies(Registry::builder(open_storage(args).await?), args).build();
             let report = registry
                 .collect_garbage(&GcOptions {
                     window: Some(Duration::from_secs(window.unwrap_or(args.gc_window))),
@@ -308,7 +470,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     dry_run: *dry_run,
                     retention: keep_last.iter().chain(keep_younger_than).cloned().collect(),
                 })
-                .await?;
+                .await
+                .map_err(|e| format!("gc failed: {e}"))?;
             for r in &report.retention {
                 println!(
                     "retention: {}{}:{} ({}){}",
@@ -332,8 +495,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         None => {}
     }
-    let storage = open_storage(&args).await?;
-    let registry = with_policies(Registry::builder(storage), &args)
+    // Listen first: a port in use is the most common failure, and says the most.
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .map_err(|e| bind_failure(args.addr, &e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
+    let storage = open_storage(args).await?;
+    let registry = with_policies(Registry::builder(storage), args)
         .with_max_manifest_size(args.max_manifest_size)
         .with_protection_window(Duration::from_secs(args.gc_window))
         .with_verify_reads(!args.no_verify_reads)
@@ -342,7 +512,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_read_only(args.read_only)
         .with_deletes(!args.no_deletes)
         .with_base_url(args.base_url.clone());
-    let config = match auth_from_args(&args) {
+    let config = match auth_from_args(args) {
         Some(auth) => {
             tracing::info!(
                 users = args.auth_users.len(),
@@ -358,24 +528,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if args.gc_interval > 0 {
         let registry = registry.clone();
         let mut stop = stop_rx.clone();
+        let interval = Duration::from_secs(args.gc_interval);
         tokio::spawn(async move {
             registry
-                .run_collector(
-                    Duration::from_secs(args.gc_interval),
-                    GcOptions::default(),
-                    async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    },
-                )
+                .run_collector(interval, GcOptions::default(), async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
                 .await;
         });
     }
 
-    let listener = tokio::net::TcpListener::bind(args.addr).await?;
-    let addr = listener.local_addr()?;
-    let server = registry_http::serve_on(listener, registry, config).await?;
-    println!("listening on http://{addr}");
-    tracing::info!(%addr, storage = ?args.storage, "registry ready");
+    let server = registry_http::serve_on(listener, registry, config)
+        .await
+        .map_err(|e| format!("cannot serve on {addr}: {e}"))?;
+    let everywhere = if addr.ip().is_unspecified() {
+        " (every interface)"
+    } else {
+        ""
+    };
+    println!("listening on http://{addr}{everywhere}");
+    println!("{}", storage_line(args));
+    println!("Ctrl-C to stop");
+    tracing::info!(%addr, "registry ready");
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
@@ -383,15 +557,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Ctrl-C, or SIGTERM on Unix.
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
         }
     }
     #[cfg(not(unix))]

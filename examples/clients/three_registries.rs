@@ -1,6 +1,6 @@
 //! Three registries in one process, each with its own policy, and a promotion between
-//! them: `cargo run --example three_registries` (add `-- --serve` to keep them running
-//! for your own clients).
+//! them: `cargo run -p registry-examples-clients --example three_registries` (add
+//! `-- --serve` to keep them running for your own clients).
 //!
 //! - **sandbox**: anyone may push, pull and delete; scratch space.
 //! - **ci**: only the `ci` user pushes; everyone pulls.
