@@ -7,16 +7,22 @@
 #
 # Environment:
 #   REGISTRY_CMD      ours (default) | distribution
+#   SERVE             our serve binary; unset: built here first (cargo build --release
+#                     --example serve, with cargo's progress)
 #   REGISTRY_STORAGE  storage of our serve example: fs (default) | memory
 #   E2E_ONLY          space-separated scenario names to run (skopeo oras buildah podman raw auth
 #                     reads);
 #                     all by default
 #   E2E_KEEP=1        keep the temp dir (logs, layouts) for inspection
+#   E2E_COUNTS        a file to write `PASSED FAILED` into at the end (scripts/test.sh
+#                     reads it); not written when the registry could not be started
 #
 # Each check prints `ok - NAME` or `not ok - NAME` followed by the failing command's
 # output; the last line is `N passed, M failed`, and the exit status is non-zero if any
-# check failed. Distribution has no referrers API (and no tag pagination), so those
-# checks fail against it; that is expected.
+# check failed (2 if the registry under test could not be started). A summary per
+# scenario and the names of the failed checks come before the last line. Distribution
+# has no referrers API (and no tag pagination), so those checks fail against it; that
+# is expected.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -25,8 +31,8 @@ REGISTRY_CMD=${REGISTRY_CMD:-ours}
 REGISTRY_STORAGE=${REGISTRY_STORAGE:-fs}
 E2E_ONLY=${E2E_ONLY:-skopeo oras buildah podman raw auth reads}
 
-scripts/install-test-deps.sh || { echo "installing test dependencies failed" >&2; exit 2; }
-PYTHON=$ROOT/target/test-deps/venv/bin/python
+scripts/install-test-deps.sh apt python || { echo "installing test dependencies failed" >&2; exit 2; }
+PYTHON=$ROOT/.test-deps/venv/bin/python
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/e2e-clients.XXXXXX")
 PIDS=()
@@ -66,10 +72,14 @@ LOG=$WORK/registry.log
 
 case "$REGISTRY_CMD" in
 ours)
-    echo "building the serve example (release)"
-    cargo build --release --example serve --quiet || { echo "build failed" >&2; exit 2; }
+    if [ -z "${SERVE:-}" ]; then
+        echo "building the serve example (release): cargo build --release --example serve"
+        cargo build --release --locked -p registry-examples --example serve || { echo "build failed" >&2; exit 2; }
+        SERVE=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/serve
+    fi
+    [ -x "$SERVE" ] || { echo "no serve binary at $SERVE" >&2; exit 2; }
     mkdir -p "$WORK/data"
-    "${CARGO_TARGET_DIR:-target}/release/examples/serve" --addr "$HOST" --storage "$REGISTRY_STORAGE" \
+    "$SERVE" --addr "$HOST" --storage "$REGISTRY_STORAGE" \
         --data-dir "$WORK/data" >"$LOG" 2>&1 &
     PIDS+=($!)
     ;;
@@ -855,7 +865,7 @@ start_auth_serve() {
     shift
     port=$(free_port)
     AHOST=127.0.0.1:$port
-    "${CARGO_TARGET_DIR:-target}/release/examples/serve" --addr "$AHOST" --storage memory "$@" \
+    "$SERVE" --addr "$AHOST" --storage memory "$@" \
         >"$AU/$name.log" 2>&1 &
     echo $! >>"$EXTRA_PIDS"
     for ((i = 0; i < 100; i++)); do
@@ -987,7 +997,7 @@ serve_altered_blob() {
     mkdir -p "$VR/$name"
     port=$(free_port)
     VHOST=127.0.0.1:$port
-    "${CARGO_TARGET_DIR:-target}/release/examples/serve" --addr "$VHOST" --storage fs \
+    "$SERVE" --addr "$VHOST" --storage fs \
         --data-dir "$VR/$name/data" "$@" >"$VR/$name.log" 2>&1 &
     echo $! >>"$EXTRA_PIDS"
     for ((i = 0; i < 100; i++)); do
@@ -1034,13 +1044,24 @@ scenario_reads() {
 # ================================================================ run
 for s in $E2E_ONLY; do
     case "$s" in
-    skopeo | oras | buildah | podman | raw | auth | reads) "scenario_$s" ;;
+    skopeo | oras | buildah | podman | raw | auth | reads) ;;
     *) echo "unknown scenario '$s' (skopeo oras buildah podman raw auth reads)" >&2; exit 2 ;;
     esac
 done
+SCENARIO_LINES=()
+for s in $E2E_ONLY; do
+    p0=$PASSED f0=$FAILED t0=$SECONDS
+    echo "# scenario $s"
+    "scenario_$s"
+    SCENARIO_LINES+=("$(printf '%-8s %3d passed, %d failed (%d s)' "$s" $((PASSED - p0)) $((FAILED - f0)) $((SECONDS - t0)))")
+done
 
-if ! kill -0 "${PIDS[0]}" 2>/dev/null; then
+if kill -0 "${PIDS[0]}" 2>/dev/null; then
+    PASSED=$((PASSED + 1))
+    echo "ok - the registry is still running after the suite"
+else
     FAILED=$((FAILED + 1))
+    FAILED_NAMES+=("the registry is still running after the suite")
     echo "not ok - the registry is still running after the suite"
     sed 's/^/    # /' "$LOG" | tail -n 40
 fi
@@ -1048,5 +1069,12 @@ if ((FAILED)) && [ -s "$LOG" ]; then
     echo "# registry log (last 20 lines):"
     tail -n 20 "$LOG" | sed 's/^/#   /'
 fi
+echo "# per scenario:"
+printf '#   %s\n' "${SCENARIO_LINES[@]}"
+if ((${#FAILED_NAMES[@]})); then
+    echo "# failed checks:"
+    printf '#   not ok - %s\n' "${FAILED_NAMES[@]}"
+fi
+[ -z "${E2E_COUNTS:-}" ] || echo "$PASSED $FAILED" >"$E2E_COUNTS"
 echo "$PASSED passed, $FAILED failed"
 ((FAILED == 0))

@@ -5,6 +5,10 @@
 #   scripts/e2e-object.sh            # both backends
 #   E2E_BACKENDS=s3 scripts/e2e-object.sh
 #
+#   SERVE        the serve binary; unset: built here first (cargo build --release
+#                --example serve, with cargo's progress)
+#   E2E_COUNTS   a file to write `PASSED FAILED` into at the end (scripts/test.sh reads it)
+#
 # Per backend: skopeo pushes an image (umoci-built, three layers) through process A and
 # copies it back through process B, comparing every blob; tags pushed through B are
 # listed through A; a chunked upload is started on A, continued on B and finished on A;
@@ -14,8 +18,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 E2E_BACKENDS=${E2E_BACKENDS:-s3 az}
 
-scripts/install-test-deps.sh >/dev/null || { echo "installing test dependencies failed" >&2; exit 2; }
-DEPS=$ROOT/target/test-deps
+scripts/install-test-deps.sh apt python azurite || { echo "installing test dependencies failed" >&2; exit 2; }
+DEPS=$ROOT/.test-deps
 PYTHON=$DEPS/venv/bin/python
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/e2e-object.XXXXXX")
@@ -47,9 +51,12 @@ wait_port() { # wait_port PORT NAME LOG
     exit 2
 }
 
-echo "building the serve example (release)"
-cargo build --release --example serve --quiet || { echo "build failed" >&2; exit 2; }
-SERVE=${CARGO_TARGET_DIR:-target}/release/examples/serve
+if [ -z "${SERVE:-}" ]; then
+    echo "building the serve example (release): cargo build --release --example serve"
+    cargo build --release --locked -p registry-examples --example serve || { echo "build failed" >&2; exit 2; }
+    SERVE=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/serve
+fi
+[ -x "$SERVE" ] || { echo "no serve binary at $SERVE" >&2; exit 2; }
 
 # ---------------------------------------------------------------- emulators
 MOTO_PORT=$(free_port)
@@ -204,5 +211,6 @@ for backend in $E2E_BACKENDS; do
     check "$backend: a delete through A is seen by B" delete_a_seen_by_b
 done
 
+[ -z "${E2E_COUNTS:-}" ] || echo "$PASSED $FAILED" >"$E2E_COUNTS"
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]

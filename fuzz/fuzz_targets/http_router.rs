@@ -48,7 +48,7 @@ const TRACES: [&str; 5] = [
 const TAGS: [&str; 3] = ["latest", "v1", "v1.0-rc_1"];
 const BLOBS: [&[u8]; 4] = [b"", b"{}", b"hello layer", b"another layer, a bit longer"];
 
-/// Error codes of the distribution spec (SPEC.md, "Errors").
+/// Error codes of the OCI distribution spec v1.1 (its "Error Codes" section).
 const CODES: [&str; 14] = [
     "BLOB_UNKNOWN",
     "BLOB_UPLOAD_INVALID",

@@ -2,9 +2,10 @@
 //! names, tags, references, upload ids and manifest inspection.
 //!
 //! Each parser is checked three ways: it never panics on arbitrary text; what it accepts
-//! agrees with an independent reading of the grammar in SPEC.md (a differential
-//! oracle, written differently from the parser on purpose); and what it accepts prints
-//! back exactly as it came in (the registry stores and serves these strings verbatim).
+//! agrees with an independent reading of the grammars of the OCI distribution and image
+//! specs (a differential oracle, written differently from the parser on purpose); and
+//! what it accepts prints back exactly as it came in (the registry stores and serves
+//! these strings verbatim).
 
 use proptest::prelude::*;
 use registry_core::{
@@ -22,7 +23,8 @@ fn digestish() -> impl Strategy<Value = String> {
     ]
 }
 
-/// The digest grammar of SPEC.md, as an oracle.
+/// The digest grammar this registry accepts (`sha256:` and 64, or `sha512:` and 128,
+/// lowercase hex digits), as an oracle.
 fn digest_oracle(s: &str) -> bool {
     let Some((alg, hex)) = s.split_once(':') else {
         return false;

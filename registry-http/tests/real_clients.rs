@@ -243,8 +243,8 @@ async fn skopeo_push_inspect_list_pull_copy_delete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oras_push_pull_and_referrers() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let python = root.join("target/test-deps/venv/bin/python");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join(".test-deps/venv/bin/python");
     assert!(
         python.exists(),
         "the oras venv is missing: run scripts/install-test-deps.sh"
@@ -434,8 +434,8 @@ async fn skopeo_authenticates_with_credentials_and_is_refused_without() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oras_authenticates_with_basic_credentials() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let python = root.join("target/test-deps/venv/bin/python");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join(".test-deps/venv/bin/python");
     assert!(
         python.exists(),
         "the oras venv is missing: run scripts/install-test-deps.sh"

@@ -1,4 +1,6 @@
-//! Every row of SPEC.md, in process (no socket), through `tower::ServiceExt::oneshot`.
+//! Every endpoint of the OCI distribution spec v1.1 (the tests are numbered after the
+//! spec's endpoint table: `end-1`, `end-2`, ...), in process (no socket), through
+//! `tower::ServiceExt::oneshot`.
 
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
 //! Real object-storage emulators for the tests: moto (S3) and Azurite (Azure Blob),
-//! installed by `scripts/install-test-deps.sh` under `target/test-deps/`, started once
+//! installed by `scripts/install-test-deps.sh` under `.test-deps/`, started once
 //! per test binary on free loopback ports, with a fresh bucket or container per test.
 //!
 //! Each emulator runs under a small shell guard that kills it (SIGKILL, by PID) when
@@ -26,10 +26,11 @@ pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
 pub const AZURITE_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
-/// Where `scripts/install-test-deps.sh` installs: the repository's own `target/`,
-/// whatever `CARGO_TARGET_DIR` says (the script and every test agree on one place).
+/// Where `scripts/install-test-deps.sh` installs: `.test-deps/` at the repository root,
+/// outside `target/` so that `cargo clean` keeps it (the script and every test agree on
+/// one place).
 fn test_deps() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-deps")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.test-deps")
 }
 
 fn free_port() -> u16 {
@@ -303,6 +304,10 @@ macro_rules! emulator_tests {
                     // A push to an emulator takes seconds; see
                     // `StressConfig::protection_window`.
                     protection_window: std::time::Duration::from_secs(30),
+                    // Nine images with their racers take about 30 s alone on moto; the
+                    // count bounds the run, this only keeps a loaded machine (tests in
+                    // parallel) from cutting it short of the nine asserted below.
+                    max_duration: std::time::Duration::from_secs(180),
                     ..Default::default()
                 },
             )
@@ -310,6 +315,157 @@ macro_rules! emulator_tests {
             println!("three instances ({}): {report:?}", $name);
             assert_eq!(report.pushes, 9);
             assert!(report.collections > 0);
+            // Every push raced refused pushes of its bytes (issue 16).
+            assert!(report.refused_immutable + report.refused_quota > 0 && report.lost == 0);
+        }
+
+        /// `check` reports records whose bytes were deleted straight from the bucket;
+        /// see `common::check_reports_records_without_bytes`.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn check_reports_records_without_bytes() {
+            let bucket = common::unique_name();
+            $create(&bucket);
+            common::check_reports_records_without_bytes($client(&bucket), $client(&bucket)).await;
         }
     };
+}
+
+/// `BucketStore::check` against a store whose bytes were deleted behind the registry's
+/// back (issue 16 left exactly this: a manifest record whose bytes a refused push
+/// deleted). `bucket` and `other` are two clients of one empty bucket (two processes).
+///
+/// A manifest's object and a layer's object are deleted straight from the bucket: the
+/// manifest still answers HEAD but not GET, and `check`, through this process and
+/// through a second one, reports both records `without bytes` (and nothing else). A
+/// repair cannot drop records a manifest holds and says so. Pushing the layer again
+/// restores its bytes; the manifest is deleted and pushed again; then the store checks
+/// clean. An object without a record is an orphan, not a problem, and a repair with no
+/// grace time reclaims it.
+pub async fn check_reports_records_without_bytes(
+    bucket: Arc<dyn ObjectStore>,
+    other: Arc<dyn ObjectStore>,
+) {
+    use object_store::ObjectStoreExt;
+    use object_store::path::Path;
+    use registry_core::testkit::{
+        assert_cleans_up, image_manifest, push_blob, push_image, repo, tag,
+    };
+    use registry_core::{Digest, Error, PutManifestOptions, Reference, Registry};
+    use registry_store_object::{BucketStore, CheckOptions};
+
+    let object = |d: &Digest| Path::from(format!("blobs/{}/{}", d.algorithm().name(), d.hex()));
+    let store = BucketStore::open(bucket.clone()).await.expect("open");
+    let r = Registry::builder(store.clone()).build();
+    let app = repo("check/app");
+    let (config, layer) = (&b"{\"check\":1}"[..], &b"check layer"[..]);
+    let (manifest, _) = push_image(&r, &app, "v1", config, &[layer]).await;
+    let layer_digest = Digest::sha256(layer);
+
+    let clean = store.check(CheckOptions::default()).await.expect("check");
+    assert!(clean.problems.is_empty(), "{:?}", clean.problems);
+    assert_eq!(
+        (
+            clean.blobs,
+            clean.manifests,
+            clean.repositories,
+            clean.orphans
+        ),
+        (3, 1, 1, 0)
+    );
+
+    for d in [&manifest, &layer_digest] {
+        bucket.delete(&object(d)).await.expect("delete the object");
+    }
+    // The symptom: listed and HEAD 200, GET 404.
+    let by_tag = Reference::Tag(tag("v1"));
+    assert_eq!(
+        r.stat_manifest(&app, &by_tag).await.expect("HEAD").digest,
+        manifest
+    );
+    assert!(matches!(
+        r.get_manifest(&app, &by_tag).await,
+        Err(Error::ManifestUnknown { .. })
+    ));
+
+    let expected = [
+        format!("blob {manifest}: record (1 links) without bytes"),
+        format!("blob {layer_digest}: record (1 links) without bytes"),
+    ];
+    let second = BucketStore::open(other)
+        .await
+        .expect("open a second instance");
+    for s in [&store, &second] {
+        let report = s.check(CheckOptions::default()).await.expect("check");
+        let mut problems = report.problems.clone();
+        problems.sort();
+        let mut want = expected.to_vec();
+        want.sort();
+        assert_eq!(problems, want, "{report}");
+        assert!(report.to_string().ends_with("2 problems"), "{report}");
+    }
+    // The manifest holds both records: a repair reports them and keeps them.
+    let repair = CheckOptions {
+        repair: true,
+        ..CheckOptions::default()
+    };
+    let report = store.check(repair).await.expect("repairing check");
+    assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+    assert!(
+        report.problems.iter().all(|p| p.contains("not repaired")),
+        "{:?}",
+        report.problems
+    );
+
+    // Pushing the layer again restores its bytes; the manifest is deleted and pushed
+    // again (a re-push of a manifest the repository holds only moves tags).
+    push_blob(&r, &app, layer).await;
+    r.delete_manifest(&app, &Reference::Digest(manifest.clone()))
+        .await
+        .expect("delete the broken manifest");
+    r.put_manifest(
+        &app,
+        &by_tag,
+        registry_core::media_type::OCI_MANIFEST,
+        bytes::Bytes::from(image_manifest(config, &[layer])),
+        PutManifestOptions::default(),
+    )
+    .await
+    .expect("push again");
+    r.get_manifest(&app, &by_tag)
+        .await
+        .expect("GET after the push");
+    let report = second
+        .check(CheckOptions {
+            verify_digests: true,
+            ..CheckOptions::default()
+        })
+        .await
+        .expect("check");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+
+    // Bytes no record claims: an orphan, harmless; reclaimed by a repair without grace.
+    let stray = b"bytes nobody recorded";
+    let stray_digest = Digest::sha256(stray);
+    bucket
+        .put(
+            &object(&stray_digest),
+            bytes::Bytes::from_static(stray).into(),
+        )
+        .await
+        .expect("put a stray object");
+    let report = store.check(CheckOptions::default()).await.expect("check");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.orphans, 1);
+    let report = store
+        .clone()
+        .with_orphan_grace(Duration::ZERO)
+        .check(repair)
+        .await
+        .expect("repairing check");
+    assert_eq!((report.orphans, report.repaired), (1, 1), "{report:?}");
+    assert!(matches!(
+        bucket.head(&object(&stray_digest)).await,
+        Err(object_store::Error::NotFound { .. })
+    ));
+    assert_cleans_up(&r).await;
 }
