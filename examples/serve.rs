@@ -21,9 +21,10 @@
 //! `AWS_REGION` for S3 and `AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`,
 //! `AZURE_STORAGE_USE_EMULATOR` for Azure. Several serve processes can share one bucket.
 //!
-//! Maintenance of a stopped fs store:
-//! - `serve check --data-dir DIR [--verify-digests] [--repair]` prints, as its last line,
-//!   `check: N blobs, M manifests, R repositories, P problems`;
+//! Maintenance:
+//! - `serve check [--data-dir DIR | --storage URL] [--verify-digests] [--repair]` (an fs
+//!   store while stopped; a bucket at any time, `--repair` when quiet) prints, as its
+//!   last line, `check: N blobs, M manifests, R repositories, P problems`;
 //! - `serve gc [--data-dir DIR | --storage URL] [--window SECS] [--dry-run] [--untagged]` collects and
 //!   prints its report as the last line, starting with `gc:`.
 //!
@@ -44,9 +45,9 @@ use registry_core::access::{Action, Grantee, PrefixRules};
 use registry_core::{
     GcOptions, Registry, RepoName, RetentionRule, Storage, TagPattern, UntaggedPolicy,
 };
-use registry_http::{Auth, HttpConfig, TokenIssuer};
+use registry_http::{Auth, HttpConfig, ServerLimits, TokenIssuer};
 use registry_store_fs::{CheckOptions, FsStore};
-use registry_store_object::{BucketOptions, BucketStore};
+use registry_store_object::{BucketOptions, BucketStore, CheckOptions as BucketCheckOptions};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
@@ -101,13 +102,22 @@ struct Args {
     /// With authentication on, let anonymous clients pull and list everything.
     #[arg(long)]
     anonymous_read: bool,
+    /// Most connections served at once; when all are taken, the oldest connection is
+    /// closed (after the request it is serving) to make room.
+    #[arg(long, default_value_t = ServerLimits::default().max_connections)]
+    max_connections: usize,
+    /// Time a client has to send a request's headers, after connecting or after the
+    /// previous response (so also how long an idle kept-alive connection stays open).
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    header_read_timeout: Duration,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Verify a stopped fs store (counts, records against files, digests).
+    /// Verify a store: an fs store while stopped (`--data-dir`), or a bucket
+    /// (`--storage s3://...`): counts, records against bytes, digests.
     Check {
         /// Re-hash every blob file.
         #[arg(long)]
@@ -364,6 +374,34 @@ async fn open_storage(args: &Args) -> Result<Storage, String> {
     })
 }
 
+/// `serve check --storage s3://...`: the bucket store's check, printed like the fs one.
+async fn check_bucket(url: &str, verify_digests: bool, repair: bool) -> Result<(), String> {
+    let (store, prefix) = registry_store_object::from_url(url)
+        .map_err(|e| object_failure(url, "cannot configure object storage", &e))?;
+    let options = BucketOptions {
+        prefix,
+        ..BucketOptions::default()
+    };
+    let store = BucketStore::open_with(store, options)
+        .await
+        .map_err(|e| object_failure(url, "cannot open object storage", &e))?;
+    let report = store
+        .check(BucketCheckOptions {
+            verify_digests,
+            repair,
+        })
+        .await
+        .map_err(|e| format!("check of {url} failed: {e}"))?;
+    for p in &report.problems {
+        println!("problem: {p}");
+    }
+    if report.orphans > 0 {
+        println!("orphan objects (harmless): {}", report.orphans);
+    }
+    println!("check: {report}");
+    Ok(())
+}
+
 /// Why listening on `addr` failed, and what to try.
 fn bind_failure(addr: SocketAddr, e: &std::io::Error) -> String {
     use std::io::ErrorKind;
@@ -422,6 +460,9 @@ async fn run(args: &Args) -> Result<(), String> {
             verify_digests,
             repair,
         }) => {
+            if let StorageKind::Object(url) = &args.storage {
+                return check_bucket(url, *verify_digests, *repair).await;
+            }
             if !args.data_dir.is_dir() {
                 return Err(format!(
                     "no store to check: {} is not a directory\n  \
@@ -509,6 +550,10 @@ async fn run(args: &Args) -> Result<(), String> {
         .with_verify_reads(!args.no_verify_reads)
         .build();
     let config = HttpConfig::default()
+        .with_server_limits(ServerLimits {
+            header_read_timeout: args.header_read_timeout,
+            max_connections: args.max_connections,
+        })
         .with_read_only(args.read_only)
         .with_deletes(!args.no_deletes)
         .with_base_url(args.base_url.clone());

@@ -29,7 +29,7 @@ cd "$ROOT"
 
 REGISTRY_CMD=${REGISTRY_CMD:-ours}
 REGISTRY_STORAGE=${REGISTRY_STORAGE:-fs}
-E2E_ONLY=${E2E_ONLY:-skopeo oras buildah podman raw auth reads}
+E2E_ONLY=${E2E_ONLY:-skopeo oras buildah podman raw auth reads connections}
 
 scripts/install-test-deps.sh apt python || { echo "installing test dependencies failed" >&2; exit 2; }
 PYTHON=$ROOT/.test-deps/venv/bin/python
@@ -1041,11 +1041,40 @@ scenario_reads() {
     check "reads: --no-verify-reads serves an altered blob file as it is" reads_not_verified_with_flag
 }
 
+# ---------------------------------------------------------------- connections
+# A serve process limited to 128 file descriptors, flooded with 150 idle sockets and
+# 20 half-sent requests: a new client is still answered (the oldest connections are
+# closed to make room) and the half-sent requests are cut off by the header timeout.
+conn_flood() {
+    local port pid
+    port=$(free_port)
+    (ulimit -n 128 && exec "$SERVE" --addr "127.0.0.1:$port" --storage memory \
+        --max-connections 64 --header-read-timeout 1s) >"$WORK/conn.log" 2>&1 &
+    pid=$!
+    echo "$pid" >>"$EXTRA_PIDS"
+    for ((i = 0; i < 100; i++)); do
+        [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$port/v2/")" = 200 ] && break
+        sleep 0.1
+    done
+    timeout 60 python3 "$ROOT/scripts/e2e/idle_flood.py" "127.0.0.1:$port" 150 20 10 ||
+        fail "flooded serve: $(tail -5 "$WORK/conn.log")"
+    kill -0 "$pid" || fail "serve died under the flood"
+    grep -q "connection limit reached" "$WORK/conn.log" || fail "no eviction was logged"
+}
+
+scenario_connections() {
+    if [ "$REGISTRY_CMD" != ours ]; then
+        echo "# connections: skipped for $REGISTRY_CMD (the limits are our serve example's)"
+        return
+    fi
+    check "connections: 150 idle and 20 slowloris sockets do not lock out a new client (128 fds)" conn_flood
+}
+
 # ================================================================ run
 for s in $E2E_ONLY; do
     case "$s" in
-    skopeo | oras | buildah | podman | raw | auth | reads) ;;
-    *) echo "unknown scenario '$s' (skopeo oras buildah podman raw auth reads)" >&2; exit 2 ;;
+    skopeo | oras | buildah | podman | raw | auth | reads | connections) ;;
+    *) echo "unknown scenario '$s' (skopeo oras buildah podman raw auth reads connections)" >&2; exit 2 ;;
     esac
 done
 SCENARIO_LINES=()

@@ -189,6 +189,15 @@ delete_a_seen_by_b() {
     [ "$code" = 404 ] || fail "B still serves a manifest deleted through A ($code)"
 }
 
+bucket_check_is_clean() { # serve check on the bucket while both processes run
+    "$SERVE" check --storage "$STORAGE" --verify-digests >"$WORK/check.txt" 2>&1 ||
+        fail "serve check failed: $(tail -3 "$WORK/check.txt")"
+    grep -q '^check: .*, 0 problems$' "$WORK/check.txt" ||
+        fail "serve check found problems: $(cat "$WORK/check.txt")"
+    grep -q '^check: [1-9][0-9]* blobs' "$WORK/check.txt" ||
+        fail "serve check saw no blobs: $(tail -1 "$WORK/check.txt")"
+}
+
 for backend in $E2E_BACKENDS; do
     case "$backend" in
     s3)
@@ -209,6 +218,7 @@ for backend in $E2E_BACKENDS; do
     check "$backend: a tag pushed through B is listed through A" tags_b_seen_by_a
     check "$backend: a chunked upload moves between processes" chunked_across_processes
     check "$backend: a delete through A is seen by B" delete_a_seen_by_b
+    check "$backend: serve check reports the shared bucket clean" bucket_check_is_clean
 done
 
 [ -z "${E2E_COUNTS:-}" ] || echo "$PASSED $FAILED" >"$E2E_COUNTS"
