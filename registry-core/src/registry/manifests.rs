@@ -96,6 +96,7 @@ impl Registry {
                 tags,
             });
         }
+        self.check_descriptor_sizes(repo, &info).await?;
         // The bytes are all here: stored in one call, no upload session (on the fs
         // store that is two fsyncs instead of six).
         let len = bytes.len() as u64;
@@ -123,6 +124,40 @@ impl Registry {
             subject,
             tags,
         })
+    }
+
+    /// Refuses a manifest whose descriptors give a size other than that of the blob or
+    /// child manifest the repository holds under that digest: a client trusting the
+    /// descriptor would read a truncated or overlong body. Sizes of content-addressed
+    /// bytes never change, so this check outside the atomic change cannot go stale;
+    /// presence is checked again inside it (a missing reference stays
+    /// `ManifestBlobUnknown`, decided there).
+    async fn check_descriptor_sizes(&self, repo: &RepoName, info: &ManifestInfo) -> Result<()> {
+        let meta = &self.inner.meta;
+        let mismatch = |what: &str, d: &Descriptor, actual: u64| Error::ManifestInvalid {
+            reason: format!(
+                "{what} {} is {actual} bytes, but its descriptor says {}",
+                d.digest, d.size
+            ),
+        };
+        for d in info.config.iter().chain(&info.layers) {
+            if d.is_external() {
+                continue;
+            }
+            if let Some(link) = meta.blob_link(repo, &d.digest).await? {
+                if link.size != d.size {
+                    return Err(mismatch("blob", d, link.size));
+                }
+            }
+        }
+        for d in &info.manifests {
+            if let Some(child) = meta.manifest(repo, &d.digest).await? {
+                if child.size != d.size {
+                    return Err(mismatch("manifest", d, child.size));
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn resolve(&self, repo: &RepoName, reference: &Reference) -> Result<ManifestRecord> {

@@ -304,6 +304,7 @@ macro_rules! behaviour_suite {
             manifest_opaque_media_type,
             manifest_repush_is_idempotent,
             manifest_repush_restores_missing_bytes,
+            manifest_descriptor_size_must_match,
             manifest_multi_tag_push,
             index_requires_children,
             delete_semantics,

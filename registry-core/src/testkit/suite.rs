@@ -755,6 +755,45 @@ pub async fn manifest_opaque_media_type(f: Fixture) {
     assert_cleans_up(&r).await;
 }
 
+/// A descriptor whose size differs from the blob's or child's real size is refused
+/// (MANIFEST_INVALID), and the refusal changes nothing.
+pub async fn manifest_descriptor_size_must_match(f: Fixture) {
+    let (r, _) = f.registry();
+    let repo = repo("suite/sizes");
+    push_blob(&r, &repo, b"{}").await;
+    push_blob(&r, &repo, b"layer").await;
+    let right = image_manifest(b"{}", &[b"layer"]);
+    let layer = Digest::sha256(b"layer");
+    let wrong = right.replace(
+        &format!(r#""digest":"{layer}","size":5"#),
+        &format!(r#""digest":"{layer}","size":4"#),
+    );
+    assert_ne!(wrong, right);
+    let e = put_manifest(&r, &repo, &tag_ref("v1"), OCI_MANIFEST, &wrong)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::ManifestInvalid { .. }), "{e:?}");
+    let child = put_manifest(&r, &repo, &tag_ref("v1"), OCI_MANIFEST, &right)
+        .await
+        .unwrap();
+    let size = right.len() as u64;
+    let bad_index = index_manifest(&[(&child.digest, size + 1)]);
+    let e = put_manifest(&r, &repo, &tag_ref("idx"), OCI_INDEX, &bad_index)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::ManifestInvalid { .. }), "{e:?}");
+    put_manifest(
+        &r,
+        &repo,
+        &tag_ref("idx"),
+        OCI_INDEX,
+        &index_manifest(&[(&child.digest, size)]),
+    )
+    .await
+    .unwrap();
+    assert_cleans_up(&r).await;
+}
+
 /// A manifest whose bytes went missing (a crash inside the re-commit window, or an
 /// outside hand) reads as unknown, and pushing it again restores it.
 pub async fn manifest_repush_restores_missing_bytes(f: Fixture) {
