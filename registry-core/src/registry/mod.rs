@@ -29,6 +29,9 @@ pub const DEFAULT_MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 pub const DEFAULT_PROTECTION_WINDOW: Duration = Duration::from_secs(10 * 60);
 /// Default idle time after which an upload session expires.
 pub const DEFAULT_UPLOAD_EXPIRY: Duration = Duration::from_secs(60 * 60);
+/// Default idle time after which an empty upload session may be reclaimed under
+/// pressure (see [`RegistryConfig::empty_upload_expiry`]).
+pub const DEFAULT_EMPTY_UPLOAD_EXPIRY: Duration = Duration::from_secs(5 * 60);
 /// Default (and maximum) page size for tag, catalog and referrer listings.
 pub const DEFAULT_MAX_PAGE_SIZE: usize = 10_000;
 
@@ -55,6 +58,10 @@ pub struct RegistryConfig {
     pub protection_window: Duration,
     /// Idle time after which an upload session is forgotten.
     pub upload_expiry: Duration,
+    /// Idle time after which a session that received no bytes at all may be reclaimed
+    /// when the session limits are reached: one client opening sessions and never
+    /// using them locks others out for minutes, not for the whole `upload_expiry`.
+    pub empty_upload_expiry: Duration,
     /// Largest page returned by listings (also the page size when none is asked for).
     pub max_page_size: usize,
     /// Hash full blob reads while streaming and fail the stream if the bytes do not
@@ -80,6 +87,7 @@ impl Default for RegistryConfig {
             max_blob_size: u64::MAX,
             protection_window: DEFAULT_PROTECTION_WINDOW,
             upload_expiry: DEFAULT_UPLOAD_EXPIRY,
+            empty_upload_expiry: DEFAULT_EMPTY_UPLOAD_EXPIRY,
             max_page_size: DEFAULT_MAX_PAGE_SIZE,
             verify_reads: true,
             deletion_lease: DEFAULT_DELETION_LEASE,
@@ -124,6 +132,12 @@ impl RegistryBuilder {
     /// Sets the idle expiry of upload sessions (default 1 hour).
     pub fn with_upload_expiry(mut self, expiry: Duration) -> Self {
         self.config.upload_expiry = expiry;
+        self
+    }
+    /// Sets the idle time after which sessions that received nothing are reclaimed
+    /// when the session limits are reached (default 5 minutes).
+    pub fn with_empty_upload_expiry(mut self, expiry: Duration) -> Self {
+        self.config.empty_upload_expiry = expiry;
         self
     }
     /// Sets the largest page a listing returns (default 10,000).

@@ -41,11 +41,14 @@ impl Registry {
         if total >= config.max_open_uploads || here >= config.max_open_uploads_per_repo {
             // Sessions idle past the expiry count until a collection removes them;
             // reclaim them now, or abandoned sessions would lock clients out until then.
+            // Sessions that never received a byte go sooner: opening sessions is cheap
+            // for a client, so they are what fills the limits on purpose.
             let now = self.now();
             for u in self.inner.blobs.list_uploads().await? {
-                if now.since(u.updated_at) > config.upload_expiry
-                    && self.inner.blobs.delete_upload(&u.id).await?
-                {
+                let idle = now.since(u.updated_at);
+                let expired = idle > config.upload_expiry
+                    || (u.len == 0 && idle > config.empty_upload_expiry);
+                if expired && self.inner.blobs.delete_upload(&u.id).await? {
                     self.hashers().remove(&u.id);
                     if let Some(n) = counts.get_mut(&u.repo) {
                         *n = n.saturating_sub(1);

@@ -291,6 +291,7 @@ macro_rules! behaviour_suite {
             upload_expiry,
             upload_resumes_without_hash_state,
             upload_session_limits,
+            empty_upload_sessions_are_reclaimed_under_pressure,
             blob_size_limit,
             blob_isolation_between_repositories,
             blob_delete_semantics,

@@ -426,6 +426,34 @@ pub async fn upload_session_limits(f: Fixture) {
     assert_cleans_up(&r).await;
 }
 
+/// One client filling the session limits with sessions it never uses locks others out
+/// only until those sessions have been idle for `empty_upload_expiry`; sessions that
+/// received bytes keep the full `upload_expiry`.
+pub async fn empty_upload_sessions_are_reclaimed_under_pressure(f: Fixture) {
+    let (b, clock) = f.builder();
+    let r = b
+        .with_max_open_uploads(100, 2)
+        .with_empty_upload_expiry(Duration::from_secs(60))
+        .build();
+    let a = repo("suite/empty-sessions");
+    let used = r.start_upload(&a, Algorithm::Sha256).await.unwrap();
+    r.append_upload(&a, &used.id, Some(0), None, body(&[b"some bytes"]))
+        .await
+        .unwrap();
+    let _unused = r.start_upload(&a, Algorithm::Sha256).await.unwrap();
+    let e = r.start_upload(&a, Algorithm::Sha256).await.unwrap_err();
+    assert!(matches!(e, Error::TooManyRequests { .. }), "{e:?}");
+    clock.advance(Duration::from_secs(61));
+    // The empty one goes; the one with bytes stays (it is resumable for an hour).
+    let fresh = r.start_upload(&a, Algorithm::Sha256).await.unwrap();
+    let e = r.start_upload(&a, Algorithm::Sha256).await.unwrap_err();
+    assert!(matches!(e, Error::TooManyRequests { .. }), "{e:?}");
+    assert_eq!(r.upload_status(&a, &used.id).await.unwrap().offset, 10);
+    r.cancel_upload(&a, &used.id).await.unwrap();
+    r.cancel_upload(&a, &fresh.id).await.unwrap();
+    assert_cleans_up(&r).await;
+}
+
 /// Blobs over the configured limit are refused, monolithic or chunked.
 pub async fn blob_size_limit(f: Fixture) {
     let (b, _) = f.builder();
