@@ -32,6 +32,8 @@ use crate::registry::{ListOptions, PutManifestOptions, Registry, RegistryBuilder
 use crate::store::{ByteStream, MetaStats, Storage};
 use crate::time::{ManualClock, Timestamp};
 
+pub mod blob_suite;
+pub mod collection_suite;
 pub mod hooks;
 pub(crate) mod interleave;
 pub mod model;
