@@ -97,7 +97,11 @@ pub(crate) async fn run(
     let (stopping, stop) = watch::channel(false);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        // A client that shuts down its sending side after a complete request (as some
+        // scripts and proxies do) still gets the answer; without this the request was
+        // dropped midway, with nothing stored and an upload session left open.
+        .half_close(true);
     let mut next_id = 0u64;
     loop {
         let slot = match slots.clone().try_acquire_owned() {

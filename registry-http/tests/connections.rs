@@ -135,3 +135,92 @@ async fn shutdown_does_not_wait_for_idle_connections() {
         .expect("shutdown waited for an idle connection");
     assert!(TcpStream::connect(addr).await.is_err() || closed_within(&mut s, BOUND).await);
 }
+
+#[tokio::test]
+async fn a_half_closed_monolithic_push_is_answered_and_stored() {
+    // The commit waits until the client has closed its side, so the server sees the
+    // end of input while the request is still being handled.
+    let hooks = registry_core::testkit::hooks::Hooks::new();
+    let registry =
+        Registry::builder(hooks.wrap(registry_core::MemoryStore::new().into_storage())).build();
+    let mut pause = hooks.arm("blobs.commit_upload");
+    let srv = serve_local(registry.clone(), HttpConfig::default())
+        .await
+        .expect("serve");
+    let blob = b"pushed, then the client closed its sending side";
+    let digest = registry_core::Digest::sha256(blob);
+    let mut s = TcpStream::connect(srv.addr()).await.unwrap();
+    let head = format!(
+        "POST /v2/half/close/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: localhost\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        blob.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(blob).await.unwrap();
+    pause.reached().await;
+    s.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pause.release();
+    let reply = String::from_utf8_lossy(&until_closed(&mut s).await).into_owned();
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    let repo = registry_core::RepoName::parse("half/close").unwrap();
+    assert_eq!(
+        registry.stat_blob(&repo, &digest).await.unwrap().size,
+        blob.len() as u64
+    );
+    assert!(
+        registry
+            .storage()
+            .blobs
+            .list_uploads()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_midway_leaves_no_upload_session() {
+    let hooks = registry_core::testkit::hooks::Hooks::new();
+    let registry =
+        Registry::builder(hooks.wrap(registry_core::MemoryStore::new().into_storage())).build();
+    let mut pause = hooks.arm("blobs.commit_upload");
+    let srv = serve_local(registry.clone(), HttpConfig::default())
+        .await
+        .expect("serve");
+    let blob = b"pushed, then the client reset the connection";
+    let digest = registry_core::Digest::sha256(blob);
+    let s = TcpStream::connect(srv.addr()).await.unwrap();
+    let mut s = s;
+    let head = format!(
+        "POST /v2/vanished/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: localhost\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        blob.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(blob).await.unwrap();
+    pause.reached().await;
+    // A reset, not a polite close: the server's connection fails at once.
+    s.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pause.release();
+    // The handler finishes its work whatever happened to the client: the complete body
+    // is stored, and no session is left open to count against the limits.
+    let repo = registry_core::RepoName::parse("vanished").unwrap();
+    tokio::time::timeout(BOUND, async {
+        while registry.stat_blob(&repo, &digest).await.is_err()
+            || !registry
+                .storage()
+                .blobs
+                .list_uploads()
+                .await
+                .unwrap()
+                .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the upload was abandoned halfway: no blob, or a session left open");
+}
