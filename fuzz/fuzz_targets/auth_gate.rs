@@ -394,7 +394,11 @@ fn build(world: &World, r: &Req, header: Option<&str>) -> Option<Built> {
             }
         }
     };
-    let mut b = Request::builder().method(method).uri(uri);
+    // An HTTP/1.1 request without Host is refused before it reaches any endpoint.
+    let mut b = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", "localhost");
     if let Some(h) = header {
         b = b.header("authorization", h);
     }

@@ -416,7 +416,11 @@ fn build(world: &World, r: &Req) -> Option<(Request<Body>, Option<usize>, u64)> 
     }
     let (body, fitting_type) = world.body(&r.body);
     let len = body.len() as u64;
-    let mut b = Request::builder().method(method).uri(uri);
+    // An HTTP/1.1 request without Host is refused before it reaches any endpoint.
+    let mut b = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", "localhost");
     match &r.content_type {
         ContentTypeSel::None => {}
         ContentTypeSel::Auto => {
@@ -485,7 +489,8 @@ fn replay(world: &World, line: &str) -> (Request<Body>, Option<usize>, u64) {
     let len = body.len() as u64;
     let mut b = Request::builder()
         .method(t.method.as_str())
-        .uri(uri.as_str());
+        .uri(uri.as_str())
+        .header("host", "localhost");
     for (k, v) in &t.headers {
         b = b.header(k.as_str(), v.as_str());
     }

@@ -594,9 +594,13 @@ impl Auth {
         };
         let value = match bearer {
             Some((realm, service)) => {
-                let mut v = format!("Bearer realm=\"{realm}\",service=\"{service}\"");
+                let mut v = format!(
+                    "Bearer realm={},service={}",
+                    quoted(&realm),
+                    quoted(&service)
+                );
                 if let Some(scope) = scope {
-                    v.push_str(&format!(",scope=\"{scope}\""));
+                    v.push_str(&format!(",scope={}", quoted(&scope.to_string())));
                 }
                 match error {
                     Refusal::InsufficientScope => v.push_str(",error=\"insufficient_scope\""),
@@ -689,6 +693,21 @@ impl Auth {
             issued_at: rfc3339(SystemTime::now()),
         })
     }
+}
+
+/// `s` as an RFC 9110 quoted-string: `"` and `\\` escaped, control characters (which no
+/// header may carry) dropped, so a value can never end the string or the header.
+fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars().filter(|c| !c.is_control()) {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
 }
 
 /// The actions a client should ask for to be allowed `action` (Docker clients ask for

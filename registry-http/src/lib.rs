@@ -124,6 +124,12 @@ impl HttpConfig {
 
 /// The OCI distribution API over `registry`, as an axum router serving `/v2/...`
 /// (and `/token` when [`Auth`] has a [`TokenIssuer`]).
+///
+/// Every response carries `X-Content-Type-Options: nosniff`. An HTTP/1.1 request needs
+/// exactly one valid `Host` header (RFC 9112), also when driven in process with
+/// `tower::ServiceExt::oneshot`; others get 400. The connection limits of
+/// [`ServerLimits`] belong to [`serve_on`], not to the router: a server that mounts it
+/// sets its own.
 pub fn router(registry: Registry, config: HttpConfig) -> Router {
     let token_endpoint = config
         .auth
@@ -140,6 +146,7 @@ pub fn router(registry: Registry, config: HttpConfig) -> Router {
     }
     app.fallback(error::no_such_endpoint)
         .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::middleware::from_fn(routes::check_host))
         .layer(axum::middleware::from_fn(routes::api_version_header))
         .with_state(state)
 }

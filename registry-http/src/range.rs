@@ -39,8 +39,10 @@ pub fn parse_content_range(value: &str) -> Option<(u64, u64)> {
 ///
 /// `Ok(None)` means "send the whole blob": the value is not a `bytes=` range or is a
 /// multi-range, which RFC 9110 allows a server to ignore. A `bytes=` value that is
-/// malformed (`bytes=-`, `bytes=a-b`, numbers that overflow) is an error: 416 with the
-/// OCI code `SIZE_INVALID`. A well-formed range may still be unsatisfiable for a given
+/// malformed (`bytes=-`, `bytes=a-b`, anything but digits) is an error: 416 with the
+/// OCI code `SIZE_INVALID` (the router adds `Content-Range: bytes */LEN`). Positions
+/// too large for a `u64` saturate to `u64::MAX`: RFC 9110 clamps such an end to the
+/// blob's last byte. A well-formed range may still be unsatisfiable for a given
 /// blob; [`RangeRequest::resolve`] decides that against the blob's size.
 pub fn parse_range(value: &str) -> Result<Option<RangeRequest>, ApiError> {
     let Some(spec) = value.trim().strip_prefix("bytes=") else {
@@ -57,7 +59,16 @@ pub fn parse_range(value: &str) -> Result<Option<RangeRequest>, ApiError> {
         )
     };
     let (a, b) = spec.trim().split_once('-').ok_or_else(bad)?;
-    let num = |s: &str| s.trim().parse::<u64>().map_err(|_| bad());
+    // Digits too many for a u64 are a position past any blob: an end is clamped to the
+    // blob's last byte, a start is unsatisfiable, a suffix covers the whole blob.
+    let num = |s: &str| {
+        let s = s.trim();
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            Ok(s.parse::<u64>().unwrap_or(u64::MAX))
+        } else {
+            Err(bad())
+        }
+    };
     Ok(Some(match (a.trim().is_empty(), b.trim().is_empty()) {
         (true, false) => RangeRequest::Suffix(num(b)?),
         (false, true) => RangeRequest::From(num(a)?),
@@ -106,8 +117,17 @@ mod tests {
         assert_eq!(parse_range("items=1-2").unwrap(), None);
         assert!(parse_range("bytes=-").is_err());
         assert!(parse_range("bytes=a-b").is_err());
-        let err = parse_range("bytes=99999999999999999999-").unwrap_err();
+        let err = parse_range("bytes=+1-2").unwrap_err();
         assert_eq!(err.status(), StatusCode::RANGE_NOT_SATISFIABLE);
         assert_eq!(err.code(), "SIZE_INVALID");
+        // Overflowing positions saturate; resolving decides.
+        assert_eq!(
+            parse_range("bytes=99999999999999999999-").unwrap(),
+            Some(RangeRequest::From(u64::MAX))
+        );
+        assert_eq!(
+            parse_range("bytes=0-99999999999999999999").unwrap(),
+            Some(RangeRequest::FromTo(0, u64::MAX))
+        );
     }
 }

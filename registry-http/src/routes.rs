@@ -147,14 +147,16 @@ impl AppState {
     }
 
     /// Where this registry is reachable, for the token realm in challenges: the
-    /// configured base URL, or the address the client used.
+    /// configured base URL, or the address the client used when it is a valid
+    /// authority ([`check_host`] refuses other requests before they get here). Without
+    /// either the realm is relative, resolved by clients against the request URL.
     fn realm_base(&self, headers: &HeaderMap) -> String {
         match &self.config.base_url {
             Some(base) => base.trim_end_matches('/').to_owned(),
-            None => format!(
-                "http://{}",
-                header_str(headers, "host").unwrap_or("127.0.0.1")
-            ),
+            None => header_str(headers, "host")
+                .filter(|h| valid_authority(h))
+                .map(|h| format!("http://{h}"))
+                .unwrap_or_default(),
         }
     }
 
@@ -229,8 +231,40 @@ pub(crate) async fn base(State(state): State<AppState>, headers: HeaderMap) -> A
     Ok(r)
 }
 
-fn link_header(path: &str, n: usize, next: &str) -> String {
-    format!("<{path}?n={n}&last={next}>; rel=\"next\"")
+/// The `Link` header of a listing's next page: `path` (prefixed with the base URL when
+/// one is configured) with `n`, `last` and the `extra` query parameters, every value
+/// percent-encoded so that nothing in it can end the URL or the header.
+fn link_header(
+    state: &AppState,
+    path: &str,
+    n: usize,
+    next: &str,
+    extra: &[(&str, &str)],
+) -> String {
+    let mut url = format!(
+        "{}?n={n}&last={}",
+        state.location(path),
+        encode_query_value(next)
+    );
+    for (k, v) in extra {
+        url.push_str(&format!("&{k}={}", encode_query_value(v)));
+    }
+    format!("<{url}>; rel=\"next\"")
+}
+
+/// Percent-encodes a query value: everything but RFC 3986's unreserved characters and
+/// `/`, `:` and `@` (allowed in a query, and common in names and digests) is escaped,
+/// so `&`, `=`, `+`, `#`, `>`, quotes, spaces and control characters never appear raw.
+fn encode_query_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/:@".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn list_options(q: &[(String, String)]) -> Result<ListOptions, ApiError> {
@@ -271,7 +305,7 @@ pub(crate) async fn catalog(State(state): State<AppState>, req: Request) -> ApiR
         set(
             r.headers_mut(),
             "link",
-            &link_header("/v2/_catalog", n, next),
+            &link_header(&state, "/v2/_catalog", n, next, &[]),
         );
     }
     Ok(r)
@@ -388,8 +422,17 @@ fn accepted() -> Response {
 
 async fn get_blob(state: &AppState, repo: &RepoName, d: &str, req: Request) -> ApiResult {
     let digest = Digest::parse(d).map_err(registry_core::Error::from)?;
-    let range = match header_str(req.headers(), "range") {
-        Some(v) => parse_range(v)?,
+    let range = match header_str(req.headers(), "range").map(parse_range) {
+        Some(Ok(r)) => r,
+        // A malformed range is a 416 naming the blob's size, as any unsatisfiable one
+        // (and a 404 for a blob that is not there).
+        Some(Err(e)) => {
+            let info = state.registry.stat_blob(repo, &digest).await?;
+            return Err(e.with_header(
+                axum::http::header::CONTENT_RANGE,
+                format!("bytes */{}", info.size),
+            ));
+        }
         None => None,
     };
     let head = req.method() == Method::HEAD;
@@ -614,7 +657,15 @@ async fn finish_upload(
 }
 
 async fn get_manifest(state: &AppState, repo: &RepoName, r: &str, head: bool) -> ApiResult {
-    let reference = Reference::parse(r).map_err(registry_core::Error::from)?;
+    // A reference that is neither a tag nor a digest names no manifest: 404, as the
+    // conformance suite expects (a push with such a reference stays a 400).
+    let reference = Reference::parse(r).map_err(|_| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            "no manifest with this reference",
+        )
+    })?;
     let (meta, body) = if head {
         (
             state.registry.stat_manifest(repo, &reference).await?,
@@ -729,7 +780,7 @@ async fn list_tags(state: &AppState, repo: &RepoName, q: Vec<(String, String)>) 
         set(
             r.headers_mut(),
             "link",
-            &link_header(&format!("/v2/{repo}/tags/list"), n, next),
+            &link_header(state, &format!("/v2/{repo}/tags/list"), n, next, &[]),
         );
     }
     Ok(r)
@@ -763,10 +814,17 @@ async fn referrers(
     }
     if let Some(next) = &page.next {
         let n = options.n.unwrap_or(page.items.len());
-        let mut link = link_header(&format!("/v2/{repo}/referrers/{subject}"), n, next);
-        if let Some(a) = artifact_type {
-            link = link.replacen(">;", &format!("&artifactType={a}>;"), 1);
-        }
+        let extra: Vec<(&str, &str)> = artifact_type
+            .map(|a| ("artifactType", a))
+            .into_iter()
+            .collect();
+        let link = link_header(
+            state,
+            &format!("/v2/{repo}/referrers/{subject}"),
+            n,
+            next,
+            &extra,
+        );
         set(h, "link", &link);
     }
     Ok(r)
@@ -830,15 +888,83 @@ pub(crate) async fn token_form(State(state): State<AppState>, req: Request) -> A
     Ok(axum::Json(granted).into_response())
 }
 
-/// Adds `Docker-Distribution-API-Version` to every response.
+/// Adds `Docker-Distribution-API-Version` and `X-Content-Type-Options: nosniff` to
+/// every response (blobs are attacker-chosen bytes: a browser must never sniff them
+/// into HTML).
 pub(crate) async fn api_version_header(req: Request, next: axum::middleware::Next) -> Response {
     let mut r = next.run(req).await;
-    set(
-        r.headers_mut(),
-        "docker-distribution-api-version",
-        "registry/2.0",
-    );
+    let h = r.headers_mut();
+    set(h, "docker-distribution-api-version", "registry/2.0");
+    set(h, "x-content-type-options", "nosniff");
     r
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or any request with more than
+/// one or an invalid one, is a 400. A request of HTTP/2 or later carries its authority
+/// in the URI instead; it is copied into `Host` so that handlers see it.
+pub(crate) async fn check_host(mut req: Request, next: axum::middleware::Next) -> Response {
+    let bad = |why: &str| ApiError::bad_request("UNSUPPORTED", why.to_owned()).into_response();
+    let mut hosts = req.headers().get_all(axum::http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return bad("more than one Host header"),
+        (Some(h), None) => {
+            if !h.to_str().is_ok_and(valid_authority) {
+                return bad("invalid Host header");
+            }
+        }
+        (None, _) => {
+            if req.version() == axum::http::Version::HTTP_11 {
+                return bad("missing Host header");
+            }
+            if req.version() >= axum::http::Version::HTTP_2
+                && let Some(a) = req.uri().authority().map(|a| a.as_str().to_owned())
+            {
+                if !valid_authority(&a) {
+                    return bad("invalid authority");
+                }
+                if let Ok(v) = HeaderValue::from_str(&a) {
+                    req.headers_mut().insert(axum::http::header::HOST, v);
+                }
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// Whether `s` is a `host[:port]` authority: a host name or IPv4 address (letters,
+/// digits, `-`, `.`, `_`) or a bracketed IPv6 literal, and an optional port of 1 to 5
+/// digits. No user info, quotes, commas, spaces or slashes: the value ends up in URLs
+/// and in the `WWW-Authenticate` realm.
+pub(crate) fn valid_authority(s: &str) -> bool {
+    let (host_ok, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let ip_ok = !ip.is_empty()
+            && ip
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        match after {
+            "" => (ip_ok, None),
+            _ => match after.strip_prefix(':') {
+                Some(p) => (ip_ok, Some(p)),
+                None => return false,
+            },
+        }
+    } else {
+        let (host, port) = match s.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        };
+        let ok = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+        (ok, port)
+    };
+    host_ok
+        && port.is_none_or(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 #[cfg(test)]

@@ -201,7 +201,7 @@ async fn a_client_that_vanishes_midway_leaves_no_upload_session() {
     s.write_all(blob).await.unwrap();
     pause.reached().await;
     // A reset, not a polite close: the server's connection fails at once.
-    s.set_linger(Some(Duration::ZERO)).unwrap();
+    s.set_zero_linger().unwrap();
     drop(s);
     tokio::time::sleep(Duration::from_millis(100)).await;
     pause.release();

@@ -138,7 +138,13 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
-async fn call(app: &Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+async fn call(
+    app: &Router,
+    mut req: Request<Body>,
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    // An HTTP/1.1 request needs a Host header.
+    req.headers_mut()
+        .insert("host", axum::http::HeaderValue::from_static("localhost"));
     let resp = app.clone().oneshot(req).await.unwrap();
     let status = resp.status();
     let headers = resp.headers().clone();
@@ -186,6 +192,8 @@ proptest! {
                 416 => {
                     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
                     prop_assert_eq!(v["errors"][0]["code"].as_str(), Some("SIZE_INVALID"));
+                    let want = format!("bytes */{}", blob.len());
+                    prop_assert_eq!(headers.get("content-range").and_then(|v| v.to_str().ok()), Some(want.as_str()));
                 }
                 other => prop_assert!(false, "{} for Range {:?}", other, header),
             }

@@ -1,6 +1,6 @@
 //! Collection and its races with pushes, mounts, tags and other collectors, run by
 //! every store as part of the shared suite (re-exported from [`super::suite`]). The
-//! races use the pause points of [`hooks`](super::hooks) for deterministic
+//! races use the pause points of [`hooks`] for deterministic
 //! interleavings (`docs/design.md` §4.3 and §4.6).
 
 use std::sync::Arc;

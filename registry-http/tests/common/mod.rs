@@ -44,7 +44,24 @@ impl Reply {
 }
 
 /// Sends one request through `app` (in process, no socket) and reads the whole reply.
+/// It carries `Host: localhost` unless `headers` name a host (an HTTP/1.1 request
+/// without one is a 400); [`send_raw`] sends exactly the headers given.
 pub async fn send(
+    app: &Router,
+    method: Method,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Body>,
+) -> Reply {
+    let mut all = headers.to_vec();
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        all.push(("host", "localhost"));
+    }
+    send_raw(app, method, uri, &all, body).await
+}
+
+/// Sends one request with exactly `headers` (no default `Host`).
+pub async fn send_raw(
     app: &Router,
     method: Method,
     uri: &str,
