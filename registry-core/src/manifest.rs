@@ -120,6 +120,55 @@ pub fn essence(content_type: &str) -> &str {
     content_type.split(';').next().unwrap_or("").trim()
 }
 
+/// Visits every value of a JSON document without keeping any, so that numbers are
+/// parsed (and out-of-range ones refused), which `serde::de::IgnoredAny` skips.
+struct JsonCheck;
+
+impl<'de> Deserialize<'de> for JsonCheck {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = JsonCheck;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<JsonCheck, E> {
+                Ok(JsonCheck)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<JsonCheck, E> {
+                Ok(JsonCheck)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<JsonCheck, E> {
+                Ok(JsonCheck)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<JsonCheck, E> {
+                Ok(JsonCheck)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<JsonCheck, E> {
+                Ok(JsonCheck)
+            }
+            fn visit_unit<E>(self) -> Result<JsonCheck, E> {
+                Ok(JsonCheck)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<JsonCheck, A::Error> {
+                while a.next_element::<JsonCheck>()?.is_some() {}
+                Ok(JsonCheck)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<JsonCheck, A::Error> {
+                while a.next_entry::<JsonCheck, JsonCheck>()?.is_some() {}
+                Ok(JsonCheck)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
 /// Just enough of an unknown document to check that it is JSON and its media type.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -209,6 +258,11 @@ impl ManifestInfo {
         if std::str::from_utf8(bytes).is_err() {
             return Err(invalid("manifest is not UTF-8"));
         }
+        // Also what serde skips unread (fields we ignore, opaque documents): a number
+        // out of range (`1e999`) is JSON by grammar, but clients' parsers refuse it, so
+        // such a manifest could be stored and never read back by anyone.
+        serde_json::from_slice::<JsonCheck>(bytes)
+            .map_err(|e| invalid(format!("manifest is not valid JSON: {e}")))?;
         let declared = essence(content_type);
         if !declared.is_empty() && kind_of(declared) == ManifestKind::Opaque {
             check_opaque(declared)?;
@@ -520,6 +574,16 @@ mod tests {
             let _ = ManifestInfo::inspect("", body.as_bytes());
             let _ = ManifestInfo::inspect(media_type::OCI_MANIFEST, body.as_bytes());
         }
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_even_where_unread() {
+        // Found by the inspect_manifest fuzz target: accepted, yet not JSON to a parser.
+        for ct in ["", "application/vnd.example+json", media_type::OCI_MANIFEST] {
+            let e = ManifestInfo::inspect(ct, br#"{"creatze":4e4025}"#).unwrap_err();
+            assert!(matches!(e, Error::ManifestInvalid { .. }), "{ct}: {e:?}");
+        }
+        assert!(ManifestInfo::inspect("application/vnd.example+json", br#"{"n":4e40}"#).is_ok());
     }
 
     #[test]
