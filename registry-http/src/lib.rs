@@ -71,6 +71,14 @@ pub struct HttpConfig {
     /// Authentication and authorization; `None` lets everyone do everything (the
     /// embedded default, for loopback test registries).
     pub auth: Option<Arc<Auth>>,
+    /// Bytes of manifest bodies buffered at once, over all requests (a manifest is
+    /// parsed whole, so it is held in memory): a push that would exceed it waits up to
+    /// a second for others to finish, then gets 429 with `Retry-After`. Bounds the
+    /// memory concurrent manifest pushes take, whatever clients do. Default 64 MiB.
+    pub manifest_buffer_budget: u64,
+    /// Time allowed to receive a whole manifest body (a body trickling in holds its
+    /// share of the budget meanwhile). Default 60 s.
+    pub manifest_body_deadline: Duration,
     /// Connection limits of the built-in server ([`serve_on`], [`serve_local`]); a
     /// router mounted on another server does not use them.
     pub server: ServerLimits,
@@ -85,6 +93,8 @@ impl Default for HttpConfig {
             body_idle_timeout: Duration::from_secs(30),
             auth: None,
             server: ServerLimits::default(),
+            manifest_buffer_budget: 64 * 1024 * 1024,
+            manifest_body_deadline: Duration::from_secs(60),
         }
     }
 }
@@ -108,6 +118,17 @@ impl HttpConfig {
     /// Sets the request body idle timeout.
     pub fn with_body_idle_timeout(mut self, timeout: Duration) -> Self {
         self.body_idle_timeout = timeout;
+        self
+    }
+    /// Sets the bytes of manifest bodies buffered at once (see
+    /// [`HttpConfig::manifest_buffer_budget`]).
+    pub fn with_manifest_buffer_budget(mut self, bytes: u64) -> Self {
+        self.manifest_buffer_budget = bytes;
+        self
+    }
+    /// Sets the time allowed to receive a whole manifest body.
+    pub fn with_manifest_body_deadline(mut self, deadline: Duration) -> Self {
+        self.manifest_body_deadline = deadline;
         self
     }
     /// Sets the built-in server's connection limits.
@@ -135,7 +156,7 @@ pub fn router(registry: Registry, config: HttpConfig) -> Router {
         .auth
         .as_ref()
         .is_some_and(|a| a.token_issuer().is_some());
-    let state = routes::AppState { registry, config };
+    let state = routes::AppState::new(registry, config);
     let mut app = Router::new()
         .route("/v2/", get(routes::base).head(routes::base))
         .route("/v2", get(routes::base).head(routes::base))

@@ -1,5 +1,6 @@
 //! Request parsing and handlers: parse, call the core, render.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -12,6 +13,7 @@ use registry_core::{
     Algorithm, ByteStream, Digest, ListOptions, PutManifestOptions, Reference, Registry, RepoName,
     Tag, UploadId,
 };
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use registry_core::access::Action;
 
@@ -25,6 +27,42 @@ use crate::range::{parse_content_range, parse_range};
 pub(crate) struct AppState {
     pub(crate) registry: Registry,
     pub(crate) config: HttpConfig,
+    /// The manifest buffer budget, in KiB (a semaphore counts in `u32` steps).
+    manifest_budget: Arc<Semaphore>,
+}
+
+impl AppState {
+    pub(crate) fn new(registry: Registry, config: HttpConfig) -> Self {
+        let kib = (config.manifest_buffer_budget / 1024).clamp(1, Semaphore::MAX_PERMITS as u64);
+        AppState {
+            registry,
+            config,
+            manifest_budget: Arc::new(Semaphore::new(kib as usize)),
+        }
+    }
+
+    /// Reserves room for a manifest body of up to `bytes`; waits a second at most.
+    async fn reserve_manifest_buffer(&self, bytes: u64) -> Result<OwnedSemaphorePermit, ApiError> {
+        let budget = self.config.manifest_buffer_budget;
+        let kib = bytes.div_ceil(1024).clamp(1, (budget / 1024).max(1)) as u32;
+        let wait = self.manifest_budget.clone().acquire_many_owned(kib);
+        match tokio::time::timeout(Duration::from_secs(1), wait).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                tracing::warn!(
+                    bytes,
+                    budget,
+                    "manifest buffer budget exhausted: push refused"
+                );
+                Err(registry_core::Error::TooManyRequests {
+                    reason: format!(
+                        "{budget} bytes of manifest bodies are being received; retry shortly"
+                    ),
+                }
+                .into())
+            }
+        }
+    }
 }
 
 type ApiResult = Result<Response, ApiError>;
@@ -703,20 +741,38 @@ async fn put_manifest(state: &AppState, repo: &RepoName, r: &str, req: Request) 
         }
         .into());
     }
+    // Held until the manifest is stored: parsing it takes memory too.
+    let _budget = state
+        .reserve_manifest_buffer(content_length(req.headers())?.unwrap_or(limit))
+        .await?;
     let mut data = body_stream(req.into_body(), state.config.body_idle_timeout);
     let mut buf = BytesMut::new();
-    while let Some(chunk) = data.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::bad_request("MANIFEST_INVALID", format!("reading the body: {e}"))
-        })?;
-        if buf.len() as u64 + chunk.len() as u64 > limit {
-            return Err(registry_core::Error::TooLarge {
-                what: "manifest",
-                limit,
+    let deadline = state.config.manifest_body_deadline;
+    let received = tokio::time::timeout(deadline, async {
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::bad_request("MANIFEST_INVALID", format!("reading the body: {e}"))
+            })?;
+            if buf.len() as u64 + chunk.len() as u64 > limit {
+                return Err(registry_core::Error::TooLarge {
+                    what: "manifest",
+                    limit,
+                }
+                .into());
             }
-            .into());
+            buf.extend_from_slice(&chunk);
         }
-        buf.extend_from_slice(&chunk);
+        Ok::<_, ApiError>(())
+    })
+    .await;
+    match received {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(ApiError::bad_request(
+                "MANIFEST_INVALID",
+                format!("the manifest body was not received within {deadline:?}"),
+            ));
+        }
     }
     let multi_tag = !tags.is_empty();
     let result = state
