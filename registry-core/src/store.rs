@@ -700,6 +700,74 @@ pub async fn delete_unlinked_bytes(
     Ok(Some(rec.size))
 }
 
+/// For an adapter's `check --repair`: repairs a blob record whose bytes are gone.
+/// Removes the repository links to it that no manifest references (HEAD then answers
+/// 404 and clients push it again), then, if no link is left, the record itself through
+/// [`delete_unlinked_bytes`]. Returns why it could not, if it could not.
+pub async fn repair_record_without_bytes(
+    blobs: &dyn BlobStore,
+    metadata: &dyn MetadataStore,
+    digest: &Digest,
+    now: Timestamp,
+    lease: std::time::Duration,
+) -> Result<Option<String>> {
+    const PAGE: usize = 1000;
+    let mut after = None;
+    loop {
+        let repos = metadata
+            .blob_repositories(digest, after.as_ref(), PAGE)
+            .await?;
+        for repo in &repos {
+            let unreferenced = metadata
+                .blob_link(repo, digest)
+                .await?
+                .is_some_and(|l| l.manifest_refs == 0);
+            if unreferenced {
+                match metadata.unlink_blob(repo, digest).await {
+                    Ok(_) | Err(Error::InUse { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        match repos.last() {
+            Some(last) if repos.len() == PAGE => after = Some(last.clone()),
+            _ => break,
+        }
+    }
+    match metadata.blob(digest).await? {
+        None => Ok(None),
+        Some(rec) if rec.links == 0 => {
+            let deleted = delete_unlinked_bytes(blobs, metadata, digest, now, lease).await?;
+            Ok(deleted
+                .is_none()
+                .then(|| "a collection holds its deletion lease".into()))
+        }
+        Some(rec) => Ok(Some(format!(
+            "{} manifest link(s) or referenced repository link(s) remain; pushing the blob \
+             or manifest again restores its bytes",
+            rec.links
+        ))),
+    }
+}
+
+/// For an adapter's `check --verify-digests`: whether the stored bytes of `digest` read
+/// whole and hash to it (`false` if they are missing or unreadable).
+pub async fn stored_bytes_match(blobs: &dyn BlobStore, digest: &Digest) -> Result<bool> {
+    use futures::StreamExt;
+    let Some(read) = blobs.read(digest, None).await? else {
+        return Ok(false);
+    };
+    let mut hasher = crate::digest::Hasher::new(digest.algorithm());
+    let mut stream = read.stream;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => hasher.update(&c),
+            Err(_) => return Ok(false),
+        }
+    }
+    Ok(hasher.finish() == *digest)
+}
+
 /// Turns anything displayable into a storage error (for adapters).
 pub fn storage_error(e: impl fmt::Display) -> Error {
     Error::storage(e.to_string())

@@ -91,7 +91,7 @@ use futures::StreamExt;
 use registry_core::kv::{KvEngine, KvMetadata, Table};
 use registry_core::registry::DEFAULT_DELETION_LEASE;
 use registry_core::store::{BlobRecord, BlobStore, MetadataStore, Storage};
-use registry_core::{Digest, Error, Hasher, Result, Timestamp};
+use registry_core::{Digest, Error, Result, Timestamp};
 
 pub use blobs::FsBlobStore;
 use blobs::Skeleton;
@@ -254,7 +254,9 @@ impl FsStore {
                     }
                 }
             }
-            if options.verify_digests && !self.verify_file(&d).await? {
+            if options.verify_digests
+                && !registry_core::store::stored_bytes_match(self.blobs.as_ref(), &d).await?
+            {
                 report
                     .problems
                     .push(format!("blob {d}: file content does not match its digest"));
@@ -280,7 +282,15 @@ impl FsStore {
             }
             let mut problem = format!("blob {d}: record ({} links) without file", rec.links);
             if options.repair {
-                match self.drop_missing(&d).await? {
+                match registry_core::store::repair_record_without_bytes(
+                    self.blobs.as_ref(),
+                    self.metadata.as_ref(),
+                    &d,
+                    Timestamp::from_system_time(SystemTime::now()),
+                    DEFAULT_DELETION_LEASE,
+                )
+                .await?
+                {
                     None => report.repaired += 1,
                     Some(why) => problem.push_str(&format!("; not repaired: {why}")),
                 }
@@ -313,63 +323,6 @@ impl FsStore {
         )
         .await?;
         Ok(deleted.is_some())
-    }
-
-    /// Repairs a record whose bytes are gone: removes the repository links to it that
-    /// no manifest references (HEAD then answers 404 and clients push it again), then
-    /// the record if no link is left. Returns why it could not, if it could not.
-    async fn drop_missing(&self, d: &Digest) -> Result<Option<String>> {
-        let mut after = None;
-        loop {
-            let repos = self
-                .metadata
-                .blob_repositories(d, after.as_ref(), 1000)
-                .await?;
-            for repo in &repos {
-                let unreferenced = self
-                    .metadata
-                    .blob_link(repo, d)
-                    .await?
-                    .is_some_and(|l| l.manifest_refs == 0);
-                if unreferenced {
-                    match self.metadata.unlink_blob(repo, d).await {
-                        Ok(_) | Err(Error::InUse { .. }) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
-            match repos.last() {
-                Some(last) if repos.len() == 1000 => after = Some(last.clone()),
-                _ => break,
-            }
-        }
-        match self.metadata.blob(d).await? {
-            None => Ok(None),
-            Some(rec) if rec.links == 0 => Ok(if self.reclaim(d).await? {
-                None
-            } else {
-                Some("a collection holds its deletion lease".into())
-            }),
-            Some(rec) => Ok(Some(format!(
-                "{} manifest link(s) or referenced repository link(s) remain; pushing the blob again restores its bytes",
-                rec.links
-            ))),
-        }
-    }
-
-    async fn verify_file(&self, d: &Digest) -> Result<bool> {
-        let Some(read) = self.blobs.read(d, None).await? else {
-            return Ok(false);
-        };
-        let mut h = Hasher::new(d.algorithm());
-        let mut s = read.stream;
-        while let Some(chunk) = s.next().await {
-            match chunk {
-                Ok(c) => h.update(&c),
-                Err(_) => return Ok(false),
-            }
-        }
-        Ok(h.finish() == *d)
     }
 }
 
