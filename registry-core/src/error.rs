@@ -130,6 +130,8 @@ pub enum Error {
     TooManyRequests {
         /// Which limit.
         reason: String,
+        /// When a retry can succeed, if known (HTTP `Retry-After`).
+        retry_after: Option<std::time::Duration>,
     },
     /// The tag is immutable (it matches an immutable-tag pattern) and already points at
     /// another manifest: it cannot be moved or deleted.

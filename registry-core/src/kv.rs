@@ -59,11 +59,14 @@ pub enum Table {
     QuotaUsage,
     /// quota prefix, digest → links under the prefix and size (one digest counts once)
     QuotaRefs,
+    /// repo, digest → [`PendingRefs`]: references of sparse manifests to what the
+    /// repository does not hold yet
+    PendingRefs,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 12] = [
+    pub const ALL: [Table; 13] = [
         Table::Blobs,
         Table::BlobLinks,
         Table::BlobRepos,
@@ -76,6 +79,7 @@ impl Table {
         Table::BlobCandidates,
         Table::QuotaUsage,
         Table::QuotaRefs,
+        Table::PendingRefs,
     ];
 
     /// A stable name, for engines that name their tables.
@@ -93,6 +97,7 @@ impl Table {
             Table::BlobCandidates => "blob_candidates",
             Table::QuotaUsage => "quota_usage",
             Table::QuotaRefs => "quota_refs",
+            Table::PendingRefs => "pending_refs",
         }
     }
 
@@ -321,6 +326,51 @@ fn adjust_repo(t: &mut dyn KvWrite, repo: &RepoName, blobs: i64, manifests: i64)
     }
 }
 
+/// How many sparse manifests of a repository reference a digest it does not hold, as a
+/// blob and as a child manifest. They become the blob link's `manifest_refs` or the
+/// child record's `parents` when it arrives (`docs/design.md` §10, "Sparse manifests").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PendingRefs {
+    /// References from `blobs` (config, layers).
+    pub blobs: u64,
+    /// References from `children` (index entries).
+    pub children: u64,
+}
+
+/// Adds `delta` blob or child references to what `repo` is waiting for under `d`.
+fn adjust_pending(
+    t: &mut dyn KvWrite,
+    repo: &RepoName,
+    d: &Digest,
+    child: bool,
+    delta: i64,
+) -> Result<()> {
+    let k = key(&[repo.as_str(), d.as_str()]);
+    let mut p: PendingRefs = get(t, Table::PendingRefs, &k)?.unwrap_or_default();
+    let n = if child { &mut p.children } else { &mut p.blobs };
+    *n = n.saturating_add_signed(delta);
+    if p == PendingRefs::default() {
+        t.delete(Table::PendingRefs, &k)?;
+        Ok(())
+    } else {
+        put(t, Table::PendingRefs, &k, &p)
+    }
+}
+
+/// Takes the blob (or child) references pending under `d` in `repo`: the one who makes
+/// `d` present counts them from now on.
+fn take_pending(t: &mut dyn KvWrite, repo: &RepoName, d: &Digest, child: bool) -> Result<u64> {
+    let k = key(&[repo.as_str(), d.as_str()]);
+    let Some(p) = get::<PendingRefs>(t, Table::PendingRefs, &k)? else {
+        return Ok(0);
+    };
+    let n = if child { p.children } else { p.blobs };
+    if n > 0 {
+        adjust_pending(t, repo, d, child, -(n as i64))?;
+    }
+    Ok(n)
+}
+
 fn link_blob_txn(
     t: &mut dyn KvWrite,
     repo: &RepoName,
@@ -340,13 +390,17 @@ fn link_blob_txn(
     if add_blob_link(t, d, size, now)?.is_none() {
         return Ok(LinkOutcome::BlobDeleting);
     }
+    // Sparse manifests that reference the blob count from now on.
+    let manifest_refs = take_pending(t, repo, d, false)?;
     let link = BlobLink {
         size,
-        manifest_refs: 0,
+        manifest_refs,
         protected_at: now,
     };
     put(t, Table::BlobLinks, &lk, &link)?;
-    t.put(Table::LinkCandidates, &lk, b"")?;
+    if manifest_refs == 0 {
+        t.put(Table::LinkCandidates, &lk, b"")?;
+    }
     t.put(Table::BlobRepos, &key(&[d.as_str(), repo.as_str()]), b"")?;
     adjust_repo(t, repo, 1, 0)?;
     quota_add(t, repo, d, size, policy, true)?;
@@ -465,6 +519,8 @@ fn delete_manifest_txn(
                 t.put(Table::LinkCandidates, &lk, b"")?;
             }
             put(t, Table::BlobLinks, &lk, &link)?;
+        } else if rec.sparse {
+            adjust_pending(t, repo, b, false, -1)?;
         }
     }
     for c in &rec.children {
@@ -472,6 +528,8 @@ fn delete_manifest_txn(
         if let Some(mut child) = get::<ManifestRecord>(t, Table::Manifests, &ck)? {
             child.parents = child.parents.saturating_sub(1);
             put(t, Table::Manifests, &ck, &child)?;
+        } else if rec.sparse {
+            adjust_pending(t, repo, c, true, -1)?;
         }
     }
     if let Some(subject) = &rec.subject {
@@ -871,10 +929,19 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                 let mut rec = match existing {
                     Some(rec) => rec,
                     None => {
+                        // What the repository lacks is refused, or, where sparse
+                        // manifests are allowed, counted as pending until it arrives.
+                        let sparse_ok = policy.allows_sparse(&repo);
+                        let mut sparse = false;
                         for b in &record.blobs {
                             let lk = key(&[repo.as_str(), b.as_str()]);
                             let Some(mut link) = get::<BlobLink>(t, Table::BlobLinks, &lk)? else {
-                                return Err(Error::ManifestBlobUnknown { digest: b.clone() });
+                                if !sparse_ok {
+                                    return Err(Error::ManifestBlobUnknown { digest: b.clone() });
+                                }
+                                adjust_pending(t, &repo, b, false, 1)?;
+                                sparse = true;
+                                continue;
                             };
                             if link.manifest_refs == 0 {
                                 t.delete(Table::LinkCandidates, &lk)?;
@@ -886,7 +953,12 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                             let ck = key(&[repo.as_str(), c.as_str()]);
                             let Some(mut child) = get::<ManifestRecord>(t, Table::Manifests, &ck)?
                             else {
-                                return Err(Error::ManifestBlobUnknown { digest: c.clone() });
+                                if !sparse_ok {
+                                    return Err(Error::ManifestBlobUnknown { digest: c.clone() });
+                                }
+                                adjust_pending(t, &repo, c, true, 1)?;
+                                sparse = true;
+                                continue;
                             };
                             child.parents += 1;
                             put(t, Table::Manifests, &ck, &child)?;
@@ -911,8 +983,10 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                         adjust_repo(t, &repo, 0, 1)?;
                         ManifestRecord {
                             tags: 0,
-                            parents: 0,
+                            // Sparse indexes already listing it count from now on.
+                            parents: take_pending(t, &repo, &d, true)?,
                             pushed_at: now,
+                            sparse,
                             ..record
                         }
                     }

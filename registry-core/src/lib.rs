@@ -80,5 +80,7 @@ pub use registry::{
     PutManifestResult, RangeRequest, ReadAccess, Registry, RegistryBuilder, RegistryConfig,
     UploadStatus,
 };
-pub use store::{BlobStore, ByteRange, ByteStream, MetadataStore, Storage, TagEntry, UploadId};
+pub use store::{
+    BlobStore, ByteRange, ByteStream, MetadataStore, Storage, TagEntry, UploadId, UploadOwner,
+};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};

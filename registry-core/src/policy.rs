@@ -119,12 +119,25 @@ pub struct Policy {
     pub immutable_tags: Vec<TagPattern>,
     /// Storage quotas per repository prefix.
     pub quotas: Vec<Quota>,
+    /// Where sparse manifests are accepted: manifests that reference blobs or child
+    /// manifests the repository does not hold (a mirror of one platform of a
+    /// multi-platform image). `None` stands for every repository, `Some(prefix)` for
+    /// the repositories under `prefix`. Empty: every reference must be present.
+    pub sparse: Vec<Option<RepoName>>,
 }
 
 impl Policy {
     /// Whether tag `tag` of `repo` is immutable.
     pub fn is_immutable(&self, repo: &RepoName, tag: &Tag) -> bool {
         self.immutable_tags.iter().any(|p| p.matches(repo, tag))
+    }
+
+    /// Whether manifests pushed to `repo` may reference what it does not hold.
+    pub fn allows_sparse(&self, repo: &RepoName) -> bool {
+        self.sparse.iter().any(|p| {
+            p.as_ref()
+                .is_none_or(|p| under_prefix(repo.as_str(), p.as_str()))
+        })
     }
 
     /// The quotas that apply to `repo`.

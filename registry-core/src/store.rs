@@ -31,6 +31,28 @@ impl UploadId {
         UploadId(uuid::Uuid::new_v4().simple().to_string().into())
     }
 
+    /// A new random id that carries `owner`'s tag: the session limits count it against
+    /// the owner, and [`is_for`](Self::is_for) tells whether a caller is that owner,
+    /// with nothing stored beside the session (so it works across processes sharing
+    /// storage, and for sessions that survive a restart).
+    pub fn random_for(owner: &UploadOwner) -> Self {
+        let random = uuid::Uuid::new_v4().simple();
+        UploadId(format!("{random}_{}", owner.tag()).into())
+    }
+
+    /// The owner tag carried by the id, if it was made by [`random_for`](Self::random_for).
+    pub fn owner_tag(&self) -> Option<&str> {
+        let (_, tag) = self.0.rsplit_once('_')?;
+        (tag.len() == UploadOwner::TAG_LEN && tag.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then_some(tag)
+    }
+
+    /// Whether `owner` may use this session: it carries `owner`'s tag, or no tag at all
+    /// (a session opened without an owner answers to anyone who may push).
+    pub fn is_for(&self, owner: &UploadOwner) -> bool {
+        self.owner_tag().is_none_or(|t| t == owner.tag())
+    }
+
     /// Parses an id received from a client; `None` if it could not be one of ours.
     pub fn parse(s: &str) -> Option<Self> {
         let ok = !s.is_empty()
@@ -55,6 +77,44 @@ impl fmt::Display for UploadId {
 impl fmt::Debug for UploadId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "UploadId({})", self.0)
+    }
+}
+
+/// Who opens an upload session: an authenticated identity, or the client's address when
+/// it is anonymous. Sessions are limited per owner
+/// ([`RegistryConfig::max_open_uploads_per_owner`](crate::RegistryConfig)), so that one
+/// client cannot take every session of the registry, and `registry-http` binds a session
+/// to the owner that opened it. Only a hash of the name is kept (in the session id).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct UploadOwner(Box<str>);
+
+impl UploadOwner {
+    /// Hex digits of the tag an owned [`UploadId`] carries (64 bits of SHA-256: a client
+    /// cannot find another owner's tag by chance, and still needs the session's random
+    /// part to use it).
+    pub const TAG_LEN: usize = 16;
+
+    /// The owner named `name`: any stable text that tells owners apart, such as
+    /// `user:alice` or `addr:192.0.2.1`.
+    pub fn new(name: &str) -> Self {
+        use sha2::Digest as _;
+        let hash = sha2::Sha256::digest(name.as_bytes());
+        let mut tag = String::with_capacity(Self::TAG_LEN);
+        for b in &hash[..Self::TAG_LEN / 2] {
+            tag.push_str(&format!("{b:02x}"));
+        }
+        UploadOwner(tag.into())
+    }
+
+    /// The owner's tag, as carried by its session ids.
+    pub fn tag(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for UploadOwner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UploadOwner({})", self.0)
     }
 }
 
@@ -311,6 +371,11 @@ pub struct ManifestRecord {
     pub parents: u64,
     /// When it was first pushed to this repository.
     pub pushed_at: Timestamp,
+    /// Pushed under the sparse-manifest policy with references the repository did not
+    /// hold ([`Policy::allows_sparse`]): those that are still missing are counted in
+    /// the store's pending references, not in blob links or child records.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sparse: bool,
 }
 
 /// A repository's record: it exists while it links any blob or manifest.

@@ -100,9 +100,11 @@ impl From<Error> for ApiError {
             Error::QuotaExceeded { .. } => Self::new(S::FORBIDDEN, "DENIED", message),
             // As `HttpConfig::with_read_only` answers: the operation is switched off.
             Error::ReadOnly { .. } => Self::new(S::METHOD_NOT_ALLOWED, "UNSUPPORTED", message),
-            Error::TooManyRequests { .. } => {
+            Error::TooManyRequests { retry_after, .. } => {
+                // Whole seconds, rounded up: a retry before the time would fail again.
+                let secs = retry_after.map_or(1, |d| d.as_millis().div_ceil(1000).max(1));
                 Self::new(S::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", message)
-                    .with_header(header::RETRY_AFTER, "1".to_owned())
+                    .with_header(header::RETRY_AFTER, secs.to_string())
             }
             Error::Storage(source) => {
                 tracing::error!(error = %source, "storage failure");

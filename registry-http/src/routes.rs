@@ -1,21 +1,22 @@
 //! Request parsing and handlers: parse, call the core, render.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures::stream::{self, StreamExt};
 use registry_core::{
     Algorithm, ByteStream, Digest, ListOptions, PutManifestOptions, Reference, Registry, RepoName,
-    Tag, UploadId,
+    Tag, UploadId, UploadOwner,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use registry_core::access::Action;
+use registry_core::access::{Action, Identity};
 
 use crate::HttpConfig;
 use crate::auth::Caller;
@@ -58,6 +59,7 @@ impl AppState {
                     reason: format!(
                         "{budget} bytes of manifest bodies are being received; retry shortly"
                     ),
+                    retry_after: None,
                 }
                 .into())
             }
@@ -204,6 +206,43 @@ impl AppState {
             Some(auth) => auth.identify(headers, &self.realm_base(headers)),
             None => Ok(Caller::anonymous()),
         }
+    }
+
+    /// Who owns the upload sessions `caller` opens: its identity, or its network when
+    /// anonymous (an IPv6 client commonly holds a whole /64, so that is one owner).
+    /// Without an address (a router mounted on a server that does not provide
+    /// `ConnectInfo`), anonymous clients share one owner.
+    fn upload_owner(&self, caller: &Caller, req: &Request) -> UploadOwner {
+        match &caller.identity {
+            Identity::User(name) => UploadOwner::new(&format!("user:{name}")),
+            Identity::Anonymous => match req.extensions().get::<ConnectInfo<SocketAddr>>() {
+                Some(ConnectInfo(peer)) => {
+                    let network = match peer.ip() {
+                        IpAddr::V4(ip) => IpAddr::V4(ip),
+                        IpAddr::V6(ip) => IpAddr::V6(std::net::Ipv6Addr::from(
+                            u128::from(ip) & !((1u128 << 64) - 1),
+                        )),
+                    };
+                    UploadOwner::new(&format!("addr:{network}"))
+                }
+                None => UploadOwner::new("anonymous"),
+            },
+        }
+    }
+
+    /// Refuses a session opened by another owner as unknown (its existence is not
+    /// revealed). Only with authentication on: without it, every client may push, and
+    /// an address can change between the requests of one push (proxies, NAT pools).
+    fn check_session_owner(
+        &self,
+        caller: &Caller,
+        req: &Request,
+        id: &UploadId,
+    ) -> Result<(), ApiError> {
+        if self.config.auth.is_some() && !id.is_for(&self.upload_owner(caller, req)) {
+            return Err(upload_unknown());
+        }
+        Ok(())
     }
 
     /// Identifies the caller and checks that it may perform `action` on `repo`.
@@ -383,13 +422,8 @@ async fn route(state: AppState, req: Request) -> ApiResult {
             start_upload(&state, &repo, &caller, req).await
         }
         (Target::Uploads(Some(id)), m) => {
-            let id = UploadId::parse(&id).ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "BLOB_UPLOAD_UNKNOWN",
-                    "unknown upload",
-                )
-            })?;
+            let id = UploadId::parse(&id).ok_or_else(upload_unknown)?;
+            state.check_session_owner(&caller, &req, &id)?;
             match m {
                 Method::GET => upload_status(&state, &repo, &id).await,
                 Method::PATCH => {
@@ -446,6 +480,14 @@ fn required_action(target: &Target, method: &Method) -> Option<Action> {
         Target::Tags | Target::Referrers(_) if *method == Method::GET => Action::Pull,
         _ => return None,
     })
+}
+
+fn upload_unknown() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "BLOB_UPLOAD_UNKNOWN",
+        "unknown upload",
+    )
 }
 
 fn method_not_allowed() -> ApiError {
@@ -579,13 +621,14 @@ async fn start_upload(
         }
         // Not mountable: fall back to a new upload session, as the spec says.
     }
+    let owner = state.upload_owner(caller, &req);
     if let Some(d) = first(&q, "digest") {
         let digest = Digest::parse(d).map_err(registry_core::Error::from)?;
         let declared = content_length(req.headers())?;
         let data = body_stream(req.into_body(), state.config.body_idle_timeout);
         state
             .registry
-            .put_blob(repo, &digest, declared, data)
+            .put_blob_for(repo, &digest, declared, data, &owner)
             .await?;
         return Ok(blob_created(state, repo, &digest));
     }
@@ -593,7 +636,10 @@ async fn start_upload(
         None => Algorithm::Sha256,
         Some(a) => a.parse().map_err(registry_core::Error::from)?,
     };
-    let status = state.registry.start_upload(repo, algorithm).await?;
+    let status = state
+        .registry
+        .start_upload_for(repo, algorithm, &owner)
+        .await?;
     Ok(upload_response(
         state,
         StatusCode::ACCEPTED,

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -139,8 +140,18 @@ pub(crate) async fn run(
                 asked: false,
             },
         );
+        // Handlers see the client's address as axum's `ConnectInfo`, as with
+        // `axum::serve(.., into_make_service_with_connect_info)`: anonymous clients'
+        // upload sessions are limited per address.
+        let app = app.clone();
+        let with_peer = tower::ServiceBuilder::new()
+            .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req
+            })
+            .service(app);
         let connection =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(with_peer));
         let (connections, mut stop) = (connections.clone(), stop.clone());
         let header_timeout = limits.header_read_timeout;
         tokio::spawn(async move {

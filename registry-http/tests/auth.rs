@@ -888,3 +888,67 @@ async fn basic_only_registries_challenge_with_basic() {
         .assert_refused(StatusCode::UNAUTHORIZED);
     push_image(&app, "x", "v1", &basic("ci", "ci-pass")).await;
 }
+
+/// Regression: upload sessions were not bound to the identity that opened them, so
+/// anyone with push rights who learnt a session's URL could append to it, finish it
+/// under another digest or cancel it. Now a session is unknown to everyone else.
+#[tokio::test]
+async fn upload_sessions_answer_only_to_their_creator() {
+    let registry = Registry::in_memory();
+    let app = router(
+        registry.clone(),
+        HttpConfig::default().with_auth(
+            Auth::new(policy().grant(Grantee::user("ops"), "", Action::ALL))
+                .with_user("ci", "ci-pass")
+                .with_user("ops", "ops-pass"),
+        ),
+    );
+    let (ci, ops) = (basic("ci", "ci-pass"), basic("ops", "ops-pass"));
+    let r = send(
+        &app,
+        Method::POST,
+        "/v2/shared/blobs/uploads/",
+        Some(&ci),
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let loc = r.header("location").unwrap().to_owned();
+    let before = registry.storage().blobs.list_uploads().await.unwrap();
+    let chunk = [("content-range", "0-1"), ("content-length", "2")];
+    let d = Digest::sha256(b"ab");
+    for (method, uri, headers, body) in [
+        (Method::GET, loc.clone(), &[][..], Body::empty()),
+        (Method::PATCH, loc.clone(), &chunk[..], Body::from("ab")),
+        (
+            Method::PUT,
+            format!("{loc}?digest={d}"),
+            &[][..],
+            Body::empty(),
+        ),
+        (Method::DELETE, loc.clone(), &[][..], Body::empty()),
+    ] {
+        let r = send(&app, method.clone(), &uri, Some(&ops), headers, body).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{method} by another user");
+        assert_eq!(r.code(), "BLOB_UPLOAD_UNKNOWN");
+    }
+    assert_eq!(
+        registry.storage().blobs.list_uploads().await.unwrap(),
+        before
+    );
+    // Its creator carries on.
+    let r = send(&app, Method::PATCH, &loc, Some(&ci), &chunk, "ab").await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let loc = r.header("location").unwrap().to_owned();
+    let r = send(
+        &app,
+        Method::PUT,
+        &format!("{loc}?digest={d}"),
+        Some(&ci),
+        &[],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+}

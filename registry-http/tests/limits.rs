@@ -727,3 +727,55 @@ async fn unlimited_page_size_with_the_largest_n_lists_everything() {
         assert_eq!(r.json()["manifests"].as_array().unwrap().len(), 1);
     }
 }
+
+/// Sends a POST opening an upload session from `source` (any 127.0.0.0/8 address) and
+/// returns the status and the Retry-After header.
+async fn open_session_from(server: std::net::SocketAddr, source: [u8; 4]) -> (u16, Option<String>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind((std::net::Ipv4Addr::from(source), 0).into())
+        .unwrap();
+    let mut stream = socket.connect(server).await.unwrap();
+    stream
+        .write_all(b"POST /v2/per/addr/blobs/uploads/ HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    let retry_after = out.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("retry-after:")
+            .map(|v| v.trim().to_owned())
+    });
+    (status_of(&out), retry_after)
+}
+
+/// Regression: one anonymous client could open every upload session of the registry
+/// (10 repositories x 1,000 POSTs), and everyone's pushes then got 429 with a
+/// `Retry-After: 1` that held for an hour. Sessions are now limited per client address
+/// too, and the refusal says when the client's own oldest empty session can go.
+#[tokio::test]
+async fn anonymous_upload_sessions_are_limited_per_address_over_tcp() {
+    let (b, _clock) = builder();
+    let registry = b.with_max_open_uploads_per_owner(2).build();
+    let server = serve_local(registry.clone(), HttpConfig::default())
+        .await
+        .unwrap();
+    let greedy = [127, 0, 0, 1];
+    assert_eq!(open_session_from(server.addr(), greedy).await.0, 202);
+    assert_eq!(open_session_from(server.addr(), greedy).await.0, 202);
+    let (status, retry_after) = open_session_from(server.addr(), greedy).await;
+    assert_eq!(status, 429);
+    // Its sessions are empty: they can be reclaimed after the 5-minute empty expiry.
+    assert_eq!(retry_after.as_deref(), Some("300"));
+    // Another client (another address) is not locked out.
+    assert_eq!(
+        open_session_from(server.addr(), [127, 0, 0, 2]).await.0,
+        202
+    );
+    assert_eq!(
+        registry.storage().blobs.list_uploads().await.unwrap().len(),
+        3
+    );
+    server.shutdown().await;
+}

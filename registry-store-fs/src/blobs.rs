@@ -231,6 +231,7 @@ impl FsBlobStore {
         if !busy.insert(id.clone()) {
             return Err(Error::TooManyRequests {
                 reason: "another request is writing to this upload".into(),
+                retry_after: None,
             });
         }
         Ok(BusyGuard {

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::de::DeserializeOwned;
 
 use super::quota::{QuotaRef, quota_compute, quota_track};
-use super::{KvRead, KvWrite, Table, decode, key, last_part, parts, prefix, put};
+use super::{KvRead, KvWrite, PendingRefs, Table, decode, key, last_part, parts, prefix, put};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::store::{AuditReport, BlobLink, BlobRecord, BlobState, ManifestRecord, RepoRecord};
@@ -94,11 +94,14 @@ pub(super) fn audit_txn(t: &mut dyn KvWrite, repair: bool) -> Result<AuditReport
     let mut repos: BTreeMap<String, RepoRecord> = BTreeMap::new();
     let mut referrers = BTreeSet::new();
     let mut manifest_tags = BTreeSet::new();
+    let mut pending: BTreeMap<Vec<u8>, PendingRefs> = BTreeMap::new();
     for (k, rec) in &manifests {
         let repo = parts(k)?[0].to_owned();
         for b in &rec.blobs {
             let lk = key(&[&repo, b.as_str()]);
-            if !links.contains_key(&lk) {
+            if !links.contains_key(&lk) && rec.sparse {
+                pending.entry(lk.clone()).or_default().blobs += 1;
+            } else if !links.contains_key(&lk) {
                 report.problems.push(format!(
                     "manifest {} in {repo} references blob {b}, which the repository does not link (invariant 2)",
                     rec.digest
@@ -108,7 +111,9 @@ pub(super) fn audit_txn(t: &mut dyn KvWrite, repair: bool) -> Result<AuditReport
         }
         for c in &rec.children {
             let ck = key(&[&repo, c.as_str()]);
-            if !manifests.contains_key(&ck) {
+            if !manifests.contains_key(&ck) && rec.sparse {
+                pending.entry(ck.clone()).or_default().children += 1;
+            } else if !manifests.contains_key(&ck) {
                 report.problems.push(format!(
                     "index {} in {repo} lists missing child {c} (invariant 2)",
                     rec.digest
@@ -256,6 +261,32 @@ pub(super) fn audit_txn(t: &mut dyn KvWrite, repair: bool) -> Result<AuditReport
         repair,
         &mut report,
     )?;
+    // References of sparse manifests to what their repository still lacks.
+    let stored_pending: BTreeMap<Vec<u8>, PendingRefs> = load(t, Table::PendingRefs)?;
+    for (k, expected) in &pending {
+        if stored_pending.get(k) != Some(expected) {
+            report.problems.push(format!(
+                "pending references {} are {:?}, sparse manifests say {expected:?}",
+                show(k),
+                stored_pending.get(k)
+            ));
+            if repair {
+                put(t, Table::PendingRefs, k, expected)?;
+                report.repaired += 1;
+            }
+        }
+    }
+    for k in stored_pending.keys() {
+        if !pending.contains_key(k) {
+            report
+                .problems
+                .push(format!("pending references {} are stale", show(k)));
+            if repair {
+                t.delete(Table::PendingRefs, k)?;
+                report.repaired += 1;
+            }
+        }
+    }
     // Referrer entries can be removed when stale but not rebuilt (their descriptors
     // carry annotations only the manifest bytes have): report missing ones.
     let actual_referrers = keys(t, Table::Referrers)?;

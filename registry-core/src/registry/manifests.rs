@@ -70,6 +70,7 @@ impl Registry {
                 tags: 0,
                 parents: 0,
                 pushed_at: self.now(),
+                sparse: false,
             },
             referrer,
             tags: tags.clone(),

@@ -16,7 +16,7 @@ use crate::names::{Reference, RepoName, Tag};
 use crate::policy::{Policy, Quota, TagPattern};
 use crate::store::{
     BlobStore, ByteRange, ByteStream, LinkOutcome, ManifestRecord, MetadataStore, NewManifest,
-    Storage, UploadId, UploadInfo,
+    Storage, UploadId, UploadInfo, UploadOwner,
 };
 use crate::time::{Clock, SystemClock, Timestamp};
 
@@ -43,6 +43,11 @@ pub const DEFAULT_DELETION_LEASE: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_OPEN_UPLOADS: u64 = 10_000;
 /// Default limit on open upload sessions per repository.
 pub const DEFAULT_MAX_OPEN_UPLOADS_PER_REPO: u64 = 1_000;
+/// Default limit on open upload sessions per owner (identity, or address when
+/// anonymous): well above what one client pushes in parallel (Docker uploads 5 layers
+/// at once, containers/image 6), so that 100 concurrent pushes by one CI account fit,
+/// and a twentieth of the total, so that no one client can take every session.
+pub const DEFAULT_MAX_OPEN_UPLOADS_PER_OWNER: u64 = 500;
 
 /// How many times a commit retries when it races with the collector on the same blob.
 const COMMIT_ATTEMPTS: usize = 8;
@@ -74,6 +79,9 @@ pub struct RegistryConfig {
     pub max_open_uploads: u64,
     /// Most upload sessions open at once in this process in one repository.
     pub max_open_uploads_per_repo: u64,
+    /// Most upload sessions open at once in this process for one owner (sessions
+    /// opened with [`Registry::start_upload_for`]; see [`UploadOwner`]).
+    pub max_open_uploads_per_owner: u64,
     /// Immutable tags and quotas, enforced inside the metadata store's atomic changes.
     pub policy: Policy,
     /// Refuse every write ([`Error::ReadOnly`]); the collector only runs dry.
@@ -93,6 +101,7 @@ impl Default for RegistryConfig {
             deletion_lease: DEFAULT_DELETION_LEASE,
             max_open_uploads: DEFAULT_MAX_OPEN_UPLOADS,
             max_open_uploads_per_repo: DEFAULT_MAX_OPEN_UPLOADS_PER_REPO,
+            max_open_uploads_per_owner: DEFAULT_MAX_OPEN_UPLOADS_PER_OWNER,
             policy: Policy::default(),
             read_only: false,
         }
@@ -162,6 +171,11 @@ impl RegistryBuilder {
         self.config.max_open_uploads_per_repo = per_repo;
         self
     }
+    /// Limits the upload sessions one owner may have open (default 500).
+    pub fn with_max_open_uploads_per_owner(mut self, n: u64) -> Self {
+        self.config.max_open_uploads_per_owner = n;
+        self
+    }
     /// Makes the tags matching `pattern` immutable: once such a tag exists, pushing
     /// another manifest under it, re-tagging it, or deleting it (directly, or by deleting
     /// its manifest) is refused with [`Error::ImmutableTag`]. Pushing the manifest it
@@ -176,6 +190,16 @@ impl RegistryBuilder {
     /// (nested prefixes are each enforced).
     pub fn with_quota(mut self, prefix: RepoName, bytes: u64) -> Self {
         self.config.policy.quotas.push(Quota { prefix, bytes });
+        self
+    }
+    /// Accepts sparse manifests in the repositories under `prefix` (in every repository
+    /// with `None`): image manifests whose config or layers, and indexes whose child
+    /// manifests, the repository does not hold, as a mirror of some platforms of a
+    /// multi-platform image has. What is missing is not served; when it arrives later it
+    /// is counted as referenced from then on (`docs/design.md` §10, "Sparse
+    /// manifests"). May be called several times.
+    pub fn with_sparse_manifests(mut self, prefix: Option<RepoName>) -> Self {
+        self.config.policy.sparse.push(prefix);
         self
     }
     /// Makes the registry read-only: uploads, manifest pushes, tags, deletes and
@@ -230,10 +254,10 @@ pub(crate) struct Inner {
     /// Incremental hash state of upload sessions in this process. Lost on restart (the
     /// upload is then re-hashed from storage when it finishes).
     hashers: Mutex<HashMap<UploadId, Hasher>>,
-    /// Open upload sessions per repository, counted from storage on first use, then
-    /// kept up to date by this process (sessions of other processes sharing the store
-    /// are not seen: the limits are per process).
-    open_uploads: tokio::sync::Mutex<Option<HashMap<RepoName, u64>>>,
+    /// Open upload sessions per repository and per owner, counted from storage on first
+    /// use, then kept up to date by this process (sessions of other processes sharing
+    /// the store are not seen: the limits are per process).
+    open_uploads: tokio::sync::Mutex<Option<uploads::OpenUploads>>,
 }
 
 impl std::fmt::Debug for Inner {

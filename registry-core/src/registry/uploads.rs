@@ -14,75 +14,105 @@ impl Registry {
         repo: &RepoName,
         algorithm: Algorithm,
     ) -> Result<UploadStatus> {
+        self.open_session(repo, algorithm, UploadId::random()).await
+    }
+
+    /// Starts an upload session for `owner`: it counts against the owner's limit
+    /// ([`RegistryConfig::max_open_uploads_per_owner`]) and its id carries the owner's
+    /// tag ([`UploadId::is_for`]). What `registry-http` calls for every client.
+    pub async fn start_upload_for(
+        &self,
+        repo: &RepoName,
+        algorithm: Algorithm,
+        owner: &UploadOwner,
+    ) -> Result<UploadStatus> {
+        self.open_session(repo, algorithm, UploadId::random_for(owner))
+            .await
+    }
+
+    async fn open_session(
+        &self,
+        repo: &RepoName,
+        algorithm: Algorithm,
+        id: UploadId,
+    ) -> Result<UploadStatus> {
         self.check_writable("blob upload")?;
-        self.reserve_upload_slot(repo).await?;
-        let id = UploadId::random();
+        self.reserve_upload_slot(repo, &id).await?;
         if let Err(e) = self.inner.blobs.create_upload(&id, repo, self.now()).await {
-            self.release_upload_slot(repo).await;
+            self.release_upload_slot(repo, &id).await;
             return Err(e);
         }
         self.hashers().insert(id.clone(), Hasher::new(algorithm));
         Ok(UploadStatus { id, offset: 0 })
     }
 
-    async fn reserve_upload_slot(&self, repo: &RepoName) -> Result<()> {
+    async fn reserve_upload_slot(&self, repo: &RepoName, id: &UploadId) -> Result<()> {
         let mut open = self.inner.open_uploads.lock().await;
         if open.is_none() {
-            let mut counts: HashMap<RepoName, u64> = HashMap::new();
+            let mut counts = OpenUploads::default();
             for u in self.inner.blobs.list_uploads().await? {
-                *counts.entry(u.repo).or_default() += 1;
+                counts.add(&u.repo, &u.id);
             }
             *open = Some(counts);
         }
         let counts = open.as_mut().expect("initialised above");
         let config = &self.inner.config;
-        let mut total: u64 = counts.values().sum();
-        let mut here = counts.get(repo).copied().unwrap_or(0);
-        if total >= config.max_open_uploads || here >= config.max_open_uploads_per_repo {
-            // Sessions idle past the expiry count until a collection removes them;
-            // reclaim them now, or abandoned sessions would lock clients out until then.
-            // Sessions that never received a byte go sooner: opening sessions is cheap
-            // for a client, so they are what fills the limits on purpose.
-            let now = self.now();
-            for u in self.inner.blobs.list_uploads().await? {
-                let idle = now.since(u.updated_at);
-                let expired = idle > config.upload_expiry
-                    || (u.len == 0 && idle > config.empty_upload_expiry);
-                if expired && self.inner.blobs.delete_upload(&u.id).await? {
-                    self.hashers().remove(&u.id);
-                    if let Some(n) = counts.get_mut(&u.repo) {
-                        *n = n.saturating_sub(1);
-                        if *n == 0 {
-                            counts.remove(&u.repo);
-                        }
-                    }
+        let owner = id.owner_tag();
+        if counts.full(repo, owner, config).is_none() {
+            counts.add(repo, id);
+            return Ok(());
+        }
+        // Sessions idle past the expiry count until a collection removes them; reclaim
+        // them now, or abandoned sessions would lock clients out until then. Sessions
+        // that never received a byte go sooner: opening sessions is cheap for a client,
+        // so they are what fills the limits on purpose. Meanwhile, note when a slot of
+        // each limit will free up at the latest, for the refusal's Retry-After.
+        let now = self.now();
+        let mut soonest = [None::<Duration>; 3];
+        for u in self.inner.blobs.list_uploads().await? {
+            let idle = now.since(u.updated_at);
+            let expired =
+                idle > config.upload_expiry || (u.len == 0 && idle > config.empty_upload_expiry);
+            if expired && self.inner.blobs.delete_upload(&u.id).await? {
+                self.hashers().remove(&u.id);
+                counts.remove(&u.repo, &u.id);
+                continue;
+            }
+            let frees_in = if u.len == 0 {
+                config.empty_upload_expiry.saturating_sub(idle)
+            } else if idle < ACTIVE_SESSION {
+                // Receiving bytes: likely to finish (and free its slot) any moment.
+                FINISHING_SESSION_RETRY
+            } else {
+                config.upload_expiry.saturating_sub(idle)
+            };
+            let scopes = [
+                true,
+                &u.repo == repo,
+                owner.is_some() && u.id.owner_tag() == owner,
+            ];
+            for (s, in_scope) in soonest.iter_mut().zip(scopes) {
+                if in_scope {
+                    *s = Some(s.map_or(frees_in, |d| d.min(frees_in)));
                 }
             }
-            total = counts.values().sum();
-            here = counts.get(repo).copied().unwrap_or(0);
         }
-        if total >= config.max_open_uploads {
+        if let Some((limit, reason)) = counts.full(repo, owner, config) {
+            let retry_after = soonest[limit as usize]
+                .unwrap_or(FINISHING_SESSION_RETRY)
+                .max(Duration::from_secs(1));
             return Err(Error::TooManyRequests {
-                reason: format!("{total} upload sessions are open; finish or cancel some"),
+                reason,
+                retry_after: Some(retry_after),
             });
         }
-        if here >= config.max_open_uploads_per_repo {
-            return Err(Error::TooManyRequests {
-                reason: format!("{here} upload sessions are open in {repo}; finish or cancel some"),
-            });
-        }
-        *counts.entry(repo.clone()).or_default() += 1;
+        counts.add(repo, id);
         Ok(())
     }
 
-    async fn release_upload_slot(&self, repo: &RepoName) {
+    async fn release_upload_slot(&self, repo: &RepoName, id: &UploadId) {
         if let Some(counts) = self.inner.open_uploads.lock().await.as_mut() {
-            if let Some(n) = counts.get_mut(repo) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    counts.remove(repo);
-                }
-            }
+            counts.remove(repo, id);
         }
     }
 
@@ -111,7 +141,7 @@ impl Registry {
         self.hashers().remove(id);
         let existed = self.inner.blobs.delete_upload(id).await?;
         if existed {
-            self.release_upload_slot(repo).await;
+            self.release_upload_slot(repo, id).await;
         }
         Ok(existed)
     }
@@ -294,7 +324,7 @@ impl Registry {
             }
             return Err(e);
         }
-        self.release_upload_slot(repo).await;
+        self.release_upload_slot(repo, id).await;
         self.emit(Event::BlobStored {
             repo: repo.clone(),
             digest: digest.clone(),
@@ -344,7 +374,39 @@ impl Registry {
         declared_len: Option<u64>,
         data: ByteStream,
     ) -> Result<BlobInfo> {
-        let status = self.start_upload(repo, digest.algorithm()).await?;
+        self.put_blob_in(repo, digest, declared_len, data, UploadId::random())
+            .await
+    }
+
+    /// [`put_blob`](Self::put_blob) for `owner`: its session, while the bytes arrive,
+    /// counts against the owner's limit as in [`start_upload_for`](Self::start_upload_for).
+    pub async fn put_blob_for(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        declared_len: Option<u64>,
+        data: ByteStream,
+        owner: &UploadOwner,
+    ) -> Result<BlobInfo> {
+        self.put_blob_in(
+            repo,
+            digest,
+            declared_len,
+            data,
+            UploadId::random_for(owner),
+        )
+        .await
+    }
+
+    async fn put_blob_in(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        declared_len: Option<u64>,
+        data: ByteStream,
+        id: UploadId,
+    ) -> Result<BlobInfo> {
+        let status = self.open_session(repo, digest.algorithm(), id).await?;
         let result = self
             .finish_upload(repo, &status.id, digest, Some((data, declared_len)))
             .await;
@@ -480,6 +542,7 @@ impl Registry {
             if started.elapsed() > lease + Duration::from_secs(1) {
                 return Err(Error::TooManyRequests {
                     reason: format!("blob {digest} is being deleted; retry shortly"),
+                    retry_after: None,
                 });
             }
             tokio::time::sleep(pause).await;
@@ -498,5 +561,91 @@ impl Registry {
             self.inner.config.deletion_lease,
         )
         .await
+    }
+}
+
+/// A session that received bytes this recently is taken to be in use.
+const ACTIVE_SESSION: Duration = Duration::from_secs(60);
+/// Retry-After when a limit is full of sessions in use: they finish in seconds usually.
+const FINISHING_SESSION_RETRY: Duration = Duration::from_secs(5);
+
+/// The limits on open upload sessions, in the order [`OpenUploads::full`] checks them.
+#[derive(Clone, Copy)]
+enum Limit {
+    Total = 0,
+    Repo = 1,
+    Owner = 2,
+}
+
+/// Open upload sessions counted per repository and per owner tag.
+#[derive(Default)]
+pub(crate) struct OpenUploads {
+    total: u64,
+    per_repo: HashMap<RepoName, u64>,
+    per_owner: HashMap<Box<str>, u64>,
+}
+
+impl OpenUploads {
+    fn add(&mut self, repo: &RepoName, id: &UploadId) {
+        self.total += 1;
+        *self.per_repo.entry(repo.clone()).or_default() += 1;
+        if let Some(tag) = id.owner_tag() {
+            *self.per_owner.entry(tag.into()).or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, repo: &RepoName, id: &UploadId) {
+        fn decrement<K: std::hash::Hash + Eq + ?Sized>(
+            map: &mut HashMap<impl std::borrow::Borrow<K> + std::hash::Hash + Eq, u64>,
+            k: &K,
+        ) {
+            if let Some(n) = map.get_mut(k) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(k);
+                }
+            }
+        }
+        self.total = self.total.saturating_sub(1);
+        decrement(&mut self.per_repo, repo);
+        if let Some(tag) = id.owner_tag() {
+            decrement(&mut self.per_owner, tag);
+        }
+    }
+
+    /// The first limit a new session of `owner` in `repo` would exceed, and why.
+    fn full(
+        &self,
+        repo: &RepoName,
+        owner: Option<&str>,
+        config: &RegistryConfig,
+    ) -> Option<(Limit, String)> {
+        if self.total >= config.max_open_uploads {
+            return Some((
+                Limit::Total,
+                format!(
+                    "{} upload sessions are open; finish or cancel some",
+                    self.total
+                ),
+            ));
+        }
+        let here = self.per_repo.get(repo).copied().unwrap_or(0);
+        if here >= config.max_open_uploads_per_repo {
+            return Some((
+                Limit::Repo,
+                format!("{here} upload sessions are open in {repo}; finish or cancel some"),
+            ));
+        }
+        let mine = owner
+            .and_then(|o| self.per_owner.get(o))
+            .copied()
+            .unwrap_or(0);
+        if owner.is_some() && mine >= config.max_open_uploads_per_owner {
+            return Some((
+                Limit::Owner,
+                format!("you have {mine} upload sessions open; finish or cancel some"),
+            ));
+        }
+        None
     }
 }

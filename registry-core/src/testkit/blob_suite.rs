@@ -11,7 +11,7 @@ use super::*;
 use crate::digest::Algorithm;
 use crate::manifest::media_type::OCI_MANIFEST;
 use crate::registry::RangeRequest;
-use crate::store::UploadId;
+use crate::store::{UploadId, UploadOwner};
 
 /// A blob pushed in one request reads back exactly, with its size.
 pub async fn blob_monolithic_round_trip(f: Fixture) {
@@ -423,6 +423,87 @@ pub async fn empty_upload_sessions_are_reclaimed_under_pressure(f: Fixture) {
     assert_eq!(r.upload_status(&a, &used.id).await.unwrap().offset, 10);
     r.cancel_upload(&a, &used.id).await.unwrap();
     r.cancel_upload(&a, &fresh.id).await.unwrap();
+    assert_cleans_up(&r).await;
+}
+
+/// One owner (identity, or address when anonymous) cannot take more than its share of
+/// sessions: others still get theirs, and the refusal says when a slot frees up.
+pub async fn upload_sessions_are_limited_per_owner(f: Fixture) {
+    let (b, clock) = f.builder();
+    let r = b
+        .with_max_open_uploads_per_owner(2)
+        .with_empty_upload_expiry(Duration::from_secs(60))
+        .build();
+    let (mallory, alice) = (
+        UploadOwner::new("user:mallory"),
+        UploadOwner::new("user:alice"),
+    );
+    let (a, b) = (repo("suite/owner-a"), repo("suite/owner-b"));
+    let m1 = r
+        .start_upload_for(&a, Algorithm::Sha256, &mallory)
+        .await
+        .unwrap();
+    let m2 = r
+        .start_upload_for(&b, Algorithm::Sha256, &mallory)
+        .await
+        .unwrap();
+    assert!(
+        m1.id.is_for(&mallory) && !m1.id.is_for(&alice),
+        "{:?}",
+        m1.id
+    );
+    let retry_after = |e: Error| match e {
+        Error::TooManyRequests { retry_after, .. } => retry_after,
+        other => panic!("expected TooManyRequests, got {other:?}"),
+    };
+    // Over the owner's limit, in any repository: its empty sessions free up when they
+    // have been idle for the empty-session expiry.
+    let e = r
+        .start_upload_for(&a, Algorithm::Sha256, &mallory)
+        .await
+        .unwrap_err();
+    assert_eq!(retry_after(e), Some(Duration::from_secs(60)));
+    clock.advance(Duration::from_secs(20));
+    let e = r
+        .put_blob_for(&b, &Digest::sha256(b"m"), None, body(&[b"m"]), &mallory)
+        .await
+        .unwrap_err();
+    assert_eq!(retry_after(e), Some(Duration::from_secs(40)));
+    // Others are not affected.
+    let a1 = r
+        .start_upload_for(&a, Algorithm::Sha256, &alice)
+        .await
+        .unwrap();
+    let unowned = r.start_upload(&a, Algorithm::Sha256).await.unwrap();
+    // A session receiving bytes is likely to finish soon: retry in seconds.
+    r.append_upload(&b, &m2.id, Some(0), None, body(&[b"bytes"]))
+        .await
+        .unwrap();
+    let e = r
+        .start_upload_for(&a, Algorithm::Sha256, &mallory)
+        .await
+        .unwrap_err();
+    assert_eq!(retry_after(e), Some(Duration::from_secs(5)));
+    // The empty session goes once idle long enough, under pressure; the used one stays.
+    clock.advance(Duration::from_secs(41));
+    let m3 = r
+        .start_upload_for(&a, Algorithm::Sha256, &mallory)
+        .await
+        .unwrap();
+    assert!(matches!(
+        r.upload_status(&a, &m1.id).await,
+        Err(Error::UploadUnknown { .. })
+    ));
+    // A registry opened later over the same storage counts each owner's sessions.
+    let (b2, _) = f.builder();
+    let r2 = b2.with_max_open_uploads_per_owner(2).build();
+    assert!(matches!(
+        r2.start_upload_for(&b, Algorithm::Sha256, &mallory).await,
+        Err(Error::TooManyRequests { .. })
+    ));
+    for (repo, id) in [(&b, &m2.id), (&a, &m3.id), (&a, &a1.id), (&a, &unowned.id)] {
+        r.cancel_upload(repo, id).await.unwrap();
+    }
     assert_cleans_up(&r).await;
 }
 

@@ -649,3 +649,140 @@ pub async fn retention_spares_immutable_tags(f: Fixture) {
     let (plain, _) = f.builder();
     assert_cleans_up(&plain.with_clock(Arc::new(clock)).build()).await;
 }
+
+/// Sparse manifests, where the policy allows them: an image whose layer and an index
+/// whose child the repository does not hold are accepted (elsewhere refused as
+/// before); what is missing is not served; what arrives later is counted as
+/// referenced from then on, so the collector keeps it and a child cannot be deleted
+/// from under its index; deleting the sparse manifests releases everything.
+pub async fn policy_sparse_manifests(f: Fixture) {
+    use crate::gc::{GcOptions, UntaggedPolicy};
+    let (b, _) = f.builder();
+    let r = b
+        .with_sparse_manifests(Some(repo("suite/mirror")))
+        .with_protection_window(Duration::ZERO)
+        .build();
+    let (strict, mirror) = (repo("suite/strict"), repo("suite/mirror/app"));
+    let image = image_manifest(b"{\"sparse\":1}", &[b"present layer", b"missing layer"]);
+    for repo in [&strict, &mirror] {
+        push_blob(&r, repo, b"{\"sparse\":1}").await;
+        push_blob(&r, repo, b"present layer").await;
+    }
+    let before = snapshot(&r).await;
+    let e = put_tagged(&r, &strict, &tag_ref("img"), &image)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::ManifestBlobUnknown { .. }), "{e:?}");
+    assert_eq!(snapshot(&r).await, before, "a refused push changes nothing");
+
+    let img = put_tagged(&r, &mirror, &tag_ref("sparse-image"), &image)
+        .await
+        .expect("sparse image accepted under the prefix");
+    let got = r
+        .get_manifest(&mirror, &tag_ref("sparse-image"))
+        .await
+        .unwrap();
+    assert_eq!(&got.bytes[..], image.as_bytes());
+    let missing_layer = Digest::sha256(b"missing layer");
+    assert!(matches!(
+        read_blob(&r, &mirror, &missing_layer).await,
+        Err(Error::BlobUnknown { .. })
+    ));
+    // An index with one child present and one that was never pushed.
+    let (present, present_size) = push_image(
+        &r,
+        &mirror,
+        "amd64",
+        b"{\"arch\":\"amd64\"}",
+        &[b"amd64 layer"],
+    )
+    .await;
+    let absent_bytes = image_manifest(b"{\"arch\":\"arm64\"}", &[b"arm64 layer"]);
+    let absent = Digest::sha256(absent_bytes.as_bytes());
+    let index = index_manifest(&[
+        (&present, present_size),
+        (&absent, absent_bytes.len() as u64),
+    ]);
+    let idx = r
+        .put_manifest(
+            &mirror,
+            &tag_ref("sparse-index"),
+            crate::manifest::media_type::OCI_INDEX,
+            Bytes::from(index.clone()),
+            PutManifestOptions::default(),
+        )
+        .await
+        .expect("sparse index accepted");
+    r.delete_manifest(&mirror, &tag_ref("amd64")).await.unwrap();
+    let audit = r.storage().metadata.audit(false).await.unwrap();
+    assert!(audit.problems.is_empty(), "audit: {:?}", audit.problems);
+
+    // A collection with a zero window keeps everything referenced.
+    let gc = GcOptions {
+        window: Some(Duration::ZERO),
+        untagged: UntaggedPolicy::Collect,
+        ..GcOptions::default()
+    };
+    r.collect_garbage(&gc).await.unwrap();
+    assert_eq!(
+        read_blob(&r, &mirror, &Digest::sha256(b"present layer"))
+            .await
+            .unwrap(),
+        b"present layer"
+    );
+    r.get_manifest(&mirror, &Reference::Digest(present.clone()))
+        .await
+        .expect("a present child of a live index stays");
+
+    // What arrives later is referenced from then on.
+    push_blob(&r, &mirror, b"missing layer").await;
+    let link = r
+        .storage()
+        .metadata
+        .blob_link(&mirror, &missing_layer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        link.manifest_refs, 1,
+        "the sparse image counts its late layer"
+    );
+    push_blob(&r, &mirror, b"{\"arch\":\"arm64\"}").await;
+    push_blob(&r, &mirror, b"arm64 layer").await;
+    let late = put_tagged(
+        &r,
+        &mirror,
+        &Reference::Digest(absent.clone()),
+        &absent_bytes,
+    )
+    .await
+    .unwrap();
+    assert_eq!(late.digest, absent);
+    r.collect_garbage(&gc).await.unwrap();
+    assert_eq!(
+        read_blob(&r, &mirror, &missing_layer).await.unwrap(),
+        b"missing layer"
+    );
+    r.get_manifest(&mirror, &Reference::Digest(absent.clone()))
+        .await
+        .expect("the late child is kept by its index, untagged as it is");
+    let e = r
+        .delete_manifest(&mirror, &Reference::Digest(absent.clone()))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InUse { .. }), "{e:?}");
+    let audit = r.storage().metadata.audit(false).await.unwrap();
+    assert!(audit.problems.is_empty(), "audit: {:?}", audit.problems);
+
+    // A sparse manifest whose missing parts never come releases its pending counts.
+    let other = image_manifest(b"{\"sparse\":1}", &[b"present layer", b"never pushed"]);
+    let never = put_tagged(&r, &mirror, &tag_ref("never"), &other)
+        .await
+        .unwrap();
+    for d in [&never.digest, &idx.digest, &img.digest] {
+        r.delete_manifest(&mirror, &Reference::Digest(d.clone()))
+            .await
+            .unwrap();
+    }
+    assert_cleans_up(&r).await;
+}
