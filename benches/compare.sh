@@ -7,7 +7,8 @@
 #   FLAT=1 bash benches/compare.sh       # flatness: manifest PUT/GET at 1k and 100k stored
 #
 # Environment: ROUNDS (rounds per server, default 3, QUICK 2), SERVERS ("ours dist",
-# or one of them), OURS_STORAGE (fs|memory, default fs), OURS_ARGS (extra flags for
+# or one of them; "ours base dist" with BASE_SERVE=PATH also runs our serve built from
+# another commit, for a before/after table), OURS_STORAGE (fs|memory, default fs), OURS_ARGS (extra flags for
 # our serve, e.g. --no-verify-reads), OUT (default target/bench), BIG=1 (add a 4 GiB
 # push and pull), FLAT=1 (only the store-growth workloads; with FLAT_TARGET,
 # FLAT_FILL_SECONDS, FLAT_PUTS, FLAT_GETS).
@@ -60,6 +61,10 @@ case $DIST_VERSION in *2.8.2*) ;; *) log "warning: expected Distribution 2.8.2, 
 
 log "building load (release)"
 cargo build --release -p registry-benches --bin load
+if [[ " $SERVERS " == *" base "* ]] && [ ! -x "${BASE_SERVE:-}" ]; then
+    log "SERVERS names base: set BASE_SERVE to a serve binary built from the commit to compare with"
+    exit 2
+fi
 if [[ " $SERVERS " == *" ours "* ]]; then
     log "building the serve example (release)"
     cargo build --release -p registry-examples --example serve
@@ -189,6 +194,11 @@ EOF
             ;;
         ours)
             cmd=("$SERVE" --addr "127.0.0.1:$PORT" --data-dir "$WORK/data" --storage "$OURS_STORAGE" "${OURS_ARGS[@]}")
+            ;;
+        base)
+            # Our serve built from another commit (BASE_SERVE), with the same flags: a
+            # before/after comparison of a change in one run.
+            cmd=("$BASE_SERVE" --addr "127.0.0.1:$PORT" --data-dir "$WORK/data" --storage "$OURS_STORAGE" "${OURS_ARGS[@]}")
             ;;
         *) log "unknown server $kind"; return 1 ;;
     esac

@@ -15,7 +15,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-OURS, DIST = "ours", "dist"
+OURS, DIST, BASE = "ours", "dist", "base"
 
 # Workload -> targets from issue 7: minimum ratio ours/Distribution of the throughput,
 # and for ours the most server CPU s/GB and the most peak RSS (MiB).
@@ -235,6 +235,22 @@ def main(path):
               f"{pair(med(n, OURS, 'cpu_req_ms'), med(n, DIST, 'cpu_req_ms'))} | "
               f"{pair(med(n, OURS, 'hwm_mib'), med(n, DIST, 'hwm_mib'), 1)} | "
               f"{errs[0] if errs[0] is not None else '–'} / {errs[1] if errs[1] is not None else '–'} |")
+
+    if rounds.get(BASE):
+        # A before/after comparison: the same serve built from another commit (compare.sh
+        # SERVERS="ours base dist" with BASE_SERVE), measured in the same run.
+        print()
+        print(f"Before/after: `base` is BASE_SERVE ({len(rounds[BASE])} rounds). Ratios of "
+              "median throughput; CPU is the server's ms per request.")
+        print()
+        print("| workload | ours | base | ours/base | ours/Dist | base/Dist | CPU ms/req ours / base |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for n in names:
+            o, b, d = med(n, OURS, "thr"), med(n, BASE, "thr"), med(n, DIST, "thr")
+            ratio = lambda x, y: x / y if x is not None and y else None
+            print(f"| {n} | {fmt(o)} | {fmt(b)} | {fmt(ratio(o, b), 3)} | {fmt(ratio(o, d), 2)} | "
+                  f"{fmt(ratio(b, d), 2)} | "
+                  f"{pair(med(n, OURS, 'cpu_req_ms'), med(n, BASE, 'cpu_req_ms'))} |")
 
     def rmed(server, i):
         return median([r[i] for r in ready.get(server, [])])
