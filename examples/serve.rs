@@ -26,7 +26,11 @@
 //!   store while stopped; a bucket at any time, `--repair` when quiet) prints, as its
 //!   last line, `check: N blobs, M manifests, R repositories, P problems`;
 //! - `serve gc [--data-dir DIR | --storage URL] [--window SECS] [--dry-run] [--untagged]` collects and
-//!   prints its report as the last line, starting with `gc:`.
+//!   prints its report as the last line, starting with `gc:`;
+//! - `serve import --repo NAME [--tag T]... PATH` and `serve export [--repo NAME [--tag
+//!   T]...] PATH` (with the storage flags above; fs while stopped) move images in from
+//!   and out to an OCI image layout directory, or an oci-archive when PATH ends in
+//!   `.tar` (crate `registry-layout`); each prints its report as the last line.
 //!
 //! Policies: `--immutable-tags PATTERN` (repeatable; `[REPO_PREFIX:]GLOB` with `*`, for
 //! example `v*` or `prod/app:release-*`; also honoured by `gc`), `--quota PREFIX=BYTES`
@@ -43,7 +47,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use registry_core::access::{Action, Grantee, PrefixRules};
 use registry_core::{
-    GcOptions, Registry, RepoName, RetentionRule, Storage, TagPattern, UntaggedPolicy,
+    GcOptions, Registry, RepoName, RetentionRule, Storage, Tag, TagPattern, UntaggedPolicy,
 };
 use registry_http::{Auth, HttpConfig, ServerLimits, TokenIssuer};
 use registry_store_fs::{CheckOptions, FsStore};
@@ -110,6 +114,51 @@ struct Args {
     /// previous response (so also how long an idle kept-alive connection stays open).
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     header_read_timeout: Duration,
+    /// A request body that sends nothing for this long fails.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    body_idle_timeout: Duration,
+    /// Bytes of manifest bodies buffered at once over all requests; a push that does
+    /// not fit within a second gets 429.
+    #[arg(long, default_value_t = HttpConfig::default().manifest_buffer_budget)]
+    manifest_buffer_budget: u64,
+    /// Time to receive a whole manifest body.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    manifest_body_deadline: Duration,
+    /// Largest blob accepted, in bytes (default: no limit).
+    #[arg(long)]
+    max_blob_size: Option<u64>,
+    /// Upload sessions open at once, in total.
+    #[arg(long, default_value_t = registry_core::registry::DEFAULT_MAX_OPEN_UPLOADS)]
+    max_uploads: u64,
+    /// Upload sessions open at once in one repository.
+    #[arg(long, default_value_t = registry_core::registry::DEFAULT_MAX_OPEN_UPLOADS_PER_REPO)]
+    max_uploads_per_repo: u64,
+    /// Upload sessions open at once for one client: a user, or an address (an IPv6
+    /// /64) when anonymous.
+    #[arg(long, default_value_t = registry_core::registry::DEFAULT_MAX_OPEN_UPLOADS_PER_OWNER)]
+    max_uploads_per_client: u64,
+    /// An upload session idle this long is forgotten.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    upload_expiry: Duration,
+    /// An upload session that received nothing, idle this long, is reclaimed when the
+    /// session limits are reached.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    empty_upload_expiry: Duration,
+    /// Largest page of tag, catalog and referrer listings (also the default page).
+    #[arg(long, default_value_t = registry_core::registry::DEFAULT_MAX_PAGE_SIZE)]
+    max_page_size: usize,
+    /// Accept sparse manifests (an index whose child manifests, or an image whose
+    /// layers, the repository does not hold, as a mirror of some platforms has) in
+    /// every repository, or with `=PREFIX` under PREFIX (repeatable).
+    #[arg(
+        long = "allow-sparse",
+        value_name = "PREFIX",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        value_parser = parse_sparse_prefix
+    )]
+    allow_sparse: Vec<SparsePrefix>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -145,6 +194,30 @@ enum Command {
         /// other matches: `DURATION[:PATTERN]` (repeatable).
         #[arg(long = "keep-younger-than", value_parser = parse_keep_younger)]
         keep_younger_than: Vec<RetentionRule>,
+    },
+    /// Import an OCI image layout directory, or an oci-archive (PATH ending in .tar),
+    /// into a repository: every tag of the layout, or the --tag's given.
+    Import {
+        /// Repository to import into.
+        #[arg(long)]
+        repo: RepoName,
+        /// Import this tag of the layout (repeatable; default: all).
+        #[arg(long = "tag")]
+        tags: Vec<Tag>,
+        /// The layout directory or .tar archive.
+        path: PathBuf,
+    },
+    /// Export the registry, or --repo (all its tags, or the --tag's given), into an OCI
+    /// image layout directory, or an oci-archive if PATH ends in .tar.
+    Export {
+        /// Repository to export (default: every repository, named `repo:tag`).
+        #[arg(long)]
+        repo: Option<RepoName>,
+        /// Export this tag of --repo (repeatable; default: all).
+        #[arg(long = "tag", requires = "repo")]
+        tags: Vec<Tag>,
+        /// The layout directory or .tar archive (created, or added to).
+        path: PathBuf,
     },
 }
 
@@ -208,7 +281,23 @@ fn with_policies(
     for (prefix, bytes) in &args.quotas {
         builder = builder.with_quota(prefix.clone(), *bytes);
     }
+    for SparsePrefix(prefix) in &args.allow_sparse {
+        builder = builder.with_sparse_manifests(prefix.clone());
+    }
     builder
+}
+
+/// `--allow-sparse` (everywhere) or `--allow-sparse=PREFIX`.
+#[derive(Debug, Clone)]
+struct SparsePrefix(Option<RepoName>);
+
+fn parse_sparse_prefix(s: &str) -> Result<SparsePrefix, String> {
+    if s.is_empty() {
+        return Ok(SparsePrefix(None));
+    }
+    RepoName::parse(s)
+        .map(|p| SparsePrefix(Some(p)))
+        .map_err(|e| format!("{s:?} is not a repository prefix: {e}"))
 }
 
 fn parse_storage(s: &str) -> Result<StorageKind, String> {
@@ -534,6 +623,35 @@ async fn run(args: &Args) -> Result<(), String> {
             println!("gc: {report}");
             return Ok(());
         }
+        Some(Command::Import { repo, tags, path }) => {
+            let registry = with_policies(Registry::builder(open_storage(args).await?), args)
+                .with_max_manifest_size(args.max_manifest_size)
+                .build();
+            let options = registry_layout::ImportOptions::default().with_tags(tags.clone());
+            let report = registry_layout::import(&registry, repo, path, &options)
+                .await
+                .map_err(|e| format!("import of {} failed: {e}", path.display()))?;
+            println!("import: {report}");
+            return Ok(());
+        }
+        Some(Command::Export { repo, tags, path }) => {
+            // Read-only: an export only reads, and must not even refresh blob protection.
+            let registry = Registry::builder(open_storage(args).await?)
+                .read_only(true)
+                .build();
+            let selection = match repo {
+                Some(repo) => {
+                    registry_layout::ExportSelection::repository(repo.clone(), tags.clone())
+                }
+                None => registry_layout::ExportSelection::Registry,
+            };
+            let options = registry_layout::ExportOptions::default();
+            let report = registry_layout::export(&registry, &selection, path, &options)
+                .await
+                .map_err(|e| format!("export to {} failed: {e}", path.display()))?;
+            println!("export: {report}");
+            return Ok(());
+        }
         None => {}
     }
     // Listen first: a port in use is the most common failure, and says the most.
@@ -546,6 +664,12 @@ async fn run(args: &Args) -> Result<(), String> {
     let storage = open_storage(args).await?;
     let registry = with_policies(Registry::builder(storage), args)
         .with_max_manifest_size(args.max_manifest_size)
+        .with_max_blob_size(args.max_blob_size.unwrap_or(u64::MAX))
+        .with_max_open_uploads(args.max_uploads, args.max_uploads_per_repo)
+        .with_max_open_uploads_per_owner(args.max_uploads_per_client)
+        .with_upload_expiry(args.upload_expiry)
+        .with_empty_upload_expiry(args.empty_upload_expiry)
+        .with_max_page_size(args.max_page_size)
         .with_protection_window(Duration::from_secs(args.gc_window))
         .with_verify_reads(!args.no_verify_reads)
         .build();
@@ -554,6 +678,9 @@ async fn run(args: &Args) -> Result<(), String> {
             header_read_timeout: args.header_read_timeout,
             max_connections: args.max_connections,
         })
+        .with_body_idle_timeout(args.body_idle_timeout)
+        .with_manifest_buffer_budget(args.manifest_buffer_budget)
+        .with_manifest_body_deadline(args.manifest_body_deadline)
         .with_read_only(args.read_only)
         .with_deletes(!args.no_deletes)
         .with_base_url(args.base_url.clone());

@@ -143,7 +143,7 @@ crates_alone() {
     # The workspace build unifies features across members and can hide a crate that
     # needs a dependency feature it does not ask for.
     local crate rc=0
-    for crate in registry-core registry-store-fs registry-store-object registry-http; do
+    for crate in registry-core registry-store-fs registry-store-object registry-http registry-layout; do
         echo "cargo check -p $crate --lib"
         cargo check --locked -p "$crate" --lib || rc=1
     done
