@@ -235,10 +235,40 @@ fn hot_paths(c: &mut Criterion, name: &str, rt: &tokio::runtime::Runtime, regist
     g.finish();
 }
 
+/// What a test harness pays for a registry holding a known image: an in-memory
+/// registry built, then a 3-layer image (1, 4 and 16 KiB, seeded) described with
+/// `registry_core::fixtures` and pushed (config, layers, manifest: 5 hashes of the
+/// content, 4 blob commits, one manifest commit), then dropped. Also the fixture's
+/// bytes alone, to show what of that is generating and hashing them.
+fn fixtures_preload(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let repo = RepoName::parse("bench/fixture").unwrap();
+    let image = registry_core::fixtures::image()
+        .layers([1024, 4096, 16384])
+        .seed(7);
+    let mut g = c.benchmark_group("fixtures");
+    g.bench_function("build_3_layer_image", |b| {
+        b.iter(|| black_box(image.build().unwrap()))
+    });
+    g.bench_function("registry_build_and_preload_3_layer_image", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let registry = Registry::in_memory();
+                let pushed = image.push(&registry, &repo, "v1").await.unwrap();
+                black_box((registry, pushed))
+            })
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     parsing,
     inspection,
+    fixtures_preload,
     memory_store,
     loopback,
     fs_store,

@@ -4,7 +4,8 @@
 //! Flags (kept stable, scripts use them): `--addr HOST:PORT`, `--data-dir DIR`,
 //! `--storage memory|fs|s3://BUCKET|az://CONTAINER|gs://BUCKET`, `--max-manifest-size BYTES`, `--gc-interval SECS`,
 //! `--gc-window SECS`, `--read-only`, `--no-deletes`, `--base-url URL`,
-//! `--auth-user NAME:PASSWORD` (repeatable), `--anonymous-read`. Logs go through
+//! `--auth-user NAME:PASSWORD` (repeatable), `--anonymous-read`, `--metrics-addr
+//! HOST:PORT`, `--no-access-log`, `--audit-log FILE`, `--audit-log-fsync`. Logs go through
 //! `tracing` (`RUST_LOG=debug` for more, or per target: `RUST_LOG=registry_http=debug,info`);
 //! credentials are never logged. On start it prints the URL, where the data is and how
 //! to stop; a failure (port in use, data directory not writable, object storage not
@@ -49,7 +50,7 @@ use registry_core::access::{Action, Grantee, PrefixRules};
 use registry_core::{
     GcOptions, Registry, RepoName, RetentionRule, Storage, Tag, TagPattern, UntaggedPolicy,
 };
-use registry_http::{Auth, HttpConfig, ServerLimits, TokenIssuer};
+use registry_http::{AuditLog, Auth, HttpConfig, Metrics, ServerLimits, TokenIssuer};
 use registry_store_fs::{CheckOptions, FsStore};
 use registry_store_object::{BucketOptions, BucketStore, CheckOptions as BucketCheckOptions};
 use tracing_subscriber::filter::Targets;
@@ -69,6 +70,18 @@ struct Args {
     /// `gs://BUCKET[/PREFIX]`, configured from the environment.
     #[arg(long, global = true, default_value = "fs", value_parser = parse_storage)]
     storage: StorageKind,
+    /// Keep the metadata (tags, manifests, links, counts) in PostgreSQL instead of
+    /// beside the blobs: `postgres://USER:PASSWORD@HOST:PORT/DB`. With object storage
+    /// for the blobs, any number of serve processes on one database are one registry.
+    /// Also from the environment (keeps a password out of the process list).
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        env = "REGISTRY_METADATA_URL",
+        hide_env_values = true
+    )]
+    metadata: Option<String>,
     /// Largest manifest accepted, in bytes.
     #[arg(long, default_value_t = registry_core::registry::DEFAULT_MAX_MANIFEST_SIZE)]
     max_manifest_size: u64,
@@ -106,6 +119,11 @@ struct Args {
     /// With authentication on, let anonymous clients pull and list everything.
     #[arg(long)]
     anonymous_read: bool,
+    /// Sign bearer tokens with the key in FILE (at least 32 bytes), so that processes
+    /// serving one registry accept each other's tokens (default: a random key per
+    /// process).
+    #[arg(long, value_name = "FILE")]
+    token_key_file: Option<PathBuf>,
     /// Most connections served at once; when all are taken, the oldest connection is
     /// closed (after the request it is serving) to make room.
     #[arg(long, default_value_t = ServerLimits::default().max_connections)]
@@ -159,6 +177,24 @@ struct Args {
         value_parser = parse_sparse_prefix
     )]
     allow_sparse: Vec<SparsePrefix>,
+    /// Serve Prometheus metrics (`/metrics`), `/healthz` and `/readyz` on this address:
+    /// a listener of its own, without authentication, so bind it where only the
+    /// scraper reaches it (default: no metrics).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<SocketAddr>,
+    /// Do not log a line per request (tracing target `registry_http::access`, level
+    /// info).
+    #[arg(long)]
+    no_access_log: bool,
+    /// Append the audit log to FILE: a JSON line per change (pushes, tag moves,
+    /// deletes, uploads, mounts, the collector's removals) and per refused credential
+    /// or access, written before the change is acknowledged (default: none).
+    #[arg(long, global = true, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
+    /// Also sync each audit line to disk before the acknowledgement (a disk flush per
+    /// change; without it, a line survives a crash of serve but not of the machine).
+    #[arg(long, global = true, requires = "audit_log")]
+    audit_log_fsync: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -323,19 +359,39 @@ fn parse_user(s: &str) -> Result<(String, String), String> {
 /// The access policy from the flags: `None` (open) unless a user or anonymous reads
 /// are configured; then users may do everything and anonymous callers only what
 /// --anonymous-read allows.
-fn auth_from_args(args: &Args) -> Option<Auth> {
+fn auth_from_args(args: &Args) -> Result<Option<Auth>, String> {
     if args.auth_users.is_empty() && !args.anonymous_read {
-        return None;
+        return Ok(None);
     }
     let mut rules = PrefixRules::new().grant(Grantee::Authenticated, "", Action::ALL);
     if args.anonymous_read {
         rules = rules.grant(Grantee::Anonymous, "", Action::READ);
     }
-    let mut auth = Auth::new(rules).with_token_issuer(TokenIssuer::new("registry"));
+    // Processes serving one registry must share the key: a token one issues is then
+    // accepted by all. Without a file each process signs with a random key of its own.
+    let issuer = match &args.token_key_file {
+        Some(path) => {
+            let key = std::fs::read(path)
+                .map_err(|e| format!("cannot read the token key {}: {e}", path.display()))?;
+            let key = key.trim_ascii();
+            if key.len() < 32 {
+                return Err(format!(
+                    "the token key in {} has {} bytes; use at least 32 random bytes \
+                     (for example: head -c 48 /dev/urandom | base64 > {})",
+                    path.display(),
+                    key.len(),
+                    path.display()
+                ));
+            }
+            TokenIssuer::with_key("registry", key)
+        }
+        None => TokenIssuer::new("registry"),
+    };
+    let mut auth = Auth::new(rules).with_token_issuer(issuer);
     for (name, password) in &args.auth_users {
         auth = auth.with_user(name, password);
     }
-    Some(auth)
+    Ok(Some(auth))
 }
 
 /// The data directory as an absolute path, for messages.
@@ -348,12 +404,20 @@ fn shown(dir: &Path) -> String {
 
 /// One line saying where the data lives.
 fn storage_line(args: &Args) -> String {
-    match &args.storage {
+    let blobs = match &args.storage {
         StorageKind::Memory => "storage: memory (everything is gone when serve exits)".to_owned(),
         StorageKind::Fs => format!("storage: fs, data in {}", shown(&args.data_dir)),
         StorageKind::Object(url) => {
             format!("storage: object store {url} (configured from the environment)")
         }
+    };
+    match &args.metadata {
+        // Host and database only: the URL may hold a password.
+        Some(url) => format!(
+            "{blobs}; metadata in PostgreSQL {}",
+            registry_store_postgres::describe_url(url)
+        ),
+        None => blobs,
     }
 }
 
@@ -442,6 +506,22 @@ fn object_failure(url: &str, what: &str, e: &registry_core::Error) -> String {
 }
 
 async fn open_storage(args: &Args) -> Result<Storage, String> {
+    let storage = open_blob_storage(args).await?;
+    let Some(url) = &args.metadata else {
+        return Ok(storage);
+    };
+    let metadata = registry_store_postgres::connect(url)
+        .await
+        .map_err(|e| format!("cannot use the metadata database: {e}"))?;
+    Ok(Storage {
+        blobs: storage.blobs,
+        metadata: std::sync::Arc::new(metadata),
+    })
+}
+
+/// The storage `--storage` names (blobs and, unless `--metadata` says otherwise, the
+/// metadata beside them).
+async fn open_blob_storage(args: &Args) -> Result<Storage, String> {
     Ok(match &args.storage {
         StorageKind::Memory => registry_core::MemoryStore::new().into_storage(),
         StorageKind::Fs => FsStore::open(&args.data_dir)
@@ -585,8 +665,10 @@ async fn run(args: &Args) -> Result<(), String> {
             keep_last,
             keep_younger_than,
         }) => {
-            let registry =
-                with_policies(Registry::builder(open_storage(args).await?), args).build();
+            let audit = open_audit(args)?;
+            let storage =
+                registry_http::instrument_storage(open_storage(args).await?, None, audit.as_ref());
+            let registry = with_policies(Registry::builder(storage), args).build();
             let report = registry
                 .collect_garbage(&GcOptions {
                     window: Some(Duration::from_secs(window.unwrap_or(args.gc_window))),
@@ -661,7 +743,21 @@ async fn run(args: &Args) -> Result<(), String> {
     let addr = listener
         .local_addr()
         .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
-    let storage = open_storage(args).await?;
+    let metrics_listener = match args.metrics_addr {
+        Some(at) => Some(
+            tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|e| bind_failure(at, &e).replace("--addr", "--metrics-addr"))?,
+        ),
+        None => None,
+    };
+    let metrics = metrics_listener.as_ref().map(|_| Metrics::new());
+    let audit = open_audit(args)?;
+    let storage = registry_http::instrument_storage(
+        open_storage(args).await?,
+        metrics.as_ref(),
+        audit.as_ref(),
+    );
     let registry = with_policies(Registry::builder(storage), args)
         .with_max_manifest_size(args.max_manifest_size)
         .with_max_blob_size(args.max_blob_size.unwrap_or(u64::MAX))
@@ -683,8 +779,19 @@ async fn run(args: &Args) -> Result<(), String> {
         .with_manifest_body_deadline(args.manifest_body_deadline)
         .with_read_only(args.read_only)
         .with_deletes(!args.no_deletes)
-        .with_base_url(args.base_url.clone());
-    let config = match auth_from_args(args) {
+        .with_base_url(args.base_url.clone())
+        .with_access_log(!args.no_access_log);
+    // Metrics are served by their own listener only: no credentials needed there, and
+    // nothing extra on the registry's.
+    let config = match &metrics {
+        Some(m) => config.with_metrics(m.clone()).with_metrics_route(false),
+        None => config,
+    };
+    let config = match &audit {
+        Some(a) => config.with_audit(a.clone()),
+        None => config,
+    };
+    let config = match auth_from_args(args)? {
         Some(auth) => {
             tracing::info!(
                 users = args.auth_users.len(),
@@ -701,15 +808,38 @@ async fn run(args: &Args) -> Result<(), String> {
         let registry = registry.clone();
         let mut stop = stop_rx.clone();
         let interval = Duration::from_secs(args.gc_interval);
+        let metrics = metrics.clone();
+        // `Registry::run_collector`, plus each run's report into the metrics.
         tokio::spawn(async move {
-            registry
-                .run_collector(interval, GcOptions::default(), async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                let result = registry.collect_garbage(&GcOptions::default()).await;
+                if let Some(m) = &metrics {
+                    m.record_gc(&result);
+                }
+                match result {
+                    Ok(report) => tracing::debug!(%report, "garbage collection"),
+                    Err(e) => tracing::warn!(error = %e, "garbage collection failed; will retry"),
+                }
+            }
         });
     }
 
+    let metrics_server = match (metrics_listener, &metrics) {
+        (Some(listener), Some(m)) => {
+            let at = listener
+                .local_addr()
+                .map_err(|e| format!("cannot listen for metrics: {e}"))?;
+            let server = registry_http::serve_metrics_on(listener, registry.clone(), m.clone())
+                .await
+                .map_err(|e| format!("cannot serve metrics on {at}: {e}"))?;
+            Some(server)
+        }
+        _ => None,
+    };
     let server = registry_http::serve_on(listener, registry, config)
         .await
         .map_err(|e| format!("cannot serve on {addr}: {e}"))?;
@@ -720,13 +850,37 @@ async fn run(args: &Args) -> Result<(), String> {
     };
     println!("listening on http://{addr}{everywhere}");
     println!("{}", storage_line(args));
+    if let Some(m) = &metrics_server {
+        println!("metrics on {}/metrics (also /healthz, /readyz)", m.url());
+    }
+    if let Some(path) = &args.audit_log {
+        println!("audit log: {}", shown(path));
+    }
     println!("Ctrl-C to stop");
     tracing::info!(%addr, "registry ready");
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     server.shutdown().await;
+    if let Some(m) = metrics_server {
+        m.shutdown().await;
+    }
     Ok(())
+}
+
+/// The audit log of `--audit-log`, if any.
+fn open_audit(args: &Args) -> Result<Option<AuditLog>, String> {
+    let Some(path) = &args.audit_log else {
+        return Ok(None);
+    };
+    let log = AuditLog::open(path).map_err(|e| {
+        format!(
+            "cannot open the audit log {}: {e}
+  pick a file you can write with --audit-log FILE",
+            shown(path)
+        )
+    })?;
+    Ok(Some(log.with_fsync(args.audit_log_fsync)))
 }
 
 /// Ctrl-C, or SIGTERM on Unix.

@@ -12,6 +12,7 @@ FORBIDDEN = {
     "registry-http": {"registry-store-fs", "registry-store-object"},
     # Layout import/export works on any Registry; it knows no store and no HTTP.
     "registry-layout": {"registry-http", "registry-store-fs", "registry-store-object"},
+    "registry-store-postgres": {"registry-http", "registry-store-fs", "registry-store-object"},
 }
 
 meta = json.loads(subprocess.check_output(

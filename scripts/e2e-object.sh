@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Two serve processes on one bucket, with a real client: for S3 (moto) and Azure Blob
-# (Azurite), both emulators on 127.0.0.1, started and stopped here (by PID).
+# (Azurite), both emulators on 127.0.0.1, started and stopped here (by PID); and for
+# S3 with the metadata in PostgreSQL (a cluster created in the work dir).
 #
-#   scripts/e2e-object.sh            # both backends
+#   scripts/e2e-object.sh            # every backend: s3, az, s3+pg
 #   E2E_BACKENDS=s3 scripts/e2e-object.sh
 #
 #   SERVE        the serve binary; unset: built here first (cargo build --release
@@ -12,11 +13,14 @@
 # Per backend: skopeo pushes an image (umoci-built, three layers) through process A and
 # copies it back through process B, comparing every blob; tags pushed through B are
 # listed through A; a chunked upload is started on A, continued on B and finished on A;
-# a delete through A is seen by B. The last line is `N passed, M failed`.
+# a delete through A is seen by B. Then three processes with authentication: a token
+# issued by one is accepted by another reading the same --token-key-file and refused
+# by one with its own key. The last line is `N passed, M failed`.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-E2E_BACKENDS=${E2E_BACKENDS:-s3 az}
+# s3, az: metadata in the bucket's log; s3+pg: metadata in PostgreSQL, blobs on S3.
+E2E_BACKENDS=${E2E_BACKENDS:-s3 az s3+pg}
 
 scripts/install-test-deps.sh apt python azurite || { echo "installing test dependencies failed" >&2; exit 2; }
 DEPS=$ROOT/.test-deps
@@ -69,6 +73,28 @@ PIDS+=($!)
 wait_port "$MOTO_PORT" moto "$WORK/moto.log"
 wait_port "$AZ_PORT" azurite "$WORK/azurite.log"
 
+# PostgreSQL (Debian's package): a cluster in the work dir; as root it runs as the
+# `postgres` user (PostgreSQL refuses root; setpriv execs, so the PID is the server's).
+PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+PG_PORT=$(free_port)
+mkdir -p "$WORK/pg"
+as_pg=()
+if [ "$(id -u)" = 0 ]; then
+    chmod o+x "$WORK" # mktemp's 0700 would keep the postgres user out of its own dir
+    chown postgres:postgres "$WORK/pg"
+    as_pg=(setpriv --reuid=postgres --regid=postgres --init-groups)
+fi
+"${as_pg[@]}" "$PG_BIN/initdb" -D "$WORK/pg/data" -U registry --auth=trust --no-sync >"$WORK/initdb.log" 2>&1 ||
+    { echo "initdb failed:" >&2; cat "$WORK/initdb.log" >&2; exit 2; }
+"${as_pg[@]}" "$PG_BIN/postgres" -D "$WORK/pg/data" -p "$PG_PORT" -k "$WORK/pg" \
+    -c listen_addresses=127.0.0.1 >"$WORK/postgres.log" 2>&1 &
+PIDS+=($!)
+wait_port "$PG_PORT" postgres "$WORK/postgres.log"
+for ((i = 0; i < 100; i++)); do
+    psql -h 127.0.0.1 -p "$PG_PORT" -U registry -d postgres -qc "CREATE DATABASE e2e" 2>/dev/null && break
+    sleep 0.1
+done
+
 AZ_KEY='Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=='
 curl -sf -X PUT "http://127.0.0.1:$MOTO_PORT/e2e" >/dev/null || { echo "creating the S3 bucket failed" >&2; exit 2; }
 # An Azure container, with one request signed with the emulator's public development key.
@@ -120,14 +146,15 @@ for f in a.bin b.bin c.txt; do
     umoci insert --image "$IMG:v1" "$WORK/files/$f" "/$f" >/dev/null
 done
 
-# start_serve NAME STORAGE: starts a serve process; sets ${NAME}_URL.
+# start_serve NAME STORAGE [FLAGS...]: starts a serve process; sets ${NAME}_URL.
 start_serve() {
-    local port
+    local port name=$1 storage=$2
+    shift 2
     port=$(free_port)
-    "$SERVE" --addr "127.0.0.1:$port" --storage "$2" >"$WORK/$1.log" 2>&1 &
+    "$SERVE" --addr "127.0.0.1:$port" --storage "$storage" "${SERVE_FLAGS[@]}" "$@" >"$WORK/$name.log" 2>&1 &
     PIDS+=($!)
-    wait_port "$port" "serve $1" "$WORK/$1.log"
-    printf -v "${1}_URL" '%s' "127.0.0.1:$port"
+    wait_port "$port" "serve $name" "$WORK/$name.log"
+    printf -v "${name}_URL" '%s' "127.0.0.1:$port"
 }
 
 layout_blobs() { # layout_blobs LAYOUT: every blob digest of the layout, sorted
@@ -189,6 +216,17 @@ delete_a_seen_by_b() {
     [ "$code" = 404 ] || fail "B still serves a manifest deleted through A ($code)"
 }
 
+tokens_shared_by_key_file() { # C and D share --token-key-file; E signs with its own key
+    local token code
+    token=$(curl -sf -u ci:ci-pass "http://$C_URL/token?service=registry&scope=repository:e2e/app:pull" |
+        jq -r .token)
+    [ -n "$token" ] && [ "$token" != null ] || fail "no token from C"
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $token" "http://$D_URL/v2/e2e/app/tags/list")
+    [ "$code" = 200 ] || fail "D refused C's token: $code"
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $token" "http://$E_URL/v2/e2e/app/tags/list")
+    [ "$code" = 401 ] || fail "E, with another key, answered $code to C's token"
+}
+
 bucket_check_is_clean() { # serve check on the bucket while both processes run
     "$SERVE" check --storage "$STORAGE" --verify-digests >"$WORK/check.txt" 2>&1 ||
         fail "serve check failed: $(tail -3 "$WORK/check.txt")"
@@ -209,8 +247,17 @@ for backend in $E2E_BACKENDS; do
         export AZURE_STORAGE_USE_EMULATOR=true AZURITE_BLOB_STORAGE_URL=http://127.0.0.1:$AZ_PORT
         STORAGE=az://e2e/registry
         ;;
+    s3+pg)
+        export AWS_ENDPOINT=http://127.0.0.1:$MOTO_PORT AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
+            AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test
+        STORAGE=s3://e2e/registry-pg
+        ;;
     *) echo "unknown backend $backend" >&2; exit 2 ;;
     esac
+    SERVE_FLAGS=()
+    if [ "$backend" = s3+pg ]; then
+        SERVE_FLAGS=(--metadata "postgres://registry@127.0.0.1:$PG_PORT/e2e")
+    fi
     start_serve A "$STORAGE"
     start_serve B "$STORAGE"
     echo "# $backend: $STORAGE through A ($A_URL) and B ($B_URL)"
@@ -218,8 +265,20 @@ for backend in $E2E_BACKENDS; do
     check "$backend: a tag pushed through B is listed through A" tags_b_seen_by_a
     check "$backend: a chunked upload moves between processes" chunked_across_processes
     check "$backend: a delete through A is seen by B" delete_a_seen_by_b
-    check "$backend: serve check reports the shared bucket clean" bucket_check_is_clean
+    if [ "$backend" != s3+pg ]; then
+        # The bucket's own metadata log; with --metadata the bucket holds only blobs.
+        check "$backend: serve check reports the shared bucket clean" bucket_check_is_clean
+    fi
 done
+
+# Tokens across processes: a token issued by one process is accepted by another that
+# reads the same --token-key-file, and refused by one with its own random key.
+head -c 48 /dev/urandom | base64 >"$WORK/token.key"
+SERVE_FLAGS=(--auth-user ci:ci-pass)
+start_serve C memory --token-key-file "$WORK/token.key"
+start_serve D memory --token-key-file "$WORK/token.key"
+start_serve E memory
+check "tokens: one issued by C is accepted by D (same --token-key-file), refused by E" tokens_shared_by_key_file
 
 [ -z "${E2E_COUNTS:-}" ] || echo "$PASSED $FAILED" >"$E2E_COUNTS"
 echo "$PASSED passed, $FAILED failed"

@@ -5,7 +5,9 @@
 #
 #   apt     Debian packages, system-wide (versions as Debian 12 ships them): skopeo,
 #           umoci, buildah, podman, docker-registry (CNCF Distribution 2.8.2, the
-#           reference registry), curl, jq; nodejs and npm when there is no npm;
+#           reference registry), prometheus (the server and promtool, for
+#           scripts/e2e-metrics.sh), postgresql (the server binaries; the tests of
+#           registry-store-postgres create their own cluster in a temp dir), curl, jq; nodejs and npm when there is no npm;
 #           python3-venv only when the python3 on PATH cannot create a venv.
 #   python  the oras Python client and moto (the S3 emulator), pinned, in a venv at
 #           .test-deps/venv
@@ -55,13 +57,15 @@ declare -A PROVIDES=(
     [buildah]=buildah
     [podman]=podman
     [docker-registry]=docker-registry
+    [prometheus]=promtool
     [curl]=curl
     [jq]=jq
+    [postgresql]=pg_lsclusters
 )
 apt_missing=()
 if want apt || want python || want azurite; then
     if want apt; then
-        for pkg in skopeo umoci buildah podman docker-registry curl jq; do
+        for pkg in skopeo umoci buildah podman docker-registry prometheus postgresql curl jq; do
             command -v "${PROVIDES[$pkg]}" >/dev/null 2>&1 || apt_missing+=("$pkg")
         done
     fi
@@ -155,8 +159,9 @@ fi
 if ((${#apt_missing[@]})); then
     echo "installing (apt): ${apt_missing[*]}"
     # Debian's docker-registry package starts a registry service on :5000 (all
-    # interfaces). The tests start their own on 127.0.0.1: keep the packaged one from
-    # starting while installing, and disable it where systemd runs.
+    # interfaces), its prometheus package one on :9090. The tests start their own on
+    # 127.0.0.1: keep the packaged ones from starting while installing, and disable
+    # them where systemd runs.
     policy=/usr/sbin/policy-rc.d
     if [ ! -e "$policy" ]; then
         printf '#!/bin/sh\nexit 101\n' >"$policy"
@@ -168,6 +173,10 @@ if ((${#apt_missing[@]})); then
     if [[ " ${apt_missing[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
         systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
         echo "  disabled the packaged docker-registry service (tests start their own)"
+    fi
+    if [[ " ${apt_missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+        systemctl disable --now prometheus.service prometheus-node-exporter.service >/dev/null 2>&1 || true
+        echo "  disabled the packaged prometheus service (scripts/e2e-metrics.sh starts its own)"
     fi
     for pkg in "${apt_missing[@]}"; do
         echo "  installed $pkg $(dpkg-query -W -f='${Version}' "$pkg")"
@@ -208,7 +217,8 @@ if want apt; then
         "umoci $(umoci --version | awk '{print $3}')"
         "buildah $(buildah --version | awk '{print $3}')"
         "podman $(podman --version | awk '{print $3}')"
-        "distribution $(dpkg-query -W -f='${Version}' docker-registry)")
+        "distribution $(dpkg-query -W -f='${Version}' docker-registry)"
+        "prometheus $(dpkg-query -W -f='${Version}' prometheus)")
 fi
 want python && have+=("oras $ORAS_VERSION, moto $MOTO_VERSION (in ${VENV#"$ROOT"/})")
 want azurite && have+=("azurite $AZURITE_VERSION (in ${AZURITE_DIR#"$ROOT"/})")

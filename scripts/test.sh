@@ -15,9 +15,11 @@
 #                         in-process HTTP, real clients (cargo test), then the doc tests
 #                         (the README's examples among them)
 #   three registries      the three_registries example, from the test build
-#   build serve           the release build of the serve example, for the two e2e steps
+#   build serve           the release build of the serve example, for the e2e steps
 #   e2e                   real clients against serve processes (scripts/e2e-clients.sh),
-#                         two serve processes on one bucket (scripts/e2e-object.sh)
+#                         two serve processes on one bucket, also with the metadata in
+#                         PostgreSQL (scripts/e2e-object.sh), metrics scraped by a real
+#                         Prometheus and the logs (scripts/e2e-metrics.sh)
 #   fuzz                  every cargo-fuzz target for FUZZ_SECONDS (default 25) each
 #
 # It keeps going after a failure (a failed build skips only the steps that need it),
@@ -66,7 +68,7 @@ PASSED=0
 FAILED=0
 SUITE_START=$SECONDS
 STEP_NO=0
-STEP_COUNT=15
+STEP_COUNT=16
 
 fmt_time() { printf '%d:%02d' $(($1 / 60)) $(($1 % 60)); }
 
@@ -143,7 +145,7 @@ crates_alone() {
     # The workspace build unifies features across members and can hide a crate that
     # needs a dependency feature it does not ask for.
     local crate rc=0
-    for crate in registry-core registry-store-fs registry-store-object registry-http registry-layout; do
+    for crate in registry-core registry-store-fs registry-store-object registry-http registry-layout registry-store-postgres; do
         echo "cargo check -p $crate --lib"
         cargo check --locked -p "$crate" --lib || rc=1
     done
@@ -234,15 +236,20 @@ if ((!deps_ok)); then
     STEP_NO=$((STEP_NO + 1))
     skip "e2e: real clients (scripts/e2e-clients.sh)" "test dependencies missing"
     skip "e2e: two serve processes on one bucket (scripts/e2e-object.sh)" "test dependencies missing"
+    skip "e2e: metrics scraped by Prometheus (scripts/e2e-metrics.sh)" "test dependencies missing"
 elif step "build serve (release) for the e2e steps" build_serve; then
     counted_step "e2e: real clients against serve (scripts/e2e-clients.sh)" "$LOGS/e2e-clients.counts" \
         env SERVE="$SERVE_BIN" E2E_COUNTS="$LOGS/e2e-clients.counts" scripts/e2e-clients.sh
-    counted_step "e2e: two serve processes on one bucket, S3 and Azure (scripts/e2e-object.sh)" \
+    counted_step "e2e: two serve processes on one bucket: S3, Azure, S3 + PostgreSQL (scripts/e2e-object.sh)" \
         "$LOGS/e2e-object.counts" \
         env SERVE="$SERVE_BIN" E2E_COUNTS="$LOGS/e2e-object.counts" scripts/e2e-object.sh
+    counted_step "e2e: metrics scraped by a real Prometheus, the dashboard's queries, access and audit logs (scripts/e2e-metrics.sh)" \
+        "$LOGS/e2e-metrics.counts" \
+        env SERVE="$SERVE_BIN" E2E_COUNTS="$LOGS/e2e-metrics.counts" scripts/e2e-metrics.sh
 else
     skip "e2e: real clients (scripts/e2e-clients.sh)" "the serve build failed"
     skip "e2e: two serve processes on one bucket (scripts/e2e-object.sh)" "the serve build failed"
+    skip "e2e: metrics scraped by Prometheus (scripts/e2e-metrics.sh)" "the serve build failed"
 fi
 
 if ((deps_ok)); then

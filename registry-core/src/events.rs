@@ -80,6 +80,14 @@ pub enum Event {
         /// What.
         digest: Digest,
     },
+    /// A repository was deleted by
+    /// [`Registry::delete_repository`](crate::Registry::delete_repository). Each
+    /// manifest (with its tags) and blob link it held was reported by its own
+    /// `ManifestDeleted` or `BlobDeleted` first.
+    RepositoryDeleted {
+        /// The repository.
+        repo: RepoName,
+    },
     /// The collector deleted a blob's bytes.
     BlobCollected {
         /// What.

@@ -96,7 +96,10 @@ pub struct GcReport {
     pub retention: Vec<RetentionRemoval>,
     /// Whether this was a dry run.
     pub dry_run: bool,
-    /// How long it took.
+    /// How long it took, in real (monotonic) time: a measurement, not a decision, so it
+    /// does not come from the registry's [`Clock`](crate::Clock) (a manual clock would
+    /// report zero). The only field that differs between two runs of a deterministic
+    /// scenario.
     pub duration: Duration,
 }
 
@@ -172,6 +175,7 @@ impl Registry {
         if !options.dry_run {
             self.check_writable("garbage collection")?;
         }
+        // Real time, for `GcReport::duration` only; every decision below uses `now`.
         let started = Instant::now();
         let window = options
             .window
@@ -484,6 +488,8 @@ impl Registry {
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
+                // Real time: a schedule has to wake up by itself, which a manual clock
+                // cannot make it do. Deterministic tests call `collect_garbage` directly.
                 _ = tokio::time::sleep(interval) => {}
             }
             if let Err(e) = self.collect_garbage(&options).await {

@@ -698,6 +698,28 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
             .await
     }
 
+    // One prefix scan of the links table instead of the trait's derivation.
+    async fn list_blob_links(
+        &self,
+        repo: &RepoName,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<(Digest, BlobLink)>> {
+        let p = prefix(&[repo.as_str()]);
+        let after = after.map(|a| key(&[repo.as_str(), a.as_str()]));
+        self.engine
+            .read(move |t| {
+                t.scan(Table::BlobLinks, &p, after.as_deref(), limit)?
+                    .iter()
+                    .map(|(k, v)| {
+                        let d = parse_stored(Digest::parse(last_part(k)?))?;
+                        Ok((d, decode(v)?))
+                    })
+                    .collect()
+            })
+            .await
+    }
+
     async fn list_repositories(
         &self,
         after: Option<&RepoName>,

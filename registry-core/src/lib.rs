@@ -45,6 +45,11 @@
 //! Storage adapters implement [`BlobStore`] and [`MetadataStore`] (usually through
 //! [`kv::KvMetadata`] over a transactional key-value engine) and prove themselves with
 //! the shared behaviour suite behind the `testkit` feature.
+//!
+//! For test harnesses and tool authors: [`fixtures`] builds and pushes known images,
+//! indexes, artifacts and signatures in one call; a [`ManualClock`] and
+//! [`RegistryBuilder::with_id_seed`] make a scenario replay exactly; [`fault`] wraps
+//! any storage to inject errors, latency and torn writes.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -53,6 +58,8 @@ pub mod access;
 pub mod digest;
 pub mod error;
 pub mod events;
+pub mod fault;
+pub mod fixtures;
 pub mod gc;
 pub mod kv;
 pub mod manifest;
@@ -61,6 +68,7 @@ pub mod names;
 pub mod policy;
 pub mod promote;
 pub mod registry;
+mod rng;
 pub mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -76,9 +84,9 @@ pub use names::{Reference, RepoName, Tag};
 pub use policy::{Keep, Policy, Quota, RetentionRule, TagPattern};
 pub use promote::{PromoteError, PromoteOptions, PromoteReport, promote, same_storage};
 pub use registry::{
-    AllowAll, BlobBody, BlobInfo, ListOptions, Manifest, ManifestMeta, Page, PutManifestOptions,
-    PutManifestResult, RangeRequest, ReadAccess, Registry, RegistryBuilder, RegistryConfig,
-    UploadStatus,
+    AllowAll, BlobBody, BlobInfo, ListOptions, Manifest, ManifestEntry, ManifestMeta, Page,
+    PutManifestOptions, PutManifestResult, RangeRequest, ReadAccess, Registry, RegistryBuilder,
+    RegistryConfig, RegistryStats, RepositoryDeletion, UploadStatus,
 };
 pub use store::{
     BlobStore, ByteRange, ByteStream, MetadataStore, Storage, TagEntry, UploadId, UploadOwner,

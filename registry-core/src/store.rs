@@ -558,6 +558,72 @@ pub trait MetadataStore: Send + Sync + 'static {
         after: Option<&Digest>,
         limit: usize,
     ) -> Result<Vec<ManifestRecord>>;
+    /// Blob links of a repository in digest order, strictly after `after`, at most
+    /// `limit` (for repository listings and deletion).
+    ///
+    /// The default derives them from what every store has (links referenced by the
+    /// repository's manifests, C2 of `docs/design.md`, plus the unreferenced ones), at
+    /// the cost of reading all the repository's manifests and all link candidates for
+    /// each page; a store that can scan its links by repository overrides it
+    /// ([`KvMetadata`](crate::kv::KvMetadata) does).
+    async fn list_blob_links(
+        &self,
+        repo: &RepoName,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<(Digest, BlobLink)>> {
+        const PAGE: usize = 1000;
+        // Keyed by the digest's text: the order every listing uses (key bytes).
+        let mut digests = std::collections::BTreeMap::new();
+        let mut manifests_after: Option<Digest> = None;
+        loop {
+            let page = self
+                .list_manifests(repo, manifests_after.as_ref(), PAGE)
+                .await?;
+            for m in &page {
+                digests.extend(m.blobs.iter().map(|d| (d.to_string(), d.clone())));
+            }
+            match page.last() {
+                Some(last) if page.len() == PAGE => manifests_after = Some(last.digest.clone()),
+                _ => break,
+            }
+        }
+        let mut candidates_after: Option<(RepoName, Digest)> = None;
+        'scan: loop {
+            let page = self
+                .unreferenced_blob_links(candidates_after.as_ref().map(|(r, d)| (r, d)), PAGE)
+                .await?;
+            for (r, d, _) in &page {
+                // Candidates are in (repository, digest) order: past ours, done.
+                match r.as_str().cmp(repo.as_str()) {
+                    std::cmp::Ordering::Less => {}
+                    std::cmp::Ordering::Equal => {
+                        digests.insert(d.to_string(), d.clone());
+                    }
+                    std::cmp::Ordering::Greater => break 'scan,
+                }
+            }
+            match page.last() {
+                Some((r, d, _)) if page.len() == PAGE => {
+                    candidates_after = Some((r.clone(), d.clone()))
+                }
+                _ => break,
+            }
+        }
+        let mut out = Vec::new();
+        for (_, d) in digests
+            .into_iter()
+            .filter(|(k, _)| after.is_none_or(|a| k.as_str() > a.as_str()))
+        {
+            if out.len() == limit {
+                break;
+            }
+            if let Some(link) = self.blob_link(repo, &d).await? {
+                out.push((d, link));
+            }
+        }
+        Ok(out)
+    }
     /// Repositories in lexical order, strictly after `after`, at most `limit`.
     async fn list_repositories(
         &self,

@@ -4,6 +4,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use registry_core::{Error, InvalidInput};
 
+use crate::metrics::Refusal;
+
 /// An error response: status, OCI error code, message and optional extra headers.
 #[derive(Debug)]
 pub struct ApiError {
@@ -11,6 +13,9 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     headers: Vec<(header::HeaderName, String)>,
+    /// The policy or limit that refused the request, for `registry_refusals_total`:
+    /// carried to the metrics layer in the response's extensions.
+    refusal: Option<Refusal>,
 }
 
 impl ApiError {
@@ -21,7 +26,14 @@ impl ApiError {
             code,
             message: message.into(),
             headers: Vec::new(),
+            refusal: None,
         }
+    }
+
+    /// Marks the error as a refusal by a policy or limit.
+    pub(crate) fn with_refusal(mut self, refusal: Refusal) -> Self {
+        self.refusal = Some(refusal);
+        self
     }
 
     /// 400 with an OCI code, for malformed requests the core never sees.
@@ -48,13 +60,27 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         self.code
     }
+
+    /// The message told to the client (never credentials: see `auth.rs`).
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
 }
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         use StatusCode as S;
         let message = e.to_string();
-        match e {
+        let refusal = match &e {
+            Error::ImmutableTag { .. } => Some(Refusal::ImmutableTag),
+            Error::QuotaExceeded { .. } => Some(Refusal::Quota),
+            Error::ReadOnly { .. } => Some(Refusal::ReadOnly),
+            Error::TooLarge { .. } => Some(Refusal::SizeLimit),
+            Error::ManifestBlobUnknown { .. } => Some(Refusal::MissingBlob),
+            Error::TooManyRequests { .. } => Some(Refusal::TooManyRequests),
+            _ => None,
+        };
+        let mut api = match e {
             Error::Invalid(InvalidInput::RepoName(_)) => {
                 Self::new(S::BAD_REQUEST, "NAME_INVALID", message)
             }
@@ -118,7 +144,9 @@ impl From<Error> for ApiError {
                 tracing::error!(error = %other, "unexpected registry error");
                 Self::new(S::INTERNAL_SERVER_ERROR, "UNKNOWN", "internal error")
             }
-        }
+        };
+        api.refusal = refusal;
+        api
     }
 }
 
@@ -134,6 +162,9 @@ impl IntoResponse for ApiError {
             "errors": [{ "code": self.code, "message": self.message, "detail": null }]
         });
         let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(refusal) = self.refusal {
+            response.extensions_mut().insert(refusal);
+        }
         for (name, value) in self.headers {
             if let Ok(v) = HeaderValue::from_str(&value) {
                 response.headers_mut().insert(name, v);

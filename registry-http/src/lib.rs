@@ -35,8 +35,15 @@
 
 #![forbid(unsafe_code)]
 
+mod access_log;
+mod audit;
 mod auth;
 mod error;
+mod fault;
+mod health;
+mod instrument;
+mod metrics;
+mod process_metrics;
 pub mod range;
 mod routes;
 mod server;
@@ -51,8 +58,13 @@ use registry_core::Registry;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use audit::AuditLog;
 pub use auth::{Auth, Resource, Scope, TokenClaims, TokenError, TokenIssuer, TokenVerifier};
 pub use error::ApiError;
+pub use fault::{FaultService, HttpFault, HttpFaults, HttpInjection, HttpRule};
+pub use health::metrics_router;
+pub use instrument::instrument_storage;
+pub use metrics::{Metrics, MetricsOptions};
 pub use server::ServerLimits;
 
 /// HTTP-level configuration. Storage limits (manifest and blob size, upload expiry)
@@ -82,6 +94,25 @@ pub struct HttpConfig {
     /// Connection limits of the built-in server ([`serve_on`], [`serve_local`]); a
     /// router mounted on another server does not use them.
     pub server: ServerLimits,
+    /// Where HTTP, registry and connection metrics are recorded; `None` records none.
+    /// See [`HttpConfig::with_metrics`].
+    pub metrics: Option<Metrics>,
+    /// Whether the router serves `GET /metrics` when [`metrics`](Self::metrics) is set
+    /// (default true). Off when a separate listener serves them ([`metrics_router`]).
+    pub metrics_route: bool,
+    /// `GET /healthz` and `GET /readyz`, unauthenticated (default true). Turn them off
+    /// to merge the router into an application that has its own.
+    pub health_endpoints: bool,
+    /// One `info` event per request on the tracing target `registry_http::access`
+    /// (default false: an embedded test registry stays quiet).
+    pub access_log: bool,
+    /// Where every change and every refused credential is recorded; `None` records
+    /// nothing. See [`AuditLog`].
+    pub audit: Option<AuditLog>,
+    /// Faults injected in front of everything else (slow responses, 5xx, cut
+    /// connections), to test clients' retry logic; `None` (the default) injects none.
+    /// See [`HttpFaults`].
+    pub faults: Option<HttpFaults>,
 }
 
 impl Default for HttpConfig {
@@ -95,6 +126,12 @@ impl Default for HttpConfig {
             server: ServerLimits::default(),
             manifest_buffer_budget: 64 * 1024 * 1024,
             manifest_body_deadline: Duration::from_secs(60),
+            metrics: None,
+            metrics_route: true,
+            health_endpoints: true,
+            access_log: false,
+            audit: None,
+            faults: None,
         }
     }
 }
@@ -141,12 +178,47 @@ impl HttpConfig {
         self.auth = Some(Arc::new(auth));
         self
     }
+    /// Records metrics into `metrics` and serves them at `GET /metrics` (with
+    /// authentication on, to callers with valid credentials only). Pass the same
+    /// `metrics` to [`instrument_storage`] for store latency and upload sessions.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+    /// Serves `GET /metrics` on this router or not (see [`HttpConfig::metrics_route`]).
+    pub fn with_metrics_route(mut self, on: bool) -> Self {
+        self.metrics_route = on;
+        self
+    }
+    /// Serves `GET /healthz` and `GET /readyz` or not.
+    pub fn with_health_endpoints(mut self, on: bool) -> Self {
+        self.health_endpoints = on;
+        self
+    }
+    /// Turns the access log on or off.
+    pub fn with_access_log(mut self, on: bool) -> Self {
+        self.access_log = on;
+        self
+    }
+    /// Writes the audit log to `audit`.
+    pub fn with_audit(mut self, audit: AuditLog) -> Self {
+        self.audit = Some(audit);
+        self
+    }
+    /// Injects the faults of `faults` in front of the router (for tests of clients'
+    /// retry logic; keep a clone to change the rules or read what was injected).
+    pub fn with_faults(mut self, faults: HttpFaults) -> Self {
+        self.faults = Some(faults);
+        self
+    }
 }
 
 /// The OCI distribution API over `registry`, as an axum router serving `/v2/...`
-/// (and `/token` when [`Auth`] has a [`TokenIssuer`]).
+/// (and `/token` when [`Auth`] has a [`TokenIssuer`]; `/healthz` and `/readyz` unless
+/// turned off; `/metrics` with [`HttpConfig::with_metrics`]).
 ///
-/// Every response carries `X-Content-Type-Options: nosniff`. An HTTP/1.1 request needs
+/// Every response carries `X-Content-Type-Options: nosniff` and an `X-Request-Id`
+/// (the client's own when it sends a sane one). An HTTP/1.1 request needs
 /// exactly one valid `Host` header (RFC 9112), also when driven in process with
 /// `tower::ServiceExt::oneshot`; others get 400. The connection limits of
 /// [`ServerLimits`] belong to [`serve_on`], not to the router: a server that mounts it
@@ -156,7 +228,11 @@ pub fn router(registry: Registry, config: HttpConfig) -> Router {
         .auth
         .as_ref()
         .is_some_and(|a| a.token_issuer().is_some());
+    let health = config.health_endpoints;
+    let metrics_route = config.metrics.is_some() && config.metrics_route;
+    let faults = config.faults.clone();
     let state = routes::AppState::new(registry, config);
+    let observer = state.observer.clone();
     let mut app = Router::new()
         .route("/v2/", get(routes::base).head(routes::base))
         .route("/v2", get(routes::base).head(routes::base))
@@ -165,11 +241,31 @@ pub fn router(registry: Registry, config: HttpConfig) -> Router {
     if token_endpoint {
         app = app.route("/token", get(routes::token).post(routes::token_form));
     }
-    app.fallback(error::no_such_endpoint)
+    if health {
+        app = app
+            .route("/healthz", get(health::healthz))
+            .route("/readyz", get(health::readyz));
+    }
+    if metrics_route {
+        app = app.route("/metrics", get(health::metrics));
+    }
+    let app = app
+        .fallback(error::no_such_endpoint)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::middleware::from_fn(routes::check_host))
         .layer(axum::middleware::from_fn(routes::api_version_header))
-        .with_state(state)
+        // Outermost: it sees every response, the Host check's 400s included.
+        .layer(axum::middleware::from_fn_with_state(
+            observer,
+            access_log::observe,
+        ))
+        .with_state(state);
+    // In front of everything, the access log included: injected faults play a failing
+    // network or proxy, which the registry would not see either.
+    match faults {
+        Some(faults) => app.layer(faults),
+        None => app,
+    }
 }
 
 /// A registry served on a loopback port, shut down gracefully when dropped.
@@ -228,8 +324,37 @@ pub async fn serve_on(
     let addr = listener.local_addr()?;
     let (tx, rx) = oneshot::channel::<()>();
     let limits = config.server.clone();
+    let connections = config.metrics.as_ref().map(Metrics::connections);
     let app = router(registry, config);
-    let task = tokio::spawn(server::run(listener, app, limits, rx));
+    let task = tokio::spawn(server::run(listener, app, limits, connections, rx));
+    Ok(LocalServer {
+        addr,
+        url: format!("http://{addr}"),
+        shutdown: Some(tx),
+        task: Some(task),
+    })
+}
+
+/// Serves [`metrics_router`] (`/metrics`, `/healthz`, `/readyz`, no authentication)
+/// on an already bound listener, in a task on the current runtime: the separate
+/// metrics listener of `serve --metrics-addr`, so a scraper needs no registry
+/// credentials. Its own connections are not counted in the registry's connection
+/// metrics.
+pub async fn serve_metrics_on(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    metrics: Metrics,
+) -> std::io::Result<LocalServer> {
+    let addr = listener.local_addr()?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let app = metrics_router(registry, metrics);
+    let task = tokio::spawn(server::run(
+        listener,
+        app,
+        ServerLimits::default(),
+        None,
+        rx,
+    ));
     Ok(LocalServer {
         addr,
         url: format!("http://{addr}"),

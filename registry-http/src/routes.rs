@@ -19,8 +19,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use registry_core::access::{Action, Identity};
 
 use crate::HttpConfig;
+use crate::access_log::{Observer, ReqView, RequestContext};
+use crate::audit::Record;
 use crate::auth::Caller;
 use crate::error::{ApiError, upload_range};
+use crate::metrics::{Refusal, Route};
 use crate::range::{parse_content_range, parse_range};
 
 /// Shared state of the router.
@@ -30,15 +33,23 @@ pub(crate) struct AppState {
     pub(crate) config: HttpConfig,
     /// The manifest buffer budget, in KiB (a semaphore counts in `u32` steps).
     manifest_budget: Arc<Semaphore>,
+    /// Metrics, audit log and access log (`access_log.rs`).
+    pub(crate) observer: Arc<Observer>,
 }
 
 impl AppState {
     pub(crate) fn new(registry: Registry, config: HttpConfig) -> Self {
         let kib = (config.manifest_buffer_budget / 1024).clamp(1, Semaphore::MAX_PERMITS as u64);
+        let observer = Arc::new(Observer::new(
+            config.metrics.clone(),
+            config.audit.clone(),
+            config.access_log,
+        ));
         AppState {
             registry,
             config,
             manifest_budget: Arc::new(Semaphore::new(kib as usize)),
+            observer,
         }
     }
 
@@ -109,6 +120,23 @@ fn parse_path(rest: &str) -> Option<(&str, Target)> {
         _ => return None,
     };
     Some((name, target))
+}
+
+/// The route template of `/v2/<rest>`, for the metrics' `route` label.
+pub(crate) fn path_kind(rest: &str) -> Option<Route> {
+    Some(match parse_path(rest)?.1 {
+        Target::Blob(_) => Route::Blob,
+        Target::Uploads(None) => Route::Uploads,
+        Target::Uploads(Some(_)) => Route::Upload,
+        Target::Manifest(_) => Route::Manifest,
+        Target::Tags => Route::Tags,
+        Target::Referrers(_) => Route::Referrers,
+    })
+}
+
+/// The repository `/v2/<rest>` names, if it is a valid name (for the access log).
+pub(crate) fn path_repository(rest: &str) -> Option<RepoName> {
+    RepoName::parse(parse_path(rest)?.0).ok()
 }
 
 fn not_found() -> ApiError {
@@ -200,12 +228,40 @@ impl AppState {
         }
     }
 
-    /// Who is calling; everyone is anonymous when authentication is off.
-    fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
-        match &self.config.auth {
-            Some(auth) => auth.identify(headers, &self.realm_base(headers)),
-            None => Ok(Caller::anonymous()),
+    /// Who is calling; everyone is anonymous when authentication is off. Verified
+    /// credentials are counted and their identity noted for the logs; refused ones are
+    /// counted and written to the audit log.
+    pub(crate) async fn caller(&self, req: ReqView<'_>) -> Result<Caller, ApiError> {
+        let Some(auth) = &self.config.auth else {
+            return Ok(Caller::anonymous());
+        };
+        let headers = req.headers;
+        match auth.identify(headers, &self.realm_base(headers)) {
+            Ok(caller) => {
+                if headers.contains_key(axum::http::header::AUTHORIZATION) {
+                    self.authenticated(req, &caller);
+                }
+                Ok(caller)
+            }
+            Err(e) => {
+                let claimed = crate::audit::claimed_user(headers);
+                self.credentials_refused(req, claimed.as_deref(), &e).await;
+                Err(e)
+            }
         }
+    }
+
+    /// For `/metrics` on the registry's router: with authentication on, valid
+    /// credentials are needed (as for `/v2/`).
+    pub(crate) async fn check_credentials(&self, req: ReqView<'_>) -> Result<(), ApiError> {
+        let caller = self.caller(req).await?;
+        if let Some(auth) = &self.config.auth
+            && let Err(e) = auth.check_base(&caller, &self.realm_base(req.headers))
+        {
+            self.access_refused(req, &caller, None, "metrics", &e).await;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Who owns the upload sessions `caller` opens: its identity, or its network when
@@ -246,15 +302,19 @@ impl AppState {
     }
 
     /// Identifies the caller and checks that it may perform `action` on `repo`.
-    fn authorize(
+    async fn authorize(
         &self,
-        headers: &HeaderMap,
+        req: ReqView<'_>,
         repo: &RepoName,
         action: Action,
     ) -> Result<Caller, ApiError> {
-        let caller = self.caller(headers)?;
-        if let Some(auth) = &self.config.auth {
-            auth.check(&caller, repo, action, &self.realm_base(headers))?;
+        let caller = self.caller(req).await?;
+        if let Some(auth) = &self.config.auth
+            && let Err(e) = auth.check(&caller, repo, action, &self.realm_base(req.headers))
+        {
+            self.access_refused(req, &caller, Some(repo), action.as_str(), &e)
+                .await;
+            return Err(e);
         }
         Ok(caller)
     }
@@ -277,7 +337,9 @@ impl AppState {
 
     fn check_write(&self) -> Result<(), ApiError> {
         if self.config.read_only {
-            return Err(ApiError::unsupported("this registry is read-only"));
+            return Err(
+                ApiError::unsupported("this registry is read-only").with_refusal(Refusal::ReadOnly)
+            );
         }
         Ok(())
     }
@@ -285,19 +347,24 @@ impl AppState {
     fn check_delete(&self) -> Result<(), ApiError> {
         self.check_write()?;
         if !self.config.deletes {
-            return Err(ApiError::unsupported(
-                "deletes are disabled on this registry",
-            ));
+            return Err(
+                ApiError::unsupported("deletes are disabled on this registry")
+                    .with_refusal(Refusal::DeletesDisabled),
+            );
         }
         Ok(())
     }
 }
 
 /// `GET /v2/`.
-pub(crate) async fn base(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
-    let caller = state.caller(&headers)?;
-    if let Some(auth) = &state.config.auth {
-        auth.check_base(&caller, &state.realm_base(&headers))?;
+pub(crate) async fn base(State(state): State<AppState>, req: Request) -> ApiResult {
+    let view = ReqView::of(&req);
+    let caller = state.caller(view).await?;
+    if let Some(auth) = &state.config.auth
+        && let Err(e) = auth.check_base(&caller, &state.realm_base(view.headers))
+    {
+        state.access_refused(view, &caller, None, "base", &e).await;
+        return Err(e);
     }
     let mut r = (StatusCode::OK, axum::Json(serde_json::json!({}))).into_response();
     set(
@@ -365,9 +432,15 @@ fn list_options(q: &[(String, String)]) -> Result<ListOptions, ApiError> {
 
 /// `GET /v2/_catalog`.
 pub(crate) async fn catalog(State(state): State<AppState>, req: Request) -> ApiResult {
-    let caller = state.caller(req.headers())?;
-    if let Some(auth) = &state.config.auth {
-        auth.check_catalog(&caller, &state.realm_base(req.headers()))?;
+    let view = ReqView::of(&req);
+    let caller = state.caller(view).await?;
+    if let Some(auth) = &state.config.auth
+        && let Err(e) = auth.check_catalog(&caller, &state.realm_base(view.headers))
+    {
+        state
+            .access_refused(view, &caller, None, "catalog", &e)
+            .await;
+        return Err(e);
     }
     let q = query_pairs(&req);
     let options = list_options(&q)?;
@@ -402,8 +475,9 @@ async fn route(state: AppState, req: Request) -> ApiResult {
     let (name, target) = parse_path(rest).ok_or_else(not_found)?;
     let repo = RepoName::parse(name).map_err(registry_core::Error::from)?;
     let method = req.method().clone();
+    let ctx = RequestContext::of(&req);
     let caller = match required_action(&target, &method) {
-        Some(action) => state.authorize(req.headers(), &repo, action)?,
+        Some(action) => state.authorize(ReqView::of(&req), &repo, action).await?,
         // The method is refused below whoever asks.
         None => Caller::anonymous(),
     };
@@ -415,6 +489,13 @@ async fn route(state: AppState, req: Request) -> ApiResult {
             state.check_delete()?;
             let d = Digest::parse(&d).map_err(registry_core::Error::from)?;
             state.registry.delete_blob(&repo, &d).await?;
+            state
+                .audit(
+                    Record::request("blob_delete", ctx.as_ref())
+                        .repository(Some(&repo))
+                        .digest(&d),
+                )
+                .await?;
             Ok(accepted())
         }
         (Target::Uploads(None), Method::POST) => {
@@ -453,6 +534,13 @@ async fn route(state: AppState, req: Request) -> ApiResult {
             state.check_delete()?;
             let reference = Reference::parse(&r).map_err(registry_core::Error::from)?;
             state.registry.delete_manifest(&repo, &reference).await?;
+            let record = match &reference {
+                Reference::Tag(tag) => {
+                    Record::request("tag_delete", ctx.as_ref()).tag(tag.as_str())
+                }
+                Reference::Digest(d) => Record::request("manifest_delete", ctx.as_ref()).digest(d),
+            };
+            state.audit(record.repository(Some(&repo))).await?;
             Ok(accepted())
         }
         (Target::Tags, Method::GET) => list_tags(&state, &repo, query_pairs(&req)).await,
@@ -604,6 +692,7 @@ async fn start_upload(
     req: Request,
 ) -> ApiResult {
     let q = query_pairs(&req);
+    let ctx = RequestContext::of(&req);
     if let Some(mount) = first(&q, "mount") {
         let digest = Digest::parse(mount).map_err(registry_core::Error::from)?;
         let from = match first(&q, "from") {
@@ -617,6 +706,14 @@ async fn start_upload(
             .mount_blob(repo, &digest, from.as_ref(), &readable)
             .await?
         {
+            state
+                .audit(
+                    Record::request("blob_mount", ctx.as_ref())
+                        .repository(Some(repo))
+                        .digest(&digest)
+                        .from(from.as_ref()),
+                )
+                .await?;
             return Ok(blob_created(state, repo, &digest));
         }
         // Not mountable: fall back to a new upload session, as the spec says.
@@ -629,6 +726,13 @@ async fn start_upload(
         state
             .registry
             .put_blob_for(repo, &digest, declared, data, &owner)
+            .await?;
+        state
+            .audit(
+                Record::request("blob_upload", ctx.as_ref())
+                    .repository(Some(repo))
+                    .digest(&digest),
+            )
             .await?;
         return Ok(blob_created(state, repo, &digest));
     }
@@ -714,6 +818,7 @@ async fn finish_upload(
     })?;
     let digest = Digest::parse(digest).map_err(registry_core::Error::from)?;
     let (offset, declared) = chunk_headers(req.headers())?;
+    let ctx = RequestContext::of(&req);
     let has_body =
         declared.is_some_and(|d| d > 0) || header_str(req.headers(), "transfer-encoding").is_some();
     if has_body {
@@ -736,6 +841,13 @@ async fn finish_upload(
     state
         .registry
         .finish_upload(repo, id, &digest, None)
+        .await?;
+    state
+        .audit(
+            Record::request("blob_upload", ctx.as_ref())
+                .repository(Some(repo))
+                .digest(&digest),
+        )
         .await?;
     Ok(blob_created(state, repo, &digest))
 }
@@ -779,6 +891,7 @@ async fn put_manifest(state: &AppState, repo: &RepoName, r: &str, req: Request) 
     let content_type = header_str(req.headers(), "content-type")
         .unwrap_or("")
         .to_owned();
+    let ctx = RequestContext::of(&req);
     let limit = state.registry.config().max_manifest_size;
     if content_length(req.headers())?.is_some_and(|l| l > limit) {
         return Err(registry_core::Error::TooLarge {
@@ -829,6 +942,15 @@ async fn put_manifest(state: &AppState, repo: &RepoName, r: &str, req: Request) 
             &content_type,
             Bytes::from(buf),
             PutManifestOptions { tags },
+        )
+        .await?;
+    state
+        .audit(
+            Record::request("manifest_push", ctx.as_ref())
+                .repository(Some(repo))
+                .digest(&result.digest)
+                .tags(&result.tags)
+                .subject(result.subject.as_ref()),
         )
         .await?;
     let mut resp = StatusCode::CREATED.into_response();
@@ -937,7 +1059,7 @@ async fn referrers(
 /// the requested scopes the policy allows.
 pub(crate) async fn token(State(state): State<AppState>, req: Request) -> ApiResult {
     let auth = state.config.auth.clone().ok_or_else(not_found)?;
-    let caller = state.caller(req.headers())?;
+    let caller = state.caller(ReqView::of(&req)).await?;
     let q = query_pairs(&req);
     let scopes: Vec<String> = q
         .iter()
@@ -952,7 +1074,10 @@ pub(crate) async fn token(State(state): State<AppState>, req: Request) -> ApiRes
 /// (containerd) try first.
 pub(crate) async fn token_form(State(state): State<AppState>, req: Request) -> ApiResult {
     let auth = state.config.auth.clone().ok_or_else(not_found)?;
-    let body = axum::body::to_bytes(req.into_body(), 64 * 1024)
+    // The head stays, for the logs (request context, path).
+    let (parts, body) = req.into_parts();
+    let req = Request::from_parts(parts, Body::empty());
+    let body = axum::body::to_bytes(body, 64 * 1024)
         .await
         .map_err(|_| ApiError::bad_request("UNSUPPORTED", "token request body too large"))?;
     // A body that is not UTF-8 is no form: it gets the unsupported `grant_type` error.
@@ -963,17 +1088,27 @@ pub(crate) async fn token_form(State(state): State<AppState>, req: Request) -> A
         Some("password") => {
             let user = first(&form, "username").unwrap_or("");
             let password = first(&form, "password").unwrap_or("");
-            auth.password_caller(user, password).ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "UNAUTHORIZED",
-                    "invalid credentials",
-                )
-                .with_header(
-                    axum::http::header::WWW_AUTHENTICATE,
-                    "Basic realm=\"registry\"".to_owned(),
-                )
-            })?
+            match auth.password_caller(user, password) {
+                Some(caller) => {
+                    state.authenticated(ReqView::of(&req), &caller);
+                    caller
+                }
+                None => {
+                    let e = ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "UNAUTHORIZED",
+                        "invalid credentials",
+                    )
+                    .with_header(
+                        axum::http::header::WWW_AUTHENTICATE,
+                        "Basic realm=\"registry\"".to_owned(),
+                    );
+                    state
+                        .credentials_refused(ReqView::of(&req), Some(user), &e)
+                        .await;
+                    return Err(e);
+                }
+            }
         }
         _ => {
             return Err(ApiError::bad_request(

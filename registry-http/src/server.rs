@@ -28,6 +28,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 
+use crate::metrics::ConnectionMetrics;
+
 /// Limits of the built-in server behind [`serve_on`](crate::serve_on): a header-read
 /// timeout that is also the keep-alive idle timeout, and a connection cap that makes
 /// room by closing the oldest connection.
@@ -70,11 +72,14 @@ impl Connections {
     }
 
     /// Asks the oldest connection not yet asked to close.
-    fn close_oldest(&self, limit: usize) {
+    fn close_oldest(&self, limit: usize, metrics: Option<&ConnectionMetrics>) {
         let mut open = self.lock();
         if let Some(oldest) = open.values_mut().find(|c| !c.asked) {
             oldest.asked = true;
             oldest.close.notify_one();
+            if let Some(m) = metrics {
+                m.evicted.inc();
+            }
             tracing::warn!(
                 peer = %oldest.peer,
                 limit,
@@ -85,11 +90,13 @@ impl Connections {
 }
 
 /// Serves `app` on `listener` until `shutdown` fires, then stops accepting and waits
-/// for open connections to finish the requests they are serving.
+/// for open connections to finish the requests they are serving. Connections are
+/// counted into `metrics` when given.
 pub(crate) async fn run(
     listener: TcpListener,
     app: Router,
     limits: ServerLimits,
+    metrics: Option<ConnectionMetrics>,
     mut shutdown: tokio::sync::oneshot::Receiver<()>,
 ) {
     let max = limits.max_connections.max(1);
@@ -108,7 +115,7 @@ pub(crate) async fn run(
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
-                connections.close_oldest(max);
+                connections.close_oldest(max, metrics.as_ref());
                 tokio::select! {
                     slot = slots.clone().acquire_owned() => slot.expect("never closed"),
                     _ = &mut shutdown => break,
@@ -129,6 +136,10 @@ pub(crate) async fn run(
         };
         // Small responses (status, HEAD) go out at once instead of waiting for more.
         let _ = stream.set_nodelay(true);
+        if let Some(m) = &metrics {
+            m.accepted.inc();
+            m.open.inc();
+        }
         let id = next_id;
         next_id += 1;
         let close = Arc::new(Notify::new());
@@ -154,6 +165,7 @@ pub(crate) async fn run(
             http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(with_peer));
         let (connections, mut stop) = (connections.clone(), stop.clone());
         let header_timeout = limits.header_read_timeout;
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             tokio::pin!(connection);
             let result = tokio::select! {
@@ -169,6 +181,9 @@ pub(crate) async fn run(
             };
             if let Err(e) = result {
                 if e.is_timeout() {
+                    if let Some(m) = &metrics {
+                        m.header_timeouts.inc();
+                    }
                     tracing::info!(
                         %peer,
                         timeout = ?header_timeout,
@@ -179,6 +194,9 @@ pub(crate) async fn run(
                 }
             }
             connections.lock().remove(&id);
+            if let Some(m) = &metrics {
+                m.open.dec();
+            }
             drop(slot);
         });
     }

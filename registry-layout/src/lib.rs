@@ -6,8 +6,9 @@
 //!
 //! - [`import_layout`] / [`import_archive`] (or [`import`], which picks by the path)
 //!   push a layout's images into one repository: all tags or chosen ones, with index
-//!   children and the referrers `index.json` lists, blobs streamed, children before
-//!   parents and tags last, all or nothing.
+//!   children and the referrers `index.json` lists, blobs streamed, every blob before
+//!   any manifest, children before parents and tags last; a failure leaves only complete
+//!   images and never deletes anything (see [`import_layout`]).
 //! - [`export_layout`] / [`export_archive`] (or [`export`]) write repositories, chosen
 //!   tags or the whole registry into a layout, with their referrers; an existing
 //!   layout is added to.
@@ -48,6 +49,39 @@
 //!
 //! let v1 = registry.get_manifest(&repo, &Reference::Tag(Tag::parse("v1")?)).await?;
 //! assert_eq!(v1.meta.digest, report.tagged[0].1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! An integration test that preloads a layout into a registry on a loopback port and
+//! pulls the image with an OCI client (here `oci-client`); the setup is the first five
+//! lines:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # // A layout to preload; a test keeps one beside its code (made by skopeo, umoci...).
+//! # let tmp = tempfile::tempdir()?;
+//! # let source = registry_core::Registry::in_memory();
+//! # let app = registry_core::RepoName::parse("fixtures/app")?;
+//! # registry_core::fixtures::image().layers([1024, 4096]).push(&source, &app, "v1").await?;
+//! # let selection = registry_layout::ExportSelection::repository(app, Vec::new());
+//! # registry_layout::export(&source, &selection, tmp.path(), &Default::default()).await?;
+//! # let layout = tmp.path();
+//! let registry = registry_core::Registry::in_memory();
+//! let repo = registry_core::RepoName::parse("fixtures/app")?;
+//! registry_layout::import(&registry, &repo, layout, &Default::default()).await?;
+//! let server = registry_http::serve_local(registry, Default::default()).await?;
+//! let image: oci_client::Reference = format!("{}/fixtures/app:v1", server.addr()).parse()?;
+//!
+//! let client = oci_client::Client::new(oci_client::client::ClientConfig {
+//!     protocol: oci_client::client::ClientProtocol::Http,
+//!     ..Default::default()
+//! });
+//! let anonymous = oci_client::secrets::RegistryAuth::Anonymous;
+//! let layers = vec![oci_client::manifest::IMAGE_LAYER_MEDIA_TYPE];
+//! let pulled = client.pull(&image, &anonymous, layers).await?;
+//! assert_eq!(pulled.layers.len(), 2);
 //! # Ok(())
 //! # }
 //! ```

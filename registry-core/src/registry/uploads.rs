@@ -14,7 +14,8 @@ impl Registry {
         repo: &RepoName,
         algorithm: Algorithm,
     ) -> Result<UploadStatus> {
-        self.open_session(repo, algorithm, UploadId::random()).await
+        self.open_session(repo, algorithm, self.new_upload_id(None))
+            .await
     }
 
     /// Starts an upload session for `owner`: it counts against the owner's limit
@@ -26,7 +27,7 @@ impl Registry {
         algorithm: Algorithm,
         owner: &UploadOwner,
     ) -> Result<UploadStatus> {
-        self.open_session(repo, algorithm, UploadId::random_for(owner))
+        self.open_session(repo, algorithm, self.new_upload_id(Some(owner)))
             .await
     }
 
@@ -374,8 +375,8 @@ impl Registry {
         declared_len: Option<u64>,
         data: ByteStream,
     ) -> Result<BlobInfo> {
-        self.put_blob_in(repo, digest, declared_len, data, UploadId::random())
-            .await
+        let id = self.new_upload_id(None);
+        self.put_blob_in(repo, digest, declared_len, data, id).await
     }
 
     /// [`put_blob`](Self::put_blob) for `owner`: its session, while the bytes arrive,
@@ -393,7 +394,7 @@ impl Registry {
             digest,
             declared_len,
             data,
-            UploadId::random_for(owner),
+            self.new_upload_id(Some(owner)),
         )
         .await
     }
@@ -525,6 +526,15 @@ impl Registry {
 
     /// Waits while another collector holds a fresh deletion lease on `digest`; takes over
     /// (and finishes) a stale one, whose holder is presumed dead.
+    ///
+    /// Time here is of two kinds. Whether a lease is stale is decided by the registry's
+    /// [`Clock`] (`begin_blob_deletion` compares the lease with `self.now()`), so a
+    /// test with a [`ManualClock`](crate::ManualClock) decides takeovers by moving its
+    /// clock. The pause between polls and the bound on the whole wait stay in real
+    /// time, on purpose: they pace a wait for another task's progress, which happens in
+    /// real time, and bound how long a client's request is held, which the client
+    /// measures in real time. On a manual clock that nobody moves, a Clock-based wait
+    /// would never end, and a sleep on it could not wake up.
     async fn wait_for_deletion(&self, digest: &Digest) -> Result<()> {
         let lease = self.inner.config.deletion_lease;
         let started = std::time::Instant::now();
@@ -586,6 +596,11 @@ pub(crate) struct OpenUploads {
 }
 
 impl OpenUploads {
+    /// Sessions open in total (for [`Registry::stats`]).
+    pub(super) fn total(&self) -> u64 {
+        self.total
+    }
+
     fn add(&mut self, repo: &RepoName, id: &UploadId) {
         self.total += 1;
         *self.per_repo.entry(repo.clone()).or_default() += 1;

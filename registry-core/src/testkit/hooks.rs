@@ -225,6 +225,14 @@ impl MetadataStore for HookedMeta {
     ) -> Result<Vec<ManifestRecord>> {
         self.inner.list_manifests(repo, after, limit).await
     }
+    async fn list_blob_links(
+        &self,
+        repo: &RepoName,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<(Digest, BlobLink)>> {
+        self.inner.list_blob_links(repo, after, limit).await
+    }
     async fn list_repositories(
         &self,
         after: Option<&RepoName>,

@@ -276,6 +276,16 @@ impl MetadataStore for Meta {
             .around(self.inner.list_manifests(repo, after, limit))
             .await
     }
+    async fn list_blob_links(
+        &self,
+        repo: &RepoName,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<(Digest, BlobLink)>> {
+        self.s
+            .around(self.inner.list_blob_links(repo, after, limit))
+            .await
+    }
     async fn list_repositories(
         &self,
         after: Option<&RepoName>,

@@ -39,6 +39,7 @@ pub(crate) mod interleave;
 pub mod model;
 pub mod policy_suite;
 pub mod refusal_suite;
+pub mod repo_suite;
 pub mod stress;
 pub mod suite;
 
@@ -341,6 +342,11 @@ macro_rules! behaviour_suite {
             race_refused_quota_vs_accepted,
             race_refused_read_only_vs_accepted,
             race_refused_size_vs_accepted,
+            delete_repository_removes_everything,
+            delete_repository_refuses_immutable_tags,
+            delete_repository_races_pushes,
+            repository_listings,
+            torn_writes_serve_nothing_partial,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {

@@ -13,6 +13,7 @@ pub use super::blob_suite::*;
 pub use super::collection_suite::*;
 pub use super::policy_suite::*;
 pub use super::refusal_suite::*;
+pub use super::repo_suite::*;
 
 fn put_options() -> PutManifestOptions {
     PutManifestOptions::default()

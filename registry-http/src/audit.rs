@@ -1,0 +1,453 @@
+//! The audit log: one JSON line per change to the registry's content and per refused
+//! credential or access, with who, from where, and what.
+//!
+//! Guarantee: the line of a change made through the HTTP API is written (and, with
+//! [`AuditLog::with_fsync`], synced) *before* the success response is sent; if it
+//! cannot be written, the client gets a 500 instead of the acknowledgement. So every
+//! change a client saw acknowledged has its line. The other way round is not
+//! guaranteed: a crash between the storage commit and the line leaves a change that no
+//! client saw acknowledged and that has no line (`docs/design.md`, "Audit log").
+//!
+//! Lines (fields absent when they do not apply):
+//!
+//! | field | what |
+//! |---|---|
+//! | `time` | RFC 3339 UTC, milliseconds |
+//! | `event` | `manifest_push`, `tag_delete`, `manifest_delete`, `blob_delete`, `blob_upload`, `blob_mount`; `auth_failure` (credentials that do not verify), `access_denied` (the policy or the token's scope refuses); `gc_tag_removed`, `gc_manifest_removed`, `gc_link_removed`, `blob_bytes_deleted` (the collector, and the clean-up of bytes a refused push left) |
+//! | `request_id` | the request's `X-Request-Id` (null for the collector) |
+//! | `identity` | the verified user name; null for anonymous callers and the collector |
+//! | `claimed_user` | `auth_failure` only: the user name of refused Basic credentials |
+//! | `source` | the client's address and port (null when the server does not provide it) |
+//! | `repository`, `digest` | what changed |
+//! | `tags` | `manifest_push`: every tag now pointing at the manifest through this push (a tag move is a push by tag) |
+//! | `tag` | `tag_delete`, `gc_tag_removed` |
+//! | `from` | `blob_mount`: the source repository, when the client named one |
+//! | `subject` | `manifest_push` of a referrer |
+//! | `action`, `reason` | `access_denied`, `auth_failure`: what was asked, and why it was refused |
+
+use std::fmt;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use axum::http::StatusCode;
+use registry_core::access::Identity;
+use registry_core::{Digest, RepoName, Tag};
+use serde::Serialize;
+
+use crate::access_log::{ReqView, RequestContext};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::metrics::AuthResult;
+use crate::routes::AppState;
+
+/// Where audit lines go: a file, a tracing target, or any writer.
+///
+/// ```no_run
+/// # fn main() -> std::io::Result<()> {
+/// use registry_http::{AuditLog, HttpConfig};
+///
+/// let audit = AuditLog::open("/var/log/registry/audit.jsonl")?.with_fsync(true);
+/// let config = HttpConfig::default().with_audit(audit);
+/// # let _ = config;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct AuditLog {
+    sink: Arc<Sink>,
+    fsync: bool,
+}
+
+enum Sink {
+    File {
+        path: PathBuf,
+        file: Mutex<std::fs::File>,
+    },
+    Tracing,
+    Writer(Mutex<Box<dyn Write + Send>>),
+}
+
+impl fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sink = match &*self.sink {
+            Sink::File { path, .. } => format!("file {}", path.display()),
+            Sink::Tracing => "tracing target registry_http::audit".to_owned(),
+            Sink::Writer(_) => "writer".to_owned(),
+        };
+        f.debug_struct("AuditLog")
+            .field("sink", &sink)
+            .field("fsync", &self.fsync)
+            .finish()
+    }
+}
+
+impl AuditLog {
+    /// Appends JSON lines to the file at `path` (created if missing). Each line is
+    /// written with one `write` call, so lines of concurrent requests never interleave
+    /// and a line is in the kernel's hands before the response goes out; add
+    /// [`with_fsync`](Self::with_fsync) to have it on disk too.
+    pub fn open(path: impl AsRef<Path>) -> std::io::Result<Self> {
+        let path = path.as_ref().to_owned();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        Ok(AuditLog {
+            sink: Arc::new(Sink::File {
+                path,
+                file: Mutex::new(file),
+            }),
+            fsync: false,
+        })
+    }
+
+    /// Emits each line as an `info` event of the tracing target
+    /// `registry_http::audit`, the JSON object as its message: for processes that ship
+    /// their logs elsewhere. Delivery is then the subscriber's business.
+    pub fn tracing() -> Self {
+        AuditLog {
+            sink: Arc::new(Sink::Tracing),
+            fsync: false,
+        }
+    }
+
+    /// Writes JSON lines to `writer` (flushed after each line).
+    pub fn writer(writer: impl Write + Send + 'static) -> Self {
+        AuditLog {
+            sink: Arc::new(Sink::Writer(Mutex::new(Box::new(writer)))),
+            fsync: false,
+        }
+    }
+
+    /// For a file: also `fdatasync` each line before the response goes out, so that an
+    /// acknowledged change has its line even after a power loss (costs a disk flush
+    /// per change; the change itself was already flushed by a durable store).
+    pub fn with_fsync(mut self, on: bool) -> Self {
+        self.fsync = on;
+        self
+    }
+
+    /// Writes one record; returns once the line is written (and synced, if asked).
+    pub(crate) async fn write(&self, record: &Record<'_>) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        match &*self.sink {
+            Sink::Tracing => {
+                let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+                tracing::info!(target: "registry_http::audit", "{text}");
+                Ok(())
+            }
+            Sink::Writer(w) => {
+                let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+                w.write_all(&line)?;
+                w.flush()
+            }
+            Sink::File { .. } if self.fsync => {
+                // A disk flush can take milliseconds: not on the runtime's threads.
+                let sink = self.sink.clone();
+                tokio::task::spawn_blocking(move || {
+                    let Sink::File { file, .. } = &*sink else {
+                        unreachable!("matched above")
+                    };
+                    let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+                    file.write_all(&line)?;
+                    file.sync_data()
+                })
+                .await
+                .map_err(std::io::Error::other)?
+            }
+            Sink::File { file, .. } => {
+                // One `write` of a few hundred bytes to the page cache: no need to leave
+                // the runtime's thread for it.
+                let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+                file.write_all(&line)
+            }
+        }
+    }
+
+    /// Writes `record`; a failure is logged with the line itself (so the record is at
+    /// least in the process log) and returned.
+    pub(crate) async fn write_or_log(&self, record: &Record<'_>) -> std::io::Result<()> {
+        let result = self.write(record).await;
+        if let Err(e) = &result {
+            let line = serde_json::to_string(record).unwrap_or_default();
+            tracing::error!(error = %e, audit = %line, "the audit log could not be written");
+        }
+        result
+    }
+}
+
+/// One audit line.
+#[derive(Debug, Serialize)]
+pub(crate) struct Record<'a> {
+    time: String,
+    event: &'static str,
+    request_id: Option<&'a str>,
+    identity: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    claimed_user: Option<&'a str>,
+    source: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repository: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    digest: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tags: Option<Vec<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tag: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    action: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
+impl<'a> Record<'a> {
+    /// A record of `event`, now, with no request (the collector's changes).
+    pub(crate) fn new(event: &'static str) -> Self {
+        Record {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            event,
+            request_id: None,
+            identity: None,
+            claimed_user: None,
+            source: None,
+            repository: None,
+            digest: None,
+            tags: None,
+            tag: None,
+            from: None,
+            subject: None,
+            action: None,
+            reason: None,
+        }
+    }
+
+    /// A record of `event` made by the request of `ctx`.
+    pub(crate) fn request(event: &'static str, ctx: Option<&'a RequestContext>) -> Self {
+        let mut r = Record::new(event);
+        if let Some(ctx) = ctx {
+            r.request_id = Some(ctx.id());
+            r.source = ctx.peer();
+            r.identity = ctx.identity().and_then(Identity::name);
+        }
+        r
+    }
+
+    pub(crate) fn identity(mut self, identity: &'a Identity) -> Self {
+        self.identity = identity.name();
+        self
+    }
+
+    pub(crate) fn claimed_user(mut self, user: Option<&'a str>) -> Self {
+        self.claimed_user = user;
+        self
+    }
+
+    pub(crate) fn repository(mut self, repo: Option<&'a RepoName>) -> Self {
+        self.repository = repo.map(RepoName::as_str);
+        self
+    }
+
+    pub(crate) fn digest(mut self, digest: &'a Digest) -> Self {
+        self.digest = Some(digest.as_str());
+        self
+    }
+
+    pub(crate) fn tags(mut self, tags: &'a [Tag]) -> Self {
+        self.tags = Some(tags.iter().map(Tag::as_str).collect());
+        self
+    }
+
+    pub(crate) fn tag(mut self, tag: &'a str) -> Self {
+        self.tag = Some(tag);
+        self
+    }
+
+    pub(crate) fn from(mut self, from: Option<&'a RepoName>) -> Self {
+        self.from = from.map(RepoName::as_str);
+        self
+    }
+
+    pub(crate) fn subject(mut self, subject: Option<&'a Digest>) -> Self {
+        self.subject = subject.map(Digest::as_str);
+        self
+    }
+
+    pub(crate) fn action(mut self, action: &'a str) -> Self {
+        self.action = Some(action);
+        self
+    }
+
+    pub(crate) fn reason(mut self, reason: &'a str) -> Self {
+        self.reason = Some(reason);
+        self
+    }
+}
+
+/// How the handlers report to the metrics and the audit log: kept here, beside the
+/// records, so that the request handling in `routes.rs` stays about requests.
+impl AppState {
+    /// Counts verified credentials and notes who they belong to.
+    pub(crate) fn authenticated(&self, req: ReqView<'_>, caller: &Caller) {
+        if let Some(m) = &self.observer.metrics {
+            m.auth(AuthResult::Success);
+        }
+        if let Some(ctx) = req.ctx {
+            ctx.set_identity(&caller.identity);
+        }
+    }
+
+    /// Counts refused credentials and writes an `auth_failure` line (a failure to
+    /// write it is logged; the request is refused either way).
+    pub(crate) async fn credentials_refused(
+        &self,
+        req: ReqView<'_>,
+        claimed: Option<&str>,
+        e: &ApiError,
+    ) {
+        if let Some(m) = &self.observer.metrics {
+            m.auth(AuthResult::InvalidCredentials);
+        }
+        if let Some(audit) = &self.observer.audit {
+            let repo = crate::access_log::repository_of(req.uri.path());
+            let record = Record::request("auth_failure", req.ctx)
+                .claimed_user(claimed)
+                .repository(repo.as_ref())
+                .reason(e.message());
+            let _ = audit.write_or_log(&record).await;
+        }
+    }
+
+    /// Counts an authorization refusal: a 401 asks an anonymous caller for credentials
+    /// (a challenge, the normal first step of a client's handshake); a 403 refuses a
+    /// known caller or a token's scope, and is written to the audit log.
+    pub(crate) async fn access_refused(
+        &self,
+        req: ReqView<'_>,
+        caller: &Caller,
+        repo: Option<&RepoName>,
+        action: &str,
+        e: &ApiError,
+    ) {
+        let challenge = e.status() == StatusCode::UNAUTHORIZED;
+        if let Some(m) = &self.observer.metrics {
+            m.auth(if challenge {
+                AuthResult::Challenge
+            } else {
+                AuthResult::Denied
+            });
+        }
+        if challenge {
+            return;
+        }
+        if let Some(audit) = &self.observer.audit {
+            let record = Record::request("access_denied", req.ctx)
+                .identity(&caller.identity)
+                .repository(repo)
+                .action(action)
+                .reason(e.message());
+            let _ = audit.write_or_log(&record).await;
+        }
+    }
+
+    /// Writes the audit line of a change the registry has made, before its success
+    /// response goes out. If the line cannot be written the client gets a 500: an
+    /// acknowledged change always has its line.
+    pub(crate) async fn audit(&self, record: Record<'_>) -> Result<(), ApiError> {
+        let Some(audit) = &self.observer.audit else {
+            return Ok(());
+        };
+        audit.write_or_log(&record).await.map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "UNKNOWN",
+                "the audit log could not be written",
+            )
+        })
+    }
+}
+
+/// The user name of Basic credentials, for the `claimed_user` of a refused login
+/// (never the password). At most 256 bytes of it: the field is the client's to fill.
+pub(crate) fn claimed_user(headers: &axum::http::HeaderMap) -> Option<String> {
+    use base64::Engine as _;
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let user = decoded.split_once(':').map_or(decoded.as_str(), |(u, _)| u);
+    let mut end = user.len().min(256);
+    while !user.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(user[..end].to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_are_json_with_only_the_fields_that_apply() {
+        let out = Shared::default();
+        let log = AuditLog::writer(out.clone());
+        let repo = RepoName::parse("a/b").unwrap();
+        let digest = Digest::sha256(b"x");
+        let tags = [Tag::parse("v1").unwrap()];
+        let user = Identity::user("ci");
+        let record = Record::new("manifest_push")
+            .identity(&user)
+            .repository(Some(&repo))
+            .digest(&digest)
+            .tags(&tags);
+        log.write(&record).await.unwrap();
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(text.ends_with('\n'));
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(v["event"], "manifest_push");
+        assert_eq!(v["identity"], "ci");
+        assert_eq!(v["repository"], "a/b");
+        assert_eq!(v["tags"], serde_json::json!(["v1"]));
+        assert!(v["source"].is_null() && v["request_id"].is_null());
+        assert!(v.get("tag").is_none() && v.get("reason").is_none());
+        assert!(v["time"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn claimed_users_come_from_basic_credentials_only() {
+        use base64::Engine as _;
+        let mut h = axum::http::HeaderMap::new();
+        let v = base64::engine::general_purpose::STANDARD.encode("ci:secret");
+        h.insert("authorization", format!("Basic {v}").parse().unwrap());
+        assert_eq!(claimed_user(&h).as_deref(), Some("ci"));
+        h.insert("authorization", "Bearer abc".parse().unwrap());
+        assert_eq!(claimed_user(&h), None);
+    }
+}
