@@ -198,7 +198,11 @@ pub(crate) async fn observe(
             .rsplit('/')
             .next()
             .is_some_and(|r| r.contains(':'));
-    let access = obs.access_log.then(|| AccessStart {
+    // Only when the line would be written: with the target filtered out (a log level
+    // above info), the request and response bodies are not wrapped at all.
+    let logging =
+        obs.access_log && tracing::enabled!(target: "registry_http::access", tracing::Level::INFO);
+    let access = logging.then(|| AccessStart {
         method: req.method().clone(),
         repository: repository_of(req.uri().path()),
     });
