@@ -631,6 +631,28 @@ async fn request_ids_are_echoed_when_sane_and_made_otherwise() {
     assert_ne!(again.header("x-request-id").unwrap(), made);
 }
 
+/// `/readyz` answers 503 while the storage fails its metadata reads (and `/healthz`,
+/// about the process only, stays 200), then 200 again once the storage recovers.
+#[tokio::test]
+async fn readyz_follows_the_storage() {
+    use registry_core::fault::{Faults, Rule};
+    let faults = Faults::new(1).with(Rule::error("meta.list_repositories"));
+    let registry = Registry::builder(faults.wrap(MemoryStore::new())).build();
+    let app = registry_http::router(registry, HttpConfig::default());
+    let get = |path: &'static str| {
+        let app = app.clone();
+        async move {
+            call(&app, Method::GET, path, &[], Body::empty())
+                .await
+                .status
+        }
+    };
+    assert_eq!(get("/readyz").await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(get("/healthz").await, StatusCode::OK);
+    faults.set_enabled(false);
+    assert_eq!(get("/readyz").await, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn health_endpoints_need_no_credentials() {
     let auth = Auth::new(PrefixRules::new()).with_user("u", "p");
