@@ -4,23 +4,36 @@
 //! Flags (kept stable, scripts use them): `--addr HOST:PORT`, `--data-dir DIR`,
 //! `--storage memory|fs|s3://BUCKET|az://CONTAINER|gs://BUCKET`, `--max-manifest-size BYTES`, `--gc-interval SECS`,
 //! `--gc-window SECS`, `--read-only`, `--no-deletes`, `--base-url URL`,
-//! `--auth-user NAME:PASSWORD` (repeatable), `--anonymous-read`, `--metrics-addr
-//! HOST:PORT`, `--no-access-log`, `--audit-log FILE`, `--audit-log-fsync`. Logs go through
+//! `--auth-user NAME:file:PATH|NAME:env:VAR` (repeatable), `--htpasswd FILE`,
+//! `--auth-rules FILE`, `--anonymous-read`, the `--token-*` flags, `--auth-max-failures
+//! N`, `--auth-max-failures-per-address N`, `--auth-lockout DURATION`, `--tls-cert FILE
+//! --tls-key FILE`, `--metrics-addr HOST:PORT`, `--no-access-log`, `--access-log FILE`, `--audit-log FILE`,
+//! `--audit-log-fsync`. Logs go through
 //! `tracing` (`RUST_LOG=debug` for more, or per target: `RUST_LOG=registry_http=debug,info`);
 //! credentials are never logged. On start it prints the URL, where the data is and how
 //! to stop; a failure (port in use, data directory not writable, object storage not
 //! configured) is a message saying what failed and what to try, and exit status 1.
 //!
-//! Authentication: with `--auth-user` (or `--anonymous-read`) every request needs
-//! credentials, Basic or a bearer token from `/token` (clients follow the
-//! `WWW-Authenticate` challenge by themselves: `skopeo --creds NAME:PASSWORD`,
-//! `oras login`); anonymous clients may only pull, and only with `--anonymous-read`.
+//! Authentication: with `--auth-user`, `--htpasswd`, `--token-realm`, `--auth-rules` or
+//! `--anonymous-read` every request needs credentials, Basic or a bearer token (an ES256
+//! JWT) from `/token`, or with `--token-realm` from an external token server (clients
+//! follow the `WWW-Authenticate` challenge by themselves: `skopeo --creds
+//! NAME:PASSWORD`, `oras login`). Without `--auth-rules` users may do everything and
+//! anonymous clients only pull, and only with `--anonymous-read`. Passwords are never
+//! taken from the command line. `serve token-key --token-key-file KEY --cert CERT` makes
+//! the signing key and a certificate of it for registries that trust our tokens
+//! (Distribution's `auth.token.rootcertbundle`).
 //!
 //! Object storage (`s3://`, `az://`, `gs://`, optionally with a path prefix after the
 //! bucket) is configured through object_store's standard environment variables, for
 //! example `AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 //! `AWS_REGION` for S3 and `AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`,
 //! `AZURE_STORAGE_USE_EMULATOR` for Azure. Several serve processes can share one bucket.
+//! With object storage, `--redirect-blobs[=TTL]` answers blob downloads with a redirect
+//! to a presigned URL, and `--log-retention DURATION` trims the bucket's metadata log.
+//! `--metadata postgres://...` (or `REGISTRY_METADATA_URL`) keeps the metadata in
+//! PostgreSQL instead: any number of serve processes on one database and one bucket are
+//! one registry.
 //!
 //! Maintenance:
 //! - `serve check [--data-dir DIR | --storage URL] [--verify-digests] [--repair]` (an fs
@@ -50,7 +63,10 @@ use registry_core::access::{Action, Grantee, PrefixRules};
 use registry_core::{
     GcOptions, Registry, RepoName, RetentionRule, Storage, Tag, TagPattern, UntaggedPolicy,
 };
-use registry_http::{AuditLog, Auth, HttpConfig, Metrics, ServerLimits, TokenIssuer};
+use registry_http::{
+    AccessLog, AuditLog, Auth, Htpasswd, HttpConfig, JwtVerifier, Metrics, ServerLimits,
+    SigningKey, ThrottleConfig, TlsFiles, TokenIssuer, VerificationKey,
+};
 use registry_store_fs::{CheckOptions, FsStore};
 use registry_store_object::{BucketOptions, BucketStore, CheckOptions as BucketCheckOptions};
 use tracing_subscriber::filter::Targets;
@@ -105,25 +121,92 @@ struct Args {
     /// a proxy under another address (default: relative URLs).
     #[arg(long)]
     base_url: Option<String>,
+    /// With object storage: answer whole-blob downloads with 307 to a presigned bucket
+    /// URL valid for TTL (`--redirect-blobs` alone: 10m), after the usual checks, so
+    /// the bytes flow from the bucket; clients must be able to reach it.
+    #[arg(long, value_name = "TTL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "10m", value_parser = parse_duration)]
+    redirect_blobs: Option<Duration>,
+    /// With the metadata in the bucket: delete log entries and checkpoints behind a
+    /// checkpoint older than this (at least 90 s). Every process of the bucket must
+    /// run a version that checks the trim watermark (this one or newer).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    log_retention: Option<Duration>,
     /// Make tags matching `[REPO_PREFIX:]GLOB` immutable (repeatable).
     #[arg(long = "immutable-tags", global = true, value_parser = parse_tag_pattern)]
     immutable_tags: Vec<TagPattern>,
     /// Limit the bytes stored under a repository prefix: `PREFIX=BYTES` (repeatable).
     #[arg(long = "quota", value_parser = parse_quota)]
     quotas: Vec<(RepoName, u64)>,
-    /// A user who may pull, push and delete everywhere, as NAME:PASSWORD (repeatable).
-    /// With any user (or --anonymous-read) clients must authenticate: Basic, or a
-    /// bearer token from this server's /token endpoint.
-    #[arg(long = "auth-user", value_name = "NAME:PASSWORD", value_parser = parse_user)]
+    /// A user, with the password read from a file (`NAME:file:PATH`, its first line) or
+    /// an environment variable (`NAME:env:VAR`), never from the command line, where
+    /// every process could read it (repeatable). Without --auth-rules, users may pull,
+    /// push and delete everywhere. With any user, htpasswd file, external token server
+    /// or --anonymous-read, clients must authenticate: Basic, or a bearer token.
+    #[arg(long = "auth-user", value_name = "NAME:file:PATH|NAME:env:VAR", value_parser = parse_user)]
     auth_users: Vec<(String, String)>,
+    /// Users from an htpasswd file with bcrypt hashes (`htpasswd -B`), re-read when it
+    /// changes (repeatable).
+    #[arg(long, value_name = "FILE")]
+    htpasswd: Vec<PathBuf>,
+    /// Who may do what under which repository prefix, from a TOML file (default: users
+    /// everything, anonymous callers nothing, or pull and list with --anonymous-read).
+    /// See the README for the format.
+    #[arg(long, value_name = "FILE")]
+    auth_rules: Option<PathBuf>,
     /// With authentication on, let anonymous clients pull and list everything.
     #[arg(long)]
     anonymous_read: bool,
-    /// Sign bearer tokens with the key in FILE (at least 32 bytes), so that processes
-    /// serving one registry accept each other's tokens (default: a random key per
+    /// Sign bearer tokens (ES256 JWTs) with the P-256 private key in FILE (PEM; `serve
+    /// token-key` makes one), so that processes serving one registry accept each
+    /// other's tokens and other registries can trust them (default: a random key per
     /// process).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE")]
     token_key_file: Option<PathBuf>,
+    /// Also accept tokens signed by the keys in FILE (PEM certificates or public keys;
+    /// the previous key while rotating; repeatable).
+    #[arg(long, value_name = "FILE")]
+    token_trust_key: Vec<PathBuf>,
+    /// The service name of tokens: their `aud`, and the `service` of challenges.
+    #[arg(long, default_value = "registry")]
+    token_service: String,
+    /// The issuer of tokens (`iss`): what this server signs as, or with --token-realm
+    /// the external token server's issuer name (default: the service name).
+    #[arg(long, value_name = "NAME")]
+    token_issuer: Option<String>,
+    /// How long issued tokens stay valid.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    token_ttl: Duration,
+    /// Trust an external token server at URL instead of issuing tokens (as
+    /// Distribution's auth.token.realm); its keys come from --token-root-cert-bundle
+    /// and/or --token-jwks.
+    #[arg(long, value_name = "URL", requires = "token_issuer")]
+    token_realm: Option<String>,
+    /// The external token server's signing certificates (PEM bundle; Distribution's
+    /// auth.token.rootcertbundle).
+    #[arg(long, value_name = "FILE", requires = "token_realm")]
+    token_root_cert_bundle: Option<PathBuf>,
+    /// The external token server's public keys as a JWKS document.
+    #[arg(long, value_name = "FILE", requires = "token_realm")]
+    token_jwks: Option<PathBuf>,
+    /// Failed authentications of one user name before it is locked out for a while
+    /// (429 with Retry-After; 0: no limit).
+    #[arg(long, default_value_t = ThrottleConfig::default().max_failures_per_identity)]
+    auth_max_failures: u32,
+    /// Failed authentications from one address (an IPv6 /64) before it is locked out
+    /// (0: no limit).
+    #[arg(long, default_value_t = ThrottleConfig::default().max_failures_per_address)]
+    auth_max_failures_per_address: u32,
+    /// The first lockout; each further failure doubles it, up to 15 minutes.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    auth_lockout: Duration,
+    /// Serve HTTPS with the certificate chain in FILE (PEM, leaf first); needs
+    /// --tls-key. Both files are re-read when they change.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Most connections served at once; when all are taken, the oldest connection is
     /// closed (after the request it is serving) to make room.
     #[arg(long, default_value_t = ServerLimits::default().max_connections)]
@@ -182,10 +265,14 @@ struct Args {
     /// scraper reaches it (default: no metrics).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<SocketAddr>,
-    /// Do not log a line per request (tracing target `registry_http::access`, level
-    /// info).
+    /// Do not log a line per request (by default one to stdout, among the other log
+    /// lines, when `RUST_LOG` lets the target `registry_http::access` log at info).
     #[arg(long)]
     no_access_log: bool,
+    /// Append the access log to FILE instead of stdout (written whatever `RUST_LOG`
+    /// says).
+    #[arg(long, value_name = "FILE", conflicts_with = "no_access_log")]
+    access_log: Option<PathBuf>,
     /// Append the audit log to FILE: a JSON line per change (pushes, tag moves,
     /// deletes, uploads, mounts, the collector's removals) and per refused credential
     /// or access, written before the change is acknowledged (default: none).
@@ -254,6 +341,17 @@ enum Command {
         tags: Vec<Tag>,
         /// The layout directory or .tar archive (created, or added to).
         path: PathBuf,
+    },
+    /// Make the token signing key (--token-key-file; kept if it exists) and write a
+    /// self-signed certificate of it, for registries that trust our tokens (for
+    /// Distribution: auth.token.rootcertbundle). Prints the key id tokens carry.
+    TokenKey {
+        /// Where to write the certificate (PEM).
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
     },
 }
 
@@ -347,49 +445,246 @@ fn parse_storage(s: &str) -> Result<StorageKind, String> {
     }
 }
 
+/// `NAME:file:PATH` or `NAME:env:VAR`: the user and the password read from there.
 fn parse_user(s: &str) -> Result<(String, String), String> {
-    match s.split_once(':') {
-        Some((name, password)) if !name.is_empty() && !password.is_empty() => {
-            Ok((name.to_owned(), password.to_owned()))
-        }
-        _ => Err("expected NAME:PASSWORD with both parts non-empty".to_owned()),
+    let usage = "expected NAME:file:PATH or NAME:env:VAR (a password on the command \
+                 line is visible to every process: put it in a file or a variable)";
+    let (name, rest) = s.split_once(':').ok_or(usage)?;
+    if name.is_empty() {
+        return Err(usage.to_owned());
     }
+    let password = match rest.split_once(':') {
+        Some(("file", path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the password of {name} from {path}: {e}"))?;
+            text.lines().next().unwrap_or("").to_owned()
+        }
+        Some(("env", var)) => {
+            std::env::var(var).map_err(|_| format!("the password of {name}: ${var} is not set"))?
+        }
+        _ => return Err(usage.to_owned()),
+    };
+    if password.is_empty() {
+        return Err(format!("the password of {name} is empty"));
+    }
+    Ok((name.to_owned(), password))
 }
 
-/// The access policy from the flags: `None` (open) unless a user or anonymous reads
-/// are configured; then users may do everything and anonymous callers only what
-/// --anonymous-read allows.
+/// The `--auth-rules` file: groups of users, and rules granting actions under
+/// repository prefixes.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    #[serde(default)]
+    groups: std::collections::BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    allow: Vec<RuleEntry>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleEntry {
+    /// User names, `group:NAME`, `anonymous`, `authenticated`, `anyone`.
+    who: Vec<String>,
+    /// A repository prefix by whole path components (`team-a` or `team-a/*`); `*` or
+    /// empty: every repository.
+    prefix: String,
+    /// `pull`, `push`, `delete`, `list`, or `*` for all.
+    actions: Vec<String>,
+}
+
+fn read_rules(path: &Path) -> Result<PrefixRules, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the rules {}: {e}", shown(path)))?;
+    rules_from_toml(&text).map_err(|e| format!("the rules {}: {e}", shown(path)))
+}
+
+fn rules_from_toml(text: &str) -> Result<PrefixRules, String> {
+    let file: RulesFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    let mut rules = PrefixRules::new();
+    for rule in &file.allow {
+        let mut actions = Vec::new();
+        for a in &rule.actions {
+            match a.as_str() {
+                "*" => actions.extend_from_slice(Action::ALL),
+                a => actions.push(Action::parse(a).ok_or_else(|| {
+                    format!("unknown action {a:?}: expected pull, push, delete, list or *")
+                })?),
+            }
+        }
+        let prefix = rule.prefix.trim_end_matches('*').trim_end_matches('/');
+        if !prefix.is_empty() {
+            RepoName::parse(prefix).map_err(|e| format!("prefix {:?}: {e}", rule.prefix))?;
+        }
+        for who in &rule.who {
+            let grantees = match who.as_str() {
+                "anyone" => vec![Grantee::Anyone],
+                "anonymous" => vec![Grantee::Anonymous],
+                "authenticated" => vec![Grantee::Authenticated],
+                g if g.starts_with("group:") => file
+                    .groups
+                    .get(&g["group:".len()..])
+                    .ok_or_else(|| format!("unknown group {g:?}"))?
+                    .iter()
+                    .map(Grantee::user)
+                    .collect(),
+                user => vec![Grantee::user(user)],
+            };
+            for grantee in grantees {
+                rules = rules.grant(grantee, prefix, &actions);
+            }
+        }
+    }
+    Ok(rules)
+}
+
+/// The token signing key of --token-key-file, or a random one.
+fn signing_key(args: &Args) -> Result<SigningKey, String> {
+    let Some(path) = &args.token_key_file else {
+        return Ok(SigningKey::generate());
+    };
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the token key {}: {e}", shown(path)))?;
+    SigningKey::from_pem(&pem).map_err(|e| {
+        format!(
+            "the token key {}: {e}\n  make one with: serve token-key --token-key-file {} --cert CERT",
+            shown(path),
+            shown(path)
+        )
+    })
+}
+
+fn read_keys(path: &Path, jwks: bool) -> Result<Vec<VerificationKey>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", shown(path)))?;
+    let keys = if jwks {
+        VerificationKey::from_jwks(&bytes)
+    } else {
+        VerificationKey::from_pem_bundle(&bytes)
+    };
+    keys.map_err(|e| format!("{}: {e}", shown(path)))
+}
+
+/// `serve token-key`: the key file (made when missing, mode 0600) and a self-signed
+/// certificate of its public key.
+fn token_key(args: &Args, cert: &Path, days: u32) -> Result<(), String> {
+    let path = args
+        .token_key_file
+        .as_ref()
+        .ok_or("serve token-key needs --token-key-file FILE (the key to use, made when missing)")?;
+    let key = if path.exists() {
+        signing_key(args)?
+    } else {
+        let key = SigningKey::generate();
+        write_private(path, key.to_pkcs8_pem().as_bytes())
+            .map_err(|e| format!("cannot write the token key {}: {e}", shown(path)))?;
+        println!("token key: made {}", shown(path));
+        key
+    };
+    let pair = rcgen::KeyPair::from_pkcs8_pem_and_sign_algo(
+        &key.to_pkcs8_pem(),
+        &rcgen::PKCS_ECDSA_P256_SHA256,
+    )
+    .map_err(|e| format!("the token key: {e}"))?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
+        .map_err(|e| format!("certificate: {e}"))?;
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("{} token signer", args.token_service),
+    );
+    let now = std::time::SystemTime::now();
+    params.not_before = now.into();
+    params.not_after = (now + Duration::from_secs(u64::from(days) * 86_400)).into();
+    let certificate = params
+        .self_signed(&pair)
+        .map_err(|e| format!("certificate: {e}"))?;
+    std::fs::write(cert, certificate.pem())
+        .map_err(|e| format!("cannot write {}: {e}", shown(cert)))?;
+    println!("certificate: {}", shown(cert));
+    println!("token-key: kid {}", key.kid());
+    Ok(())
+}
+
+/// Writes a new file readable by its owner only.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(bytes)
+}
+
+/// The authentication from the flags: `None` (open) unless users, an htpasswd file, an
+/// external token server or anonymous reads are configured. The policy is the rules
+/// file, or else: users everything, anonymous callers only what --anonymous-read allows.
 fn auth_from_args(args: &Args) -> Result<Option<Auth>, String> {
-    if args.auth_users.is_empty() && !args.anonymous_read {
+    if args.auth_users.is_empty()
+        && args.htpasswd.is_empty()
+        && args.token_realm.is_none()
+        && !args.anonymous_read
+        && args.auth_rules.is_none()
+    {
         return Ok(None);
     }
-    let mut rules = PrefixRules::new().grant(Grantee::Authenticated, "", Action::ALL);
-    if args.anonymous_read {
-        rules = rules.grant(Grantee::Anonymous, "", Action::READ);
-    }
-    // Processes serving one registry must share the key: a token one issues is then
-    // accepted by all. Without a file each process signs with a random key of its own.
-    let issuer = match &args.token_key_file {
-        Some(path) => {
-            let key = std::fs::read(path)
-                .map_err(|e| format!("cannot read the token key {}: {e}", path.display()))?;
-            let key = key.trim_ascii();
-            if key.len() < 32 {
-                return Err(format!(
-                    "the token key in {} has {} bytes; use at least 32 random bytes \
-                     (for example: head -c 48 /dev/urandom | base64 > {})",
-                    path.display(),
-                    key.len(),
-                    path.display()
-                ));
-            }
-            TokenIssuer::with_key("registry", key)
-        }
-        None => TokenIssuer::new("registry"),
+    let rules = match &args.auth_rules {
+        Some(path) => read_rules(path)?,
+        None => PrefixRules::new().grant(Grantee::Authenticated, "", Action::ALL),
     };
-    let mut auth = Auth::new(rules).with_token_issuer(issuer);
+    let rules = if args.anonymous_read {
+        rules.grant(Grantee::Anonymous, "", Action::READ)
+    } else {
+        rules
+    };
+    let mut auth = Auth::new(rules).with_throttle(ThrottleConfig {
+        max_failures_per_identity: args.auth_max_failures,
+        max_failures_per_address: args.auth_max_failures_per_address,
+        lockout: args.auth_lockout,
+        ..ThrottleConfig::default()
+    });
+    match &args.token_realm {
+        Some(realm) => {
+            let issuer = args.token_issuer.clone().unwrap_or_default();
+            let mut keys = Vec::new();
+            if let Some(path) = &args.token_root_cert_bundle {
+                keys.extend(read_keys(path, false)?);
+            }
+            if let Some(path) = &args.token_jwks {
+                keys.extend(read_keys(path, true)?);
+            }
+            for path in &args.token_trust_key {
+                keys.extend(read_keys(path, false)?);
+            }
+            if keys.is_empty() {
+                return Err("--token-realm needs the token server's keys: \
+                     --token-root-cert-bundle FILE or --token-jwks FILE"
+                    .to_owned());
+            }
+            let verifier = JwtVerifier::new(&args.token_service, [issuer]).with_keys(keys);
+            auth = auth.with_token_verifier(verifier, realm, &args.token_service);
+        }
+        None => {
+            // Processes serving one registry share the key file: a token one issues is
+            // then accepted by all. Without it each process signs with a random key.
+            let mut issuer = TokenIssuer::with_signing_key(&args.token_service, signing_key(args)?)
+                .with_ttl(args.token_ttl);
+            if let Some(name) = &args.token_issuer {
+                issuer = issuer.with_issuer(name);
+            }
+            for path in &args.token_trust_key {
+                for key in read_keys(path, false)? {
+                    issuer = issuer.with_trusted_key(key);
+                }
+            }
+            auth = auth.with_token_issuer(issuer);
+        }
+    }
     for (name, password) in &args.auth_users {
         auth = auth.with_user(name, password);
+    }
+    for path in &args.htpasswd {
+        let file = Htpasswd::open(path)
+            .map_err(|e| format!("cannot read the htpasswd file {}: {e}", shown(path)))?;
+        auth = auth.with_htpasswd(file);
     }
     Ok(Some(auth))
 }
@@ -529,16 +824,21 @@ async fn open_blob_storage(args: &Args) -> Result<Storage, String> {
             .map_err(|e| fs_failure(&args.data_dir, &e))?
             .into_storage(),
         StorageKind::Object(url) => {
-            let (store, prefix) = registry_store_object::from_url(url)
+            let (store, signer, prefix) = registry_store_object::from_url_with_signer(url)
                 .map_err(|e| object_failure(url, "cannot configure object storage", &e))?;
             let options = BucketOptions {
                 prefix,
+                log_retention: args.log_retention,
                 ..BucketOptions::default()
             };
-            BucketStore::open_with(store, options)
+            let bucket = BucketStore::open_with(store, options)
                 .await
-                .map_err(|e| object_failure(url, "cannot open object storage", &e))?
-                .into_storage()
+                .map_err(|e| object_failure(url, "cannot open object storage", &e))?;
+            match signer.filter(|_| args.redirect_blobs.is_some()) {
+                Some(signer) => bucket.with_signer(signer),
+                None => bucket,
+            }
+            .into_storage()
         }
     })
 }
@@ -608,11 +908,16 @@ async fn main() -> ExitCode {
         }),
         Err(_) => Targets::new().with_default(tracing::Level::INFO),
     };
+    // registry-http writes the access log lines itself (through the fmt layer each
+    // cost ~20,000 instructions, more than the request), but on stdout `RUST_LOG`
+    // still decides whether they are written, as for any other target.
+    let access_log_on = filter.would_enable("registry_http::access", &tracing::Level::INFO);
     tracing_subscriber::registry()
         .with(tracing_subscriber::fmt::layer())
         .with(filter)
         .init();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    args.no_access_log |= !access_log_on && args.access_log.is_none();
     match run(&args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -705,6 +1010,7 @@ async fn run(args: &Args) -> Result<(), String> {
             println!("gc: {report}");
             return Ok(());
         }
+        Some(Command::TokenKey { cert, days }) => return token_key(args, cert, *days),
         Some(Command::Import { repo, tags, path }) => {
             let registry = with_policies(Registry::builder(open_storage(args).await?), args)
                 .with_max_manifest_size(args.max_manifest_size)
@@ -780,7 +1086,8 @@ async fn run(args: &Args) -> Result<(), String> {
         .with_read_only(args.read_only)
         .with_deletes(!args.no_deletes)
         .with_base_url(args.base_url.clone())
-        .with_access_log(!args.no_access_log);
+        .with_redirect_blobs(args.redirect_blobs)
+        .with_access_log(open_access_log(args)?);
     // Metrics are served by their own listener only: no credentials needed there, and
     // nothing extra on the registry's.
     let config = match &metrics {
@@ -795,6 +1102,8 @@ async fn run(args: &Args) -> Result<(), String> {
         Some(auth) => {
             tracing::info!(
                 users = args.auth_users.len(),
+                htpasswd = args.htpasswd.len(),
+                external_token_server = args.token_realm.as_deref(),
                 anonymous_read = args.anonymous_read,
                 "authentication required"
             );
@@ -840,15 +1149,24 @@ async fn run(args: &Args) -> Result<(), String> {
         }
         _ => None,
     };
-    let server = registry_http::serve_on(listener, registry, config)
-        .await
-        .map_err(|e| format!("cannot serve on {addr}: {e}"))?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles::open(cert, key).map_err(|e| {
+            format!("cannot use the TLS certificate and key: {e}\n  pass PEM files with --tls-cert and --tls-key")
+        })?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let server = match tls {
+        Some(tls) => registry_http::serve_tls_on(listener, registry, config, tls).await,
+        None => registry_http::serve_on(listener, registry, config).await,
+    }
+    .map_err(|e| format!("cannot serve on {addr}: {e}"))?;
     let everywhere = if addr.ip().is_unspecified() {
         " (every interface)"
     } else {
         ""
     };
-    println!("listening on http://{addr}{everywhere}");
+    println!("listening on {scheme}://{addr}{everywhere}");
     println!("{}", storage_line(args));
     if let Some(m) = &metrics_server {
         println!("metrics on {}/metrics (also /healthz, /readyz)", m.url());
@@ -881,6 +1199,23 @@ fn open_audit(args: &Args) -> Result<Option<AuditLog>, String> {
         )
     })?;
     Ok(Some(log.with_fsync(args.audit_log_fsync)))
+}
+
+fn open_access_log(args: &Args) -> Result<Option<AccessLog>, String> {
+    if args.no_access_log {
+        return Ok(None);
+    }
+    let Some(path) = &args.access_log else {
+        return Ok(Some(AccessLog::stdout()));
+    };
+    let log = AccessLog::open(path).map_err(|e| {
+        format!(
+            "cannot open the access log {}: {e}
+  pick a file you can write with --access-log FILE",
+            shown(path)
+        )
+    })?;
+    Ok(Some(log))
 }
 
 /// Ctrl-C, or SIGTERM on Unix.

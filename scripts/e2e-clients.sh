@@ -858,6 +858,8 @@ scenario_raw() {
 # `--auth-user` alone. Only for our registry: the flags are ours.
 AU=$WORK/auth
 AUTH_PASS=e2e-$RANDOM-secret
+# serve reads passwords from the environment (or a file), never from its command line.
+export AUTH_PASS OTHER_PASS=x$AUTH_PASS
 
 # start_auth_serve NAME ARGS...: starts serve with ARGS on a free port; sets AHOST.
 start_auth_serve() {
@@ -886,7 +888,7 @@ auth_layout() {
 
 auth_anonymous_read() {
     auth_layout
-    start_auth_serve open-read --auth-user "ci:$AUTH_PASS" --auth-user "other:x$AUTH_PASS" --anonymous-read
+    start_auth_serve open-read --auth-user ci:env:AUTH_PASS --auth-user other:env:OTHER_PASS --anonymous-read
     echo "$AHOST" >"$AU/host"
     # The challenge points at the built-in token endpoint.
     req GET "http://$AHOST/v2/"
@@ -938,7 +940,7 @@ auth_token_flow_curl() {
 }
 
 auth_private() {
-    start_auth_serve private --auth-user "ci:$AUTH_PASS"
+    start_auth_serve private --auth-user ci:env:AUTH_PASS
     run skopeo copy --quiet --dest-tls-verify=false --dest-creds "ci:$AUTH_PASS" \
         "oci:$AU/layout:v1" "docker://$AHOST/team/img:v1"
     run skopeo inspect --tls-verify=false --creds "ci:$AUTH_PASS" "docker://$AHOST/team/img:v1" >/dev/null
@@ -952,7 +954,7 @@ auth_private() {
 }
 
 auth_podman_login() {
-    start_auth_serve podman --auth-user "ci:$AUTH_PASS"
+    start_auth_serve podman --auth-user ci:env:AUTH_PASS
     mkdir -p "$PM/src"
     echo "private $RANDOM" >"$PM/src/private.txt"
     tar -C "$PM/src" -cf "$PM/private.tar" private.txt

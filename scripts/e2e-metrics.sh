@@ -88,13 +88,14 @@ REG=127.0.0.1:$(free_port)
 MET=127.0.0.1:$(free_port)
 PROM=127.0.0.1:$(free_port)
 PASS=e2e-$RANDOM-secret
+export PASS # serve reads it from the environment, never from its command line
 AUDIT=$WORK/audit.jsonl
 QUOTA=50000000
 mkdir -p "$WORK/data"
 # GC every 2 s with a 1 s protection window: a blob pushed without a manifest is
 # collected within seconds. NO_COLOR: plain access log lines.
 NO_COLOR=1 "$SERVE" --addr "$REG" --metrics-addr "$MET" --storage fs --data-dir "$WORK/data" \
-    --auth-user "ci:$PASS" --anonymous-read --gc-interval 2 --gc-window 1 \
+    --auth-user ci:env:PASS --anonymous-read --gc-interval 2 --gc-window 1 \
     --quota "e2e/quota=$QUOTA" --immutable-tags 'e2e/app:release-*' \
     --audit-log "$AUDIT" >"$WORK/serve.log" 2>&1 &
 SERVE_PID=$!

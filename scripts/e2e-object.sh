@@ -13,9 +13,11 @@
 # Per backend: skopeo pushes an image (umoci-built, three layers) through process A and
 # copies it back through process B, comparing every blob; tags pushed through B are
 # listed through A; a chunked upload is started on A, continued on B and finished on A;
-# a delete through A is seen by B. Then three processes with authentication: a token
-# issued by one is accepted by another reading the same --token-key-file and refused
-# by one with its own key. The last line is `N passed, M failed`.
+# a delete through A is seen by B; on s3 and az, a process R with --redirect-blobs answers
+# blob GETs with 307 to presigned bucket URLs, which skopeo follows and curl checks (the
+# bytes, and no redirect for HEAD, Range or a repository without the blob). Then three
+# processes with authentication: a token issued by one is accepted by another reading
+# the same --token-key-file and refused by one with its own key. The last line is `N passed, M failed`.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -216,6 +218,29 @@ delete_a_seen_by_b() {
     [ "$code" = 404 ] || fail "B still serves a manifest deleted through A ($code)"
 }
 
+redirected_pull() { # R serves the bucket with --redirect-blobs
+    rm -rf "$WORK/redirected"
+    # skopeo follows the 307s to the bucket for every blob.
+    skopeo copy --quiet --policy "$POLICY" --src-tls-verify=false \
+        "docker://$R_URL/e2e/app:v1" "oci:$WORK/redirected:v1"
+    diff <(layout_blobs "$IMG") <(layout_blobs "$WORK/redirected") || fail "blobs differ"
+    local layer headers location code
+    layer=$(cd "$IMG/blobs/sha256" && ls -S | head -1)
+    headers=$(curl -sS -o /dev/null -D - "http://$R_URL/v2/e2e/app/blobs/sha256:$layer" | tr -d '\r')
+    echo "$headers" | head -1 | grep -q ' 307' || fail "no 307: $headers"
+    location=$(echo "$headers" | awk 'tolower($1)=="location:" {print $2}')
+    [ -n "$location" ] || fail "no Location: $headers"
+    [ "$(curl -sSf "$location" | sha256sum | cut -d' ' -f1)" = "$layer" ] ||
+        fail "the presigned URL served other bytes"
+    # HEAD and Range are answered by the registry; a repository without the blob gets 404.
+    code=$(curl -s -o /dev/null -w '%{http_code}' -I "http://$R_URL/v2/e2e/app/blobs/sha256:$layer")
+    [ "$code" = 200 ] || fail "HEAD answered $code"
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H 'Range: bytes=0-9' "http://$R_URL/v2/e2e/app/blobs/sha256:$layer")
+    [ "$code" = 206 ] || fail "a Range GET answered $code"
+    code=$(curl -s -o /dev/null -w '%{http_code}' "http://$R_URL/v2/e2e/chunked/blobs/sha256:$layer")
+    [ "$code" = 404 ] || fail "a repository without the blob answered $code"
+}
+
 tokens_shared_by_key_file() { # C and D share --token-key-file; E signs with its own key
     local token code
     token=$(curl -sf -u ci:ci-pass "http://$C_URL/token?service=registry&scope=repository:e2e/app:pull" |
@@ -266,6 +291,10 @@ for backend in $E2E_BACKENDS; do
     check "$backend: a chunked upload moves between processes" chunked_across_processes
     check "$backend: a delete through A is seen by B" delete_a_seen_by_b
     if [ "$backend" != s3+pg ]; then
+        start_serve R "$STORAGE" --redirect-blobs=5m
+        check "$backend: blob GETs through R redirect to presigned bucket URLs" redirected_pull
+    fi
+    if [ "$backend" != s3+pg ]; then
         # The bucket's own metadata log; with --metadata the bucket holds only blobs.
         check "$backend: serve check reports the shared bucket clean" bucket_check_is_clean
     fi
@@ -273,8 +302,9 @@ done
 
 # Tokens across processes: a token issued by one process is accepted by another that
 # reads the same --token-key-file, and refused by one with its own random key.
-head -c 48 /dev/urandom | base64 >"$WORK/token.key"
-SERVE_FLAGS=(--auth-user ci:ci-pass)
+"$SERVE" token-key --token-key-file "$WORK/token.key" --cert "$WORK/token.crt" >/dev/null
+export CI_PASS=ci-pass
+SERVE_FLAGS=(--auth-user ci:env:CI_PASS)
 start_serve C memory --token-key-file "$WORK/token.key"
 start_serve D memory --token-key-file "$WORK/token.key"
 start_serve E memory

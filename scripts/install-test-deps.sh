@@ -7,7 +7,9 @@
 #           umoci, buildah, podman, docker-registry (CNCF Distribution 2.8.2, the
 #           reference registry), prometheus (the server and promtool, for
 #           scripts/e2e-metrics.sh), postgresql (the server binaries; the tests of
-#           registry-store-postgres create their own cluster in a temp dir), curl, jq; nodejs and npm when there is no npm;
+#           registry-store-postgres create their own cluster in a temp dir),
+#           apache2-utils (`htpasswd -B`) and openssl (a test CA) for
+#           scripts/e2e-auth.sh, curl, jq; nodejs and npm when there is no npm;
 #           python3-venv only when the python3 on PATH cannot create a venv.
 #   python  the oras Python client and moto (the S3 emulator), pinned, in a venv at
 #           .test-deps/venv
@@ -61,11 +63,13 @@ declare -A PROVIDES=(
     [curl]=curl
     [jq]=jq
     [postgresql]=pg_lsclusters
+    [apache2-utils]=htpasswd
+    [openssl]=openssl
 )
 apt_missing=()
 if want apt || want python || want azurite; then
     if want apt; then
-        for pkg in skopeo umoci buildah podman docker-registry prometheus postgresql curl jq; do
+        for pkg in skopeo umoci buildah podman docker-registry prometheus postgresql apache2-utils openssl curl jq; do
             command -v "${PROVIDES[$pkg]}" >/dev/null 2>&1 || apt_missing+=("$pkg")
         done
     fi
@@ -218,7 +222,8 @@ if want apt; then
         "buildah $(buildah --version | awk '{print $3}')"
         "podman $(podman --version | awk '{print $3}')"
         "distribution $(dpkg-query -W -f='${Version}' docker-registry)"
-        "prometheus $(dpkg-query -W -f='${Version}' prometheus)")
+        "prometheus $(dpkg-query -W -f='${Version}' prometheus)"
+        "apache2-utils $(dpkg-query -W -f='${Version}' apache2-utils)")
 fi
 want python && have+=("oras $ORAS_VERSION, moto $MOTO_VERSION (in ${VENV#"$ROOT"/})")
 want azurite && have+=("azurite $AZURITE_VERSION (in ${AZURITE_DIR#"$ROOT"/})")

@@ -19,7 +19,10 @@
 #   e2e                   real clients against serve processes (scripts/e2e-clients.sh),
 #                         two serve processes on one bucket, also with the metadata in
 #                         PostgreSQL (scripts/e2e-object.sh), metrics scraped by a real
-#                         Prometheus and the logs (scripts/e2e-metrics.sh)
+#                         Prometheus and the logs (scripts/e2e-metrics.sh), token
+#                         servers, Distribution trusting ours, htpasswd, throttling
+#                         and TLS (scripts/e2e-auth.sh), three processes on PostgreSQL
+#                         through a kill -9 and a database crash (scripts/e2e-scaleout.sh)
 #   fuzz                  every cargo-fuzz target for FUZZ_SECONDS (default 25) each
 #
 # It keeps going after a failure (a failed build skips only the steps that need it),
@@ -68,7 +71,7 @@ PASSED=0
 FAILED=0
 SUITE_START=$SECONDS
 STEP_NO=0
-STEP_COUNT=16
+STEP_COUNT=18
 
 fmt_time() { printf '%d:%02d' $(($1 / 60)) $(($1 % 60)); }
 
@@ -237,6 +240,8 @@ if ((!deps_ok)); then
     skip "e2e: real clients (scripts/e2e-clients.sh)" "test dependencies missing"
     skip "e2e: two serve processes on one bucket (scripts/e2e-object.sh)" "test dependencies missing"
     skip "e2e: metrics scraped by Prometheus (scripts/e2e-metrics.sh)" "test dependencies missing"
+    skip "e2e: authentication (scripts/e2e-auth.sh)" "test dependencies missing"
+    skip "e2e: three processes on PostgreSQL under crashes (scripts/e2e-scaleout.sh)" "test dependencies missing"
 elif step "build serve (release) for the e2e steps" build_serve; then
     counted_step "e2e: real clients against serve (scripts/e2e-clients.sh)" "$LOGS/e2e-clients.counts" \
         env SERVE="$SERVE_BIN" E2E_COUNTS="$LOGS/e2e-clients.counts" scripts/e2e-clients.sh
@@ -246,10 +251,18 @@ elif step "build serve (release) for the e2e steps" build_serve; then
     counted_step "e2e: metrics scraped by a real Prometheus, the dashboard's queries, access and audit logs (scripts/e2e-metrics.sh)" \
         "$LOGS/e2e-metrics.counts" \
         env SERVE="$SERVE_BIN" E2E_COUNTS="$LOGS/e2e-metrics.counts" scripts/e2e-metrics.sh
+    counted_step "e2e: authentication: token servers both ways with Distribution, htpasswd, throttling, TLS (scripts/e2e-auth.sh)" \
+        "$LOGS/e2e-auth.counts" \
+        env SERVE="$SERVE_BIN" E2E_COUNTS="$LOGS/e2e-auth.counts" scripts/e2e-auth.sh
+    counted_step "e2e: three serve processes on one PostgreSQL and one bucket, through a kill -9 and a database crash (scripts/e2e-scaleout.sh)" \
+        "$LOGS/e2e-scaleout.counts" \
+        env SERVE="$SERVE_BIN" E2E_COUNTS="$LOGS/e2e-scaleout.counts" scripts/e2e-scaleout.sh
 else
     skip "e2e: real clients (scripts/e2e-clients.sh)" "the serve build failed"
     skip "e2e: two serve processes on one bucket (scripts/e2e-object.sh)" "the serve build failed"
     skip "e2e: metrics scraped by Prometheus (scripts/e2e-metrics.sh)" "the serve build failed"
+    skip "e2e: authentication (scripts/e2e-auth.sh)" "the serve build failed"
+    skip "e2e: three processes on PostgreSQL under crashes (scripts/e2e-scaleout.sh)" "the serve build failed"
 fi
 
 if ((deps_ok)); then

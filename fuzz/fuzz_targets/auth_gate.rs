@@ -1,7 +1,9 @@
 //! The router with access control on, driven by arbitrary request sequences carrying
 //! arbitrary credentials: right and wrong passwords, tokens for any identity and scope
 //! (signed by the registry's key, so real), expired ones, ones for another service,
-//! tampered ones, and raw `Authorization` headers.
+//! tampered ones, crafted JWTs (any `alg` including `none` and HMAC signed with the
+//! public key, any `kid`, claims missing, of the wrong type or out of date, signed by
+//! the right key, another key or not at all), and raw `Authorization` headers.
 //!
 //! The oracle is independent of the router's own bookkeeping: from the credentials the
 //! input chose it knows who the caller provably is and what the policy and the token's
@@ -17,23 +19,30 @@
 #![no_main]
 
 use std::cell::RefCell;
-use std::time::Duration;
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arbitrary::Arbitrary;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use jsonwebtoken::{Algorithm, EncodingKey};
 use libfuzzer_sys::fuzz_target;
 use registry_core::access::{Action, Authorizer, Grantee, Identity, PrefixRules};
 use registry_core::{AllowAll, Digest, ListOptions, Registry, testkit};
-use registry_http::{Auth, HttpConfig, Resource, Scope, TokenIssuer, TokenVerifier};
+use registry_http::{
+    Auth, HttpConfig, Resource, Scope, SigningKey, ThrottleConfig, TokenIssuer, TokenVerifier,
+};
 use tower::ServiceExt;
 
 const SERVICE: &str = "registry";
-const KEY: &[u8] = b"a fixed key: the oracle signs tokens with it as well.";
+/// The registry's signing key; the oracle signs tokens with it as well.
+static KEY: LazyLock<SigningKey> = LazyLock::new(SigningKey::generate);
+/// A key the registry does not trust.
+static OTHER_KEY: LazyLock<SigningKey> = LazyLock::new(SigningKey::generate);
 
 /// Every repository the sequence talks about; the first two hold an image from the start.
 const REPOS: [&str; 5] = ["pub/app", "alice/app", "alice/app/sub", "bob/app", "other"];
@@ -100,11 +109,143 @@ impl TokenSpec {
     }
 }
 
+/// A JWT built field by field; the oracle knows which combinations are sound.
+#[derive(Arbitrary, Debug)]
+struct Crafted {
+    /// ES256 (sound), ES384, RS256, HS256, none, EdDSA, or an arbitrary string.
+    alg: u8,
+    alg_text: String,
+    /// Our key's id (sound), none (sound), another key's id, an arbitrary string.
+    kid: u8,
+    kid_text: String,
+    /// Missing, ours (sound), another issuer, a number.
+    iss: u8,
+    /// Missing, ours (sound), another service, a list with ours (sound), a number.
+    aud: u8,
+    /// Missing, in 10 min (sound), 10 min ago, a string, a float in 10 min.
+    exp: u8,
+    /// Missing (sound), a minute ago (sound), in 10 min, a string.
+    nbf: u8,
+    who: Who,
+    scopes: Vec<(u8, u8)>,
+    /// An extra claim, which changes nothing.
+    extra: Option<(String, String)>,
+    /// ES256 by our key (sound), ES256 by another key, HS256 with our public key as the
+    /// secret, no signature, arbitrary bytes.
+    sign: u8,
+    junk: Vec<u8>,
+}
+
+impl Crafted {
+    fn alg(&self) -> &str {
+        match self.alg % 7 {
+            0 => "ES256",
+            1 => "ES384",
+            2 => "RS256",
+            3 => "HS256",
+            4 => "none",
+            5 => "EdDSA",
+            _ => self.alg_text.as_str(),
+        }
+    }
+
+    fn sound(&self) -> bool {
+        // An arbitrary `alg` or `kid` text may happen to spell the sound value.
+        self.alg() == "ES256"
+            && (self.kid % 4 < 2 || (self.kid % 4 == 3 && self.kid_text == KEY.kid()))
+            && self.iss % 4 == 1
+            && matches!(self.aud % 5, 1 | 3)
+            && self.exp % 5 == 1
+            && self.nbf % 4 < 2
+            && self.sign % 5 == 0
+    }
+
+    fn token(&self) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let mut header = serde_json::json!({ "typ": "JWT", "alg": self.alg() });
+        match self.kid % 4 {
+            0 => header["kid"] = KEY.kid().into(),
+            1 => {}
+            2 => header["kid"] = OTHER_KEY.kid().into(),
+            _ => header["kid"] = self.kid_text.as_str().into(),
+        }
+        let mut claims = serde_json::json!({
+            "sub": self.who.identity().name().unwrap_or(""),
+            "iat": now,
+            "access": scopes(&self.scopes, false)
+                .iter()
+                .map(|s| match &s.resource {
+                    Resource::Repository(name) => serde_json::json!({
+                        "type": "repository",
+                        "name": name,
+                        "actions": s.actions.iter().map(|a| a.as_str()).collect::<Vec<_>>(),
+                    }),
+                    Resource::Catalog => serde_json::json!({}),
+                })
+                .collect::<Vec<_>>(),
+        });
+        let set = |c: &mut serde_json::Value, k: &str, v: serde_json::Value| c[k] = v;
+        match self.iss % 4 {
+            0 => {}
+            1 => set(&mut claims, "iss", SERVICE.into()),
+            2 => set(&mut claims, "iss", "mallory".into()),
+            _ => set(&mut claims, "iss", 7.into()),
+        }
+        match self.aud % 5 {
+            0 => {}
+            1 => set(&mut claims, "aud", SERVICE.into()),
+            2 => set(&mut claims, "aud", "another-service".into()),
+            3 => set(&mut claims, "aud", serde_json::json!(["x", SERVICE])),
+            _ => set(&mut claims, "aud", 7.into()),
+        }
+        match self.exp % 5 {
+            0 => {}
+            1 => set(&mut claims, "exp", (now + 600).into()),
+            2 => set(&mut claims, "exp", (now - 600).into()),
+            3 => set(&mut claims, "exp", "tomorrow".into()),
+            _ => set(&mut claims, "exp", ((now + 600) as f64 + 0.5).into()),
+        }
+        match self.nbf % 4 {
+            0 => {}
+            1 => set(&mut claims, "nbf", (now - 60).into()),
+            2 => set(&mut claims, "nbf", (now + 600).into()),
+            _ => set(&mut claims, "nbf", "later".into()),
+        }
+        if let Some((k, v)) = &self.extra
+            && !["sub", "iat", "access", "iss", "aud", "exp", "nbf"].contains(&k.as_str())
+        {
+            claims[k.as_str()] = v.as_str().into();
+        }
+        let b64 = |v: &serde_json::Value| URL_SAFE_NO_PAD.encode(v.to_string());
+        let message = format!("{}.{}", b64(&header), b64(&claims));
+        let es256 = |key: &SigningKey| {
+            let key = EncodingKey::from_ec_pem(key.to_pkcs8_pem().as_bytes()).expect("key");
+            jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::ES256).expect("sign")
+        };
+        let signature = match self.sign % 5 {
+            0 => es256(&KEY),
+            1 => es256(&OTHER_KEY),
+            2 => {
+                let secret = EncodingKey::from_secret(KEY.public_key_pem().as_bytes());
+                jsonwebtoken::crypto::sign(message.as_bytes(), &secret, Algorithm::HS256)
+                    .expect("sign")
+            }
+            3 => String::new(),
+            _ => URL_SAFE_NO_PAD.encode(&self.junk),
+        };
+        format!("{message}.{signature}")
+    }
+}
+
 #[derive(Arbitrary, Debug)]
 enum Cred {
     None,
     Basic { who: Who, right_password: bool },
     Bearer(TokenSpec),
+    Crafted(Crafted),
     Raw(String),
 }
 
@@ -122,8 +263,16 @@ enum MethodSel {
 enum Route {
     Base,
     Catalog,
-    Token { scopes: Vec<(u8, u8)>, catalog: bool, other_service: bool },
-    TokenForm { who: Who, right_password: bool, scopes: Vec<(u8, u8)> },
+    Token {
+        scopes: Vec<(u8, u8)>,
+        catalog: bool,
+        other_service: bool,
+    },
+    TokenForm {
+        who: Who,
+        right_password: bool,
+        scopes: Vec<(u8, u8)>,
+    },
     Blob(u8, u8),
     Manifest(u8, bool),
     Tags(u8),
@@ -208,7 +357,10 @@ fn basic_valid(who: Who, right: bool) -> Option<Identity> {
 fn credentials(cred: &Cred, issuer: &TokenIssuer) -> (Option<String>, Proven) {
     match cred {
         Cred::None => (None, Proven::Caller(Identity::Anonymous, None)),
-        Cred::Basic { who, right_password } => {
+        Cred::Basic {
+            who,
+            right_password,
+        } => {
             let (user, pw) = password(*who, *right_password);
             let header = format!("Basic {}", STANDARD.encode(format!("{user}:{pw}")));
             let proven = match basic_valid(*who, *right_password) {
@@ -219,17 +371,19 @@ fn credentials(cred: &Cred, issuer: &TokenIssuer) -> (Option<String>, Proven) {
         }
         Cred::Bearer(spec) => {
             let granted = scopes(&spec.scopes, spec.catalog);
-            let ttl = if spec.expired() {
-                Duration::ZERO
+            // Expired: beyond the minute of leeway for clock skew.
+            let at = if spec.expired() {
+                SystemTime::now() - Duration::from_secs(1200)
             } else {
-                Duration::from_secs(600)
+                SystemTime::now()
             };
             let signer = if spec.other_service() {
-                TokenIssuer::with_key("another-service", KEY)
+                TokenIssuer::with_signing_key("another-service", KEY.clone())
             } else {
                 issuer.clone()
             };
-            let token = signer.issue(&spec.who.identity(), &granted, ttl);
+            let token =
+                signer.issue_at(&spec.who.identity(), &granted, at, Duration::from_secs(600));
             let mut bytes = token.clone().into_bytes();
             if spec.tampered() {
                 let (at, mask) = spec.tamper;
@@ -247,6 +401,18 @@ fn credentials(cred: &Cred, issuer: &TokenIssuer) -> (Option<String>, Proven) {
                 Proven::Invalid
             };
             (Some(format!("Bearer {sent}")), proven)
+        }
+        Cred::Crafted(c) => {
+            let token = c.token();
+            let proven = if c.sound() {
+                let claims = issuer
+                    .verify(&token)
+                    .expect("a sound crafted token verifies");
+                Proven::Caller(c.who.identity(), Some(claims.scopes))
+            } else {
+                Proven::Invalid
+            };
+            (Some(format!("Bearer {token}")), proven)
         }
         Cred::Raw(s) => (Some(s.clone()), Proven::Unknown),
     }
@@ -301,12 +467,20 @@ fn build(world: &World, r: &Req, header: Option<&str>) -> Option<Built> {
     let uri = match &r.route {
         Route::Base => "/v2/".to_owned(),
         Route::Catalog => "/v2/_catalog".to_owned(),
-        Route::Token { scopes, catalog, other_service } => {
+        Route::Token {
+            scopes,
+            catalog,
+            other_service,
+        } => {
             token_endpoint = true;
             let service = if *other_service { "elsewhere" } else { SERVICE };
             format!("/token?service={service}&{}", scope_query(scopes, *catalog))
         }
-        Route::TokenForm { who, right_password, scopes } => {
+        Route::TokenForm {
+            who,
+            right_password,
+            scopes,
+        } => {
             token_endpoint = true;
             let (user, pw) = password(*who, *right_password);
             content_type = Some("application/x-www-form-urlencoded");
@@ -343,7 +517,8 @@ fn build(world: &World, r: &Req, header: Option<&str>) -> Option<Built> {
             let reference = if *by_tag {
                 "v1".to_owned()
             } else {
-                Digest::sha256(testkit::image_manifest(BLOBS[0], &[BLOBS[1]]).as_bytes()).to_string()
+                Digest::sha256(testkit::image_manifest(BLOBS[0], &[BLOBS[1]]).as_bytes())
+                    .to_string()
             };
             format!("/v2/{repo}/manifests/{reference}")
         }
@@ -430,8 +605,16 @@ async fn run(input: &Input) {
     for repo in &REPOS[..2] {
         testkit::push_image(&registry, &testkit::repo(repo), "v1", BLOBS[0], &[BLOBS[1]]).await;
     }
-    let issuer = TokenIssuer::with_key(SERVICE, KEY);
-    let mut auth = Auth::new(policy()).with_token_issuer(issuer.clone());
+    let issuer = TokenIssuer::with_signing_key(SERVICE, KEY.clone());
+    // No throttling: the oracle does not model lockouts (tests/jwt.rs and the unit
+    // tests of the throttle cover them), and 16 wrong passwords would trigger one.
+    let mut auth = Auth::new(policy())
+        .with_token_issuer(issuer.clone())
+        .with_throttle(ThrottleConfig {
+            max_failures_per_identity: 0,
+            max_failures_per_address: 0,
+            ..ThrottleConfig::default()
+        });
     for (user, pw) in USERS {
         auth = auth.with_user(user, pw);
     }
@@ -451,14 +634,21 @@ async fn run(input: &Input) {
             r.cred
         );
         let before = meta.stats().await.expect("stats");
-        let resp = app.clone().oneshot(built.request).await.expect("infallible");
+        let resp = app
+            .clone()
+            .oneshot(built.request)
+            .await
+            .expect("infallible");
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         assert!(!status.is_server_error(), "{described}: {status}");
         if !status.is_success() {
             let after = meta.stats().await.expect("stats");
-            assert_eq!(before, after, "{described}: refused with {status} but changed metadata");
+            assert_eq!(
+                before, after,
+                "{described}: refused with {status} but changed metadata"
+            );
         }
         if status == StatusCode::UNAUTHORIZED {
             assert!(
@@ -473,10 +663,14 @@ async fn run(input: &Input) {
                 if built.token_endpoint && matches!(r.route, Route::TokenForm { .. }) {
                     // The form carries its own credentials; the header is ignored or
                     // refused, and the form's password decides.
-                    assert!(status != StatusCode::OK || form_valid(&r.route), "{described}: {status}");
+                    assert!(
+                        status != StatusCode::OK || form_valid(&r.route),
+                        "{described}: {status}"
+                    );
                 } else {
                     assert!(
-                        status == StatusCode::UNAUTHORIZED || status == StatusCode::METHOD_NOT_ALLOWED,
+                        status == StatusCode::UNAUTHORIZED
+                            || status == StatusCode::METHOD_NOT_ALLOWED,
                         "{described}: bad credentials answered {status}"
                     );
                 }
@@ -588,9 +782,11 @@ fn check_token(
     // Who the token endpoint should see: the header's caller for GET, the form's for POST.
     let (caller, other_service) = match route {
         Route::Token { other_service, .. } => (Some(id.clone()), *other_service),
-        Route::TokenForm { who, right_password, .. } => {
-            (basic_valid(*who, *right_password), false)
-        }
+        Route::TokenForm {
+            who,
+            right_password,
+            ..
+        } => (basic_valid(*who, *right_password), false),
         _ => unreachable!("not the token endpoint"),
     };
     let get = matches!(route, Route::Token { .. });
@@ -606,7 +802,10 @@ fn check_token(
     let v: serde_json::Value = serde_json::from_slice(body).expect("token JSON");
     let token = v["token"].as_str().expect("token");
     let claims = issuer.verify(token).expect("the issued token verifies");
-    assert_eq!(claims.identity, caller, "{described}: a token for someone else");
+    assert_eq!(
+        claims.identity, caller,
+        "{described}: a token for someone else"
+    );
     for s in &claims.scopes {
         if let Resource::Repository(repo) = &s.resource {
             let name = registry_core::RepoName::parse(repo).expect("granted names are valid");

@@ -664,6 +664,16 @@ impl BlobStore for FaultyBlobs {
             .around(Call::new("blobs.list_uploads"), self.inner.list_uploads())
             .await
     }
+    async fn presigned_get(
+        &self,
+        digest: &Digest,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>> {
+        let call = Call::new("blobs.presigned_get").digest(digest);
+        self.faults
+            .around(call, self.inner.presigned_get(digest, ttl))
+            .await
+    }
 }
 
 #[async_trait]

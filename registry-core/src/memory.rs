@@ -273,10 +273,10 @@ impl BlobStore for MemoryBlobStore {
         let Some(chunks) = blobs.get(digest) else {
             return Ok(None);
         };
-        if let Some(r) = range {
-            if r.end >= chunks.len || r.start > r.end {
-                return Err(Error::RangeNotSatisfiable { size: chunks.len });
-            }
+        if let Some(r) = range
+            && (r.end >= chunks.len || r.start > r.end)
+        {
+            return Err(Error::RangeNotSatisfiable { size: chunks.len });
         }
         Ok(Some(BlobRead {
             size: chunks.len,

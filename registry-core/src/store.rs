@@ -292,6 +292,20 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Every open upload session (for expiry).
     async fn list_uploads(&self) -> Result<Vec<UploadInfo>>;
+
+    /// A URL from which committed blob `digest` can be fetched with a plain `GET`, without
+    /// further credentials, for `ttl` (a presigned object-store URL), so that its bytes
+    /// need not pass through the registry; `None` when the store has no such URLs (the
+    /// default: memory, files). The store does not check that the blob exists: the
+    /// caller knows it from metadata. Wrappers of a store forward it.
+    async fn presigned_get(
+        &self,
+        digest: &Digest,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>> {
+        let _ = (digest, ttl);
+        Ok(None)
+    }
 }
 
 /// When the collector may delete a manifest: see [`MetadataStore::collect_manifest`].

@@ -6,9 +6,12 @@
 //! scope="repository:NAME:pull,push"`; the client asks the realm for a token (with
 //! Basic credentials, or none for anonymous access) and repeats the request with
 //! `Authorization: Bearer TOKEN`. The built-in [`TokenIssuer`] serves that realm at
-//! `/token` and signs short-lived tokens (HMAC-SHA256) carrying only the scopes the
-//! policy grants; an external token server plugs in through [`TokenVerifier`].
-//! Basic credentials are accepted on every endpoint as well.
+//! `/token` and signs short-lived JWTs (ES256, see [`crate::jwt`]'s rules) carrying only
+//! the scopes the policy grants; an external token server plugs in through
+//! [`JwtVerifier`](crate::JwtVerifier) (or any [`TokenVerifier`]). Basic credentials are
+//! accepted on every endpoint as well: users given in code and htpasswd files
+//! ([`Htpasswd`]). Failed authentication is throttled per identity and per address
+//! ([`ThrottleConfig`]).
 //!
 //! Every request is decided twice: by the token's scopes (what the client asked for
 //! and was granted) and by the [`Authorizer`] as it stands now, so a policy change
@@ -17,24 +20,22 @@
 //! Secrets never reach logs: [`Auth`]'s `Debug` names users but not passwords or keys,
 //! and error messages never echo credentials.
 
-use std::collections::HashMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, StatusCode, header};
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use hmac::{KeyInit, Mac};
+use base64::engine::general_purpose::STANDARD;
 use registry_core::RepoName;
 use registry_core::access::{Action, Authorizer, Identity};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
-use subtle::ConstantTimeEq;
+use serde::Serialize;
 
 use crate::error::ApiError;
-
-type HmacSha256 = hmac::Hmac<Sha256>;
+use crate::htpasswd::{Htpasswd, Passwords};
+use crate::jwt::TokenIssuer;
+use crate::throttle::{Locked, Throttle, ThrottleConfig};
 
 /// What a scope names: one repository, or the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +136,8 @@ pub enum TokenError {
     Expired,
     /// The token was issued for another service.
     WrongService,
+    /// The token was issued by an issuer this registry does not trust.
+    WrongIssuer,
 }
 
 impl TokenError {
@@ -144,6 +147,7 @@ impl TokenError {
             TokenError::Invalid => "invalid token",
             TokenError::Expired => "token expired",
             TokenError::WrongService => "token issued for another service",
+            TokenError::WrongIssuer => "token from an untrusted issuer",
         }
     }
 }
@@ -159,164 +163,6 @@ impl fmt::Display for TokenError {
 pub trait TokenVerifier: Send + Sync {
     /// The claims of a valid token, or why it is not valid.
     fn verify(&self, token: &str) -> Result<TokenClaims, TokenError>;
-}
-
-/// The wire form of the built-in tokens' claims.
-#[derive(Serialize, Deserialize)]
-struct WireClaims {
-    /// Audience: the service the token is for.
-    aud: String,
-    /// Subject: the user name, absent for anonymous tokens.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    sub: Option<String>,
-    /// Expiry, seconds since the Unix epoch.
-    exp: u64,
-    /// Issue time, seconds since the Unix epoch.
-    iat: u64,
-    access: Vec<WireAccess>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct WireAccess {
-    #[serde(rename = "type")]
-    kind: String,
-    name: String,
-    actions: Vec<String>,
-}
-
-/// The built-in token server: issues and verifies HMAC-SHA256 signed tokens of the form
-/// `base64url(claims).base64url(mac)`, valid for one service and a limited time.
-///
-/// The key never leaves the process. Several processes serving one store verify each
-/// other's tokens when they share the key ([`TokenIssuer::with_key`]).
-#[derive(Clone)]
-pub struct TokenIssuer {
-    service: String,
-    key: Arc<[u8]>,
-    ttl: Duration,
-}
-
-impl fmt::Debug for TokenIssuer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenIssuer")
-            .field("service", &self.service)
-            .field("key", &"<redacted>")
-            .field("ttl", &self.ttl)
-            .finish()
-    }
-}
-
-impl TokenIssuer {
-    /// An issuer for `service` with a fresh random 256-bit key and tokens valid for
-    /// five minutes.
-    pub fn new(service: impl Into<String>) -> Self {
-        let mut key = [0u8; 32];
-        getrandom::fill(&mut key).expect("the operating system's random source failed");
-        Self::with_key(service, &key)
-    }
-
-    /// An issuer with a given key (share it between processes that serve one store).
-    /// Use at least 32 random bytes.
-    pub fn with_key(service: impl Into<String>, key: &[u8]) -> Self {
-        TokenIssuer {
-            service: service.into(),
-            key: key.into(),
-            ttl: Duration::from_secs(300),
-        }
-    }
-
-    /// Sets how long issued tokens stay valid.
-    pub fn with_ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
-        self
-    }
-
-    /// The service name tokens are issued for (the `service` of challenges).
-    pub fn service(&self) -> &str {
-        &self.service
-    }
-
-    /// How long issued tokens stay valid.
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
-    fn mac(&self) -> HmacSha256 {
-        <HmacSha256 as KeyInit>::new_from_slice(&self.key).expect("HMAC accepts any key length")
-    }
-
-    /// Signs a token for `identity` granting exactly `scopes`, valid for `ttl` from now.
-    /// The caller decides the scopes: the token endpoint grants only what the policy
-    /// allows.
-    pub fn issue(&self, identity: &Identity, scopes: &[Scope], ttl: Duration) -> String {
-        let now = unix_now();
-        let claims = WireClaims {
-            aud: self.service.clone(),
-            sub: identity.name().map(str::to_owned),
-            exp: now.saturating_add(ttl.as_secs()),
-            iat: now,
-            access: scopes
-                .iter()
-                .map(|s| match &s.resource {
-                    Resource::Catalog => WireAccess {
-                        kind: "registry".into(),
-                        name: "catalog".into(),
-                        actions: vec!["*".into()],
-                    },
-                    Resource::Repository(name) => WireAccess {
-                        kind: "repository".into(),
-                        name: name.clone(),
-                        actions: s.actions.iter().map(|a| a.as_str().to_owned()).collect(),
-                    },
-                })
-                .collect(),
-        };
-        let payload =
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialize"));
-        let mut mac = self.mac();
-        mac.update(payload.as_bytes());
-        let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
-        format!("{payload}.{sig}")
-    }
-}
-
-impl TokenVerifier for TokenIssuer {
-    fn verify(&self, token: &str) -> Result<TokenClaims, TokenError> {
-        let (payload, sig) = token.split_once('.').ok_or(TokenError::Invalid)?;
-        let sig = URL_SAFE_NO_PAD
-            .decode(sig)
-            .map_err(|_| TokenError::Invalid)?;
-        let mut mac = self.mac();
-        mac.update(payload.as_bytes());
-        // Constant-time comparison: a forger learns nothing from how long a refusal takes.
-        mac.verify_slice(&sig).map_err(|_| TokenError::Invalid)?;
-        let claims: WireClaims = URL_SAFE_NO_PAD
-            .decode(payload)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or(TokenError::Invalid)?;
-        if claims.aud != self.service {
-            return Err(TokenError::WrongService);
-        }
-        if unix_now() >= claims.exp {
-            return Err(TokenError::Expired);
-        }
-        let scopes = claims
-            .access
-            .iter()
-            .filter_map(|a| Scope::parse(&format!("{}:{}:{}", a.kind, a.name, a.actions.join(","))))
-            .collect();
-        Ok(TokenClaims {
-            identity: claims.sub.map_or(Identity::Anonymous, Identity::User),
-            scopes,
-        })
-    }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// The authentication and authorization of a router: users, tokens and the policy.
@@ -335,18 +181,18 @@ fn unix_now() -> u64 {
 #[derive(Clone)]
 pub struct Auth {
     authorizer: Arc<dyn Authorizer>,
-    /// User name → SHA-256 of the password (never the password itself).
-    users: HashMap<String, [u8; 32]>,
+    passwords: Arc<Passwords>,
     issuer: Option<TokenIssuer>,
     external: Option<(Arc<dyn TokenVerifier>, String, String)>,
+    throttle: Arc<Throttle>,
 }
 
 impl fmt::Debug for Auth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut users: Vec<&String> = self.users.keys().collect();
-        users.sort();
         f.debug_struct("Auth")
-            .field("users", &users)
+            .field("users", &self.passwords.names())
+            .field("htpasswd", &self.passwords.files())
+            .field("throttle", self.throttle.config())
             .field("issuer", &self.issuer)
             .field("external_realm", &self.external.as_ref().map(|e| &e.1))
             .finish_non_exhaustive()
@@ -377,17 +223,29 @@ impl Auth {
     pub fn new(authorizer: impl Authorizer + 'static) -> Self {
         Auth {
             authorizer: Arc::new(authorizer),
-            users: HashMap::new(),
+            passwords: Arc::new(Passwords::new()),
             issuer: None,
             external: None,
+            throttle: Arc::new(Throttle::new(ThrottleConfig::default())),
         }
     }
 
     /// Adds a user with a password, accepted as Basic credentials and at the token
-    /// endpoint.
+    /// endpoint. The password is kept only as a keyed hash.
     pub fn with_user(mut self, name: impl Into<String>, password: &str) -> Self {
-        self.users
-            .insert(name.into(), Sha256::digest(password.as_bytes()).into());
+        Arc::make_mut(&mut self.passwords).add_user(name.into(), password);
+        self
+    }
+
+    /// Adds the users of an htpasswd file (bcrypt), re-read when it changes.
+    pub fn with_htpasswd(mut self, file: Htpasswd) -> Self {
+        Arc::make_mut(&mut self.passwords).add_file(file);
+        self
+    }
+
+    /// Sets the limits on failed authentication (default: [`ThrottleConfig::default`]).
+    pub fn with_throttle(mut self, config: ThrottleConfig) -> Self {
+        self.throttle = Arc::new(Throttle::new(config));
         self
     }
 
@@ -420,23 +278,28 @@ impl Auth {
         self.issuer.as_ref()
     }
 
-    /// Whether `name` / `password` are a known user's credentials. Compares digests in
-    /// constant time, and spends the same work on unknown names.
-    fn check_password(&self, name: &str, password: &str) -> bool {
-        let given: [u8; 32] = Sha256::digest(password.as_bytes()).into();
-        let (known, stored) = match self.users.get(name) {
-            Some(h) => (true, *h),
-            None => (false, [0u8; 32]),
-        };
-        bool::from(given.ct_eq(&stored)) & known
-    }
-
     /// The caller a password grant authenticates, if the credentials are right.
-    pub(crate) fn password_caller(&self, name: &str, password: &str) -> Option<Caller> {
-        self.check_password(name, password).then(|| Caller {
+    pub(crate) async fn password_caller(&self, name: &str, password: &str) -> Option<Caller> {
+        self.passwords.check(name, password).await.then(|| Caller {
             identity: Identity::user(name),
             scopes: None,
         })
+    }
+
+    /// Whether credentials claiming `identity` from `addr` are held back, and for how
+    /// long.
+    pub(crate) fn throttled(&self, identity: Option<&str>, addr: Option<IpAddr>) -> Option<Locked> {
+        self.throttle.check(identity, addr)
+    }
+
+    /// Counts refused credentials against the identity they claimed and the address.
+    pub(crate) fn auth_failed(&self, identity: Option<&str>, addr: Option<IpAddr>) {
+        self.throttle.failed(identity, addr);
+    }
+
+    /// Clears the failures of an identity that authenticated.
+    pub(crate) fn auth_succeeded(&self, identity: &Identity) {
+        self.throttle.succeeded(identity.name());
     }
 
     fn verify_token(&self, token: &str) -> Result<TokenClaims, TokenError> {
@@ -451,7 +314,7 @@ impl Auth {
 
     /// Who is calling, from the `Authorization` header. Wrong credentials are an error
     /// (never silently anonymous), so a typo does not look like missing permissions.
-    pub(crate) fn identify(
+    pub(crate) async fn identify(
         &self,
         headers: &HeaderMap,
         realm_base: &str,
@@ -466,10 +329,8 @@ impl Auth {
                 .decode(rest.trim())
                 .ok()
                 .and_then(|b| String::from_utf8(b).ok());
-            if let Some(caller) = decoded
-                .as_deref()
-                .and_then(|d| d.split_once(':'))
-                .and_then(|(user, password)| self.password_caller(user, password))
+            if let Some((user, password)) = decoded.as_deref().and_then(|d| d.split_once(':'))
+                && let Some(caller) = self.password_caller(user, password).await
             {
                 return Ok(caller);
             }
@@ -589,7 +450,9 @@ impl Auth {
     fn challenge(&self, realm_base: &str, scope: Option<&Scope>, error: Refusal<'_>) -> ApiError {
         let bearer = match (&self.external, &self.issuer) {
             (Some((_, realm, service)), _) => Some((realm.clone(), service.clone())),
-            (None, Some(issuer)) => Some((format!("{realm_base}/token"), issuer.service.clone())),
+            (None, Some(issuer)) => {
+                Some((format!("{realm_base}/token"), issuer.service().to_owned()))
+            }
             (None, None) => None,
         };
         let value = match bearer {
@@ -652,7 +515,7 @@ impl Auth {
             ));
         }
         if let Some(s) = service
-            && s != issuer.service
+            && s != issuer.service()
         {
             return Err(ApiError::bad_request(
                 "UNSUPPORTED",
@@ -684,7 +547,7 @@ impl Auth {
                 }
             }
         }
-        let ttl = issuer.ttl;
+        let ttl = issuer.ttl();
         let token = issuer.issue(&caller.identity, &granted, ttl);
         Ok(TokenResponse {
             access_token: token.clone(),
@@ -728,6 +591,18 @@ enum Refusal<'a> {
     InvalidCredentials(&'a str),
     /// A valid token without the needed scope: 403, fetch a wider token.
     InsufficientScope,
+}
+
+/// The 429 of credentials held back by the throttle, with `Retry-After` in whole
+/// seconds, rounded up.
+pub(crate) fn throttled_error(locked: &Locked) -> ApiError {
+    let secs = locked.retry_after.as_millis().div_ceil(1000).max(1);
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "TOOMANYREQUESTS",
+        format!("too many failed authentication attempts; retry in {secs} s"),
+    )
+    .with_header(header::RETRY_AFTER, secs.to_string())
 }
 
 fn denied() -> ApiError {
@@ -795,48 +670,28 @@ mod tests {
         assert_eq!(Scope::parse("nonsense"), None);
     }
 
-    #[test]
-    fn tokens_verify_and_reject_tampering() {
-        let issuer = TokenIssuer::new("svc");
-        let scopes = [Scope::repository("a", &[Action::Pull])];
-        let t = issuer.issue(&Identity::user("u"), &scopes, Duration::from_secs(60));
-        let claims = issuer.verify(&t).unwrap();
-        assert_eq!(claims.identity, Identity::user("u"));
-        assert_eq!(claims.scopes, scopes);
-        // Another key, another service, expiry, a flipped payload byte.
-        assert_eq!(TokenIssuer::new("svc").verify(&t), Err(TokenError::Invalid));
-        let other = TokenIssuer::with_key("other", &issuer.key);
-        assert_eq!(other.verify(&t), Err(TokenError::WrongService));
-        let expired = issuer.issue(&Identity::user("u"), &scopes, Duration::ZERO);
-        assert_eq!(issuer.verify(&expired), Err(TokenError::Expired));
-        let (payload, sig) = t.split_once('.').unwrap();
-        let mut claims: serde_json::Value =
-            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
-        claims["access"][0]["actions"] = serde_json::json!(["pull", "push"]);
-        let forged = format!(
-            "{}.{sig}",
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap())
-        );
-        assert_eq!(issuer.verify(&forged), Err(TokenError::Invalid));
-        assert_eq!(issuer.verify("garbage"), Err(TokenError::Invalid));
-        assert_eq!(issuer.verify(""), Err(TokenError::Invalid));
-    }
-
-    #[test]
-    fn passwords_are_checked() {
+    #[tokio::test]
+    async fn passwords_are_checked() {
         let a = auth();
-        assert!(a.identify(&basic("ci", "s3cret"), "http://h").is_ok());
-        let e = a.identify(&basic("ci", "wrong"), "http://h").unwrap_err();
+        assert!(a.identify(&basic("ci", "s3cret"), "http://h").await.is_ok());
+        let e = a
+            .identify(&basic("ci", "wrong"), "http://h")
+            .await
+            .unwrap_err();
         assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
-        assert!(a.identify(&basic("nobody", "s3cret"), "http://h").is_err());
-        assert!(a.identify(&basic("ci", ""), "http://h").is_err());
+        assert!(
+            a.identify(&basic("nobody", "s3cret"), "http://h")
+                .await
+                .is_err()
+        );
+        assert!(a.identify(&basic("ci", ""), "http://h").await.is_err());
         assert!(!format!("{a:?}").contains("s3cret"));
     }
 
-    #[test]
-    fn token_requests_are_cut_to_the_policy() {
+    #[tokio::test]
+    async fn token_requests_are_cut_to_the_policy() {
         let a = auth();
-        let anon = a.identify(&HeaderMap::new(), "http://h").unwrap();
+        let anon = a.identify(&HeaderMap::new(), "http://h").await.unwrap();
         let r = a
             .grant(
                 &anon,
@@ -853,23 +708,29 @@ mod tests {
             [Scope::repository("public", &[Action::Pull])]
         );
         assert!(a.grant(&anon, Some("elsewhere"), &[]).is_err());
-        let ci = a.identify(&basic("ci", "s3cret"), "http://h").unwrap();
+        let ci = a
+            .identify(&basic("ci", "s3cret"), "http://h")
+            .await
+            .unwrap();
         let r = a.grant(&ci, None, &["repository:x:push".into()]).unwrap();
         let claims = a.issuer.as_ref().unwrap().verify(&r.token).unwrap();
         assert_eq!(claims.scopes, [Scope::repository("x", &[Action::Push])]);
     }
 
-    #[test]
-    fn anonymous_refusals_challenge_and_users_are_denied() {
+    #[tokio::test]
+    async fn anonymous_refusals_challenge_and_users_are_denied() {
         let a = Auth::new(AuthenticatedOnly).with_user("u", "p");
         let repo = RepoName::parse("r").unwrap();
-        let anon = a.identify(&HeaderMap::new(), "http://h").unwrap();
+        let anon = a.identify(&HeaderMap::new(), "http://h").await.unwrap();
         let e = a.check(&anon, &repo, Action::Pull, "http://h").unwrap_err();
         assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
-        let u = a.identify(&basic("u", "p"), "http://h").unwrap();
+        let u = a.identify(&basic("u", "p"), "http://h").await.unwrap();
         assert!(a.check(&u, &repo, Action::Push, "http://h").is_ok());
         let denying = Auth::new(PrefixRules::new()).with_user("u", "p");
-        let u = denying.identify(&basic("u", "p"), "http://h").unwrap();
+        let u = denying
+            .identify(&basic("u", "p"), "http://h")
+            .await
+            .unwrap();
         let e = denying
             .check(&u, &repo, Action::Pull, "http://h")
             .unwrap_err();

@@ -6,7 +6,9 @@
 //! `tagged_manifest` is usually faster than the default, and must stay in use.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -17,7 +19,7 @@ use registry_core::store::*;
 use registry_core::{Digest, RepoName, Tag, Timestamp};
 
 use crate::audit::{AuditLog, Record};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreOp};
 
 /// Wraps `storage` so that every call is timed into `metrics`
 /// (`registry_storage_operation_duration_seconds{store, operation}`, and
@@ -28,8 +30,8 @@ use crate::metrics::Metrics;
 /// `blob_bytes_deleted`). Build the [`Registry`](registry_core::Registry) over what it
 /// returns. With neither, `storage` is returned as it is.
 ///
-/// The cost per call is one clock read and one histogram update; labels are the
-/// operation's name, a fixed set.
+/// The cost per call is a boxed future, two clock reads and one histogram update
+/// (atomics, its series found by index); labels are the operation's name, a fixed set.
 pub fn instrument_storage(
     storage: Storage,
     metrics: Option<&Metrics>,
@@ -64,23 +66,15 @@ struct Observe {
 }
 
 impl Observe {
-    async fn time<T>(
-        &self,
-        store: &'static str,
-        operation: &'static str,
-        call: impl Future<Output = Result<T>>,
-    ) -> Result<T> {
-        let Some(m) = &self.metrics else {
-            return call.await;
-        };
-        let start = Instant::now();
-        let result = call.await;
-        // Only a failure of the store is an error here: a refusal decided inside the
-        // atomic change (an immutable tag, a quota, a missing blob) is the store
-        // working as it should, and is counted as a refusal by the router.
-        let failed = matches!(result, Err(Error::Storage(_)));
-        m.storage_call(store, operation, start.elapsed(), !failed);
-        result
+    /// `call`, timed into the metrics when there are any. A future of its own rather
+    /// than an `async fn`: one state machine less per storage call (the stores'
+    /// futures are boxed, so `Unpin`).
+    fn time<F>(&self, op: StoreOp, call: F) -> Timed<'_, F> {
+        Timed {
+            call,
+            metrics: self.metrics.as_ref().map(|m| (m, Instant::now())),
+            op,
+        }
     }
 
     /// Writes a collector's removal. The change is made: a failure to record it is
@@ -89,6 +83,31 @@ impl Observe {
         if let Some(audit) = &self.audit {
             let _ = audit.write_or_log(&record).await;
         }
+    }
+}
+
+/// A storage call being timed: see [`Observe::time`].
+struct Timed<'a, F> {
+    call: F,
+    /// Where to record it, and when it started.
+    metrics: Option<(&'a Metrics, Instant)>,
+    op: StoreOp,
+}
+
+impl<T, F: Future<Output = Result<T>> + Unpin> Future for Timed<'_, F> {
+    type Output = Result<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        let this = self.get_mut();
+        let result = ready!(Pin::new(&mut this.call).poll(cx));
+        if let Some((m, start)) = this.metrics {
+            // Only a failure of the store is an error here: a refusal decided inside
+            // the atomic change (an immutable tag, a quota, a missing blob) is the
+            // store working as it should, and is counted as a refusal by the router.
+            let failed = matches!(result, Err(Error::Storage(_)));
+            m.storage_call(this.op, start.elapsed(), !failed);
+        }
+        Poll::Ready(result)
     }
 }
 
@@ -102,19 +121,16 @@ struct TimedMeta {
     observe: Observe,
 }
 
-const BLOB: &str = "blob";
-const META: &str = "metadata";
-
 #[async_trait]
 impl BlobStore for TimedBlobs {
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
         self.observe
-            .time(BLOB, "stat", self.inner.stat(digest))
+            .time(StoreOp::Stat, self.inner.stat(digest))
             .await
     }
     async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<BlobRead>> {
         self.observe
-            .time(BLOB, "read", self.inner.read(digest, range))
+            .time(StoreOp::Read, self.inner.read(digest, range))
             .await
     }
     async fn read_verified(
@@ -125,26 +141,24 @@ impl BlobStore for TimedBlobs {
     ) -> Result<Option<BlobRead>> {
         self.observe
             .time(
-                BLOB,
-                "read",
+                StoreOp::Read,
                 self.inner.read_verified(digest, range, verify),
             )
             .await
     }
     async fn delete(&self, digest: &Digest) -> Result<bool> {
         self.observe
-            .time(BLOB, "delete", self.inner.delete(digest))
+            .time(StoreOp::Delete, self.inner.delete(digest))
             .await
     }
     async fn list(&self) -> Result<BoxStream<'static, Result<Digest>>> {
-        self.observe.time(BLOB, "list", self.inner.list()).await
+        self.observe.time(StoreOp::List, self.inner.list()).await
     }
     async fn create_upload(&self, id: &UploadId, repo: &RepoName, now: Timestamp) -> Result<()> {
         let result = self
             .observe
             .time(
-                BLOB,
-                "create_upload",
+                StoreOp::CreateUpload,
                 self.inner.create_upload(id, repo, now),
             )
             .await;
@@ -155,7 +169,7 @@ impl BlobStore for TimedBlobs {
     }
     async fn upload_info(&self, id: &UploadId) -> Result<Option<UploadInfo>> {
         self.observe
-            .time(BLOB, "upload_info", self.inner.upload_info(id))
+            .time(StoreOp::UploadInfo, self.inner.upload_info(id))
             .await
     }
     async fn append_upload(
@@ -168,15 +182,14 @@ impl BlobStore for TimedBlobs {
         // Includes receiving the bytes from the client: the stream is the request body.
         self.observe
             .time(
-                BLOB,
-                "append_upload",
+                StoreOp::AppendUpload,
                 self.inner.append_upload(id, offset, data, now),
             )
             .await
     }
     async fn read_upload(&self, id: &UploadId) -> Result<ByteStream> {
         self.observe
-            .time(BLOB, "read_upload", self.inner.read_upload(id))
+            .time(StoreOp::ReadUpload, self.inner.read_upload(id))
             .await
     }
     async fn commit_upload(
@@ -187,8 +200,7 @@ impl BlobStore for TimedBlobs {
     ) -> Result<CommitOutcome> {
         self.observe
             .time(
-                BLOB,
-                "commit_upload",
+                StoreOp::CommitUpload,
                 self.inner.commit_upload(id, digest, len),
             )
             .await
@@ -196,7 +208,7 @@ impl BlobStore for TimedBlobs {
     async fn delete_upload(&self, id: &UploadId) -> Result<bool> {
         let result = self
             .observe
-            .time(BLOB, "delete_upload", self.inner.delete_upload(id))
+            .time(StoreOp::DeleteUpload, self.inner.delete_upload(id))
             .await;
         if let (Ok(true), Some(m)) = (&result, &self.observe.metrics) {
             m.uploads().deleted(id);
@@ -212,8 +224,7 @@ impl BlobStore for TimedBlobs {
     ) -> Result<CommitOutcome> {
         self.observe
             .time(
-                BLOB,
-                "put_bytes",
+                StoreOp::PutBytes,
                 self.inner.put_bytes(repo, digest, bytes, now),
             )
             .await
@@ -221,12 +232,21 @@ impl BlobStore for TimedBlobs {
     async fn list_uploads(&self) -> Result<Vec<UploadInfo>> {
         let result = self
             .observe
-            .time(BLOB, "list_uploads", self.inner.list_uploads())
+            .time(StoreOp::ListUploads, self.inner.list_uploads())
             .await;
         if let (Ok(list), Some(m)) = (&result, &self.observe.metrics) {
             m.uploads().listed(list.iter().map(|u| &u.id));
         }
         result
+    }
+    // Not timed: signing is mostly local computation (S3, Azure with a key), not a
+    // request to the store.
+    async fn presigned_get(
+        &self,
+        digest: &Digest,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>> {
+        self.inner.presigned_get(digest, ttl).await
     }
 }
 
@@ -234,12 +254,12 @@ impl BlobStore for TimedBlobs {
 impl MetadataStore for TimedMeta {
     async fn blob(&self, digest: &Digest) -> Result<Option<BlobRecord>> {
         self.observe
-            .time(META, "blob", self.inner.blob(digest))
+            .time(StoreOp::Blob, self.inner.blob(digest))
             .await
     }
     async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobLink>> {
         self.observe
-            .time(META, "blob_link", self.inner.blob_link(repo, digest))
+            .time(StoreOp::BlobLink, self.inner.blob_link(repo, digest))
             .await
     }
     async fn blob_repositories(
@@ -250,34 +270,32 @@ impl MetadataStore for TimedMeta {
     ) -> Result<Vec<RepoName>> {
         self.observe
             .time(
-                META,
-                "blob_repositories",
+                StoreOp::BlobRepositories,
                 self.inner.blob_repositories(digest, after, limit),
             )
             .await
     }
     async fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>> {
         self.observe
-            .time(META, "manifest", self.inner.manifest(repo, digest))
+            .time(StoreOp::Manifest, self.inner.manifest(repo, digest))
             .await
     }
     async fn tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
         self.observe
-            .time(META, "tag", self.inner.tag(repo, tag))
+            .time(StoreOp::Tag, self.inner.tag(repo, tag))
             .await
     }
     async fn tagged_manifest(&self, repo: &RepoName, tag: &Tag) -> Result<Option<ManifestRecord>> {
         self.observe
             .time(
-                META,
-                "tagged_manifest",
+                StoreOp::TaggedManifest,
                 self.inner.tagged_manifest(repo, tag),
             )
             .await
     }
     async fn repository(&self, repo: &RepoName) -> Result<Option<RepoRecord>> {
         self.observe
-            .time(META, "repository", self.inner.repository(repo))
+            .time(StoreOp::Repository, self.inner.repository(repo))
             .await
     }
     async fn list_tags(
@@ -287,7 +305,7 @@ impl MetadataStore for TimedMeta {
         limit: usize,
     ) -> Result<Vec<(Tag, Digest)>> {
         self.observe
-            .time(META, "list_tags", self.inner.list_tags(repo, after, limit))
+            .time(StoreOp::ListTags, self.inner.list_tags(repo, after, limit))
             .await
     }
     async fn list_tag_names(
@@ -298,8 +316,7 @@ impl MetadataStore for TimedMeta {
     ) -> Result<Vec<Tag>> {
         self.observe
             .time(
-                META,
-                "list_tag_names",
+                StoreOp::ListTagNames,
                 self.inner.list_tag_names(repo, after, limit),
             )
             .await
@@ -312,15 +329,14 @@ impl MetadataStore for TimedMeta {
     ) -> Result<Vec<TagEntry>> {
         self.observe
             .time(
-                META,
-                "list_tag_entries",
+                StoreOp::ListTagEntries,
                 self.inner.list_tag_entries(repo, after, limit),
             )
             .await
     }
     async fn quota_usage(&self, prefix: &RepoName) -> Result<Option<u64>> {
         self.observe
-            .time(META, "quota_usage", self.inner.quota_usage(prefix))
+            .time(StoreOp::QuotaUsage, self.inner.quota_usage(prefix))
             .await
     }
     async fn list_manifests(
@@ -331,8 +347,7 @@ impl MetadataStore for TimedMeta {
     ) -> Result<Vec<ManifestRecord>> {
         self.observe
             .time(
-                META,
-                "list_manifests",
+                StoreOp::ListManifests,
                 self.inner.list_manifests(repo, after, limit),
             )
             .await
@@ -345,8 +360,7 @@ impl MetadataStore for TimedMeta {
     ) -> Result<Vec<(Digest, BlobLink)>> {
         self.observe
             .time(
-                META,
-                "list_blob_links",
+                StoreOp::ListBlobLinks,
                 self.inner.list_blob_links(repo, after, limit),
             )
             .await
@@ -358,8 +372,7 @@ impl MetadataStore for TimedMeta {
     ) -> Result<Vec<RepoName>> {
         self.observe
             .time(
-                META,
-                "list_repositories",
+                StoreOp::ListRepositories,
                 self.inner.list_repositories(after, limit),
             )
             .await
@@ -373,8 +386,7 @@ impl MetadataStore for TimedMeta {
     ) -> Result<Vec<Referrer>> {
         self.observe
             .time(
-                META,
-                "list_referrers",
+                StoreOp::ListReferrers,
                 self.inner.list_referrers(repo, subject, after, limit),
             )
             .await
@@ -386,8 +398,7 @@ impl MetadataStore for TimedMeta {
     ) -> Result<Vec<(RepoName, Digest, BlobLink)>> {
         self.observe
             .time(
-                META,
-                "unreferenced_blob_links",
+                StoreOp::UnreferencedBlobLinks,
                 self.inner.unreferenced_blob_links(after, limit),
             )
             .await
@@ -399,18 +410,17 @@ impl MetadataStore for TimedMeta {
     ) -> Result<Vec<(Digest, BlobRecord)>> {
         self.observe
             .time(
-                META,
-                "unlinked_blobs",
+                StoreOp::UnlinkedBlobs,
                 self.inner.unlinked_blobs(after, limit),
             )
             .await
     }
     async fn stats(&self) -> Result<MetaStats> {
-        self.observe.time(META, "stats", self.inner.stats()).await
+        self.observe.time(StoreOp::Stats, self.inner.stats()).await
     }
     async fn audit(&self, repair: bool) -> Result<AuditReport> {
         self.observe
-            .time(META, "audit", self.inner.audit(repair))
+            .time(StoreOp::Audit, self.inner.audit(repair))
             .await
     }
     async fn link_blob(
@@ -423,8 +433,7 @@ impl MetadataStore for TimedMeta {
     ) -> Result<LinkOutcome> {
         self.observe
             .time(
-                META,
-                "link_blob",
+                StoreOp::LinkBlob,
                 self.inner.link_blob(repo, digest, size, now, policy),
             )
             .await
@@ -439,8 +448,7 @@ impl MetadataStore for TimedMeta {
     ) -> Result<Option<LinkOutcome>> {
         self.observe
             .time(
-                META,
-                "mount_blob",
+                StoreOp::MountBlob,
                 self.inner.mount_blob(from, to, digest, now, policy),
             )
             .await
@@ -453,15 +461,14 @@ impl MetadataStore for TimedMeta {
     ) -> Result<bool> {
         self.observe
             .time(
-                META,
-                "touch_blob_link",
+                StoreOp::TouchBlobLink,
                 self.inner.touch_blob_link(repo, digest, now),
             )
             .await
     }
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
         self.observe
-            .time(META, "unlink_blob", self.inner.unlink_blob(repo, digest))
+            .time(StoreOp::UnlinkBlob, self.inner.unlink_blob(repo, digest))
             .await
     }
     async fn put_manifest(
@@ -473,8 +480,7 @@ impl MetadataStore for TimedMeta {
     ) -> Result<Option<PutManifestOutcome>> {
         self.observe
             .time(
-                META,
-                "put_manifest",
+                StoreOp::PutManifest,
                 self.inner.put_manifest(repo, manifest, now, policy),
             )
             .await
@@ -489,8 +495,7 @@ impl MetadataStore for TimedMeta {
     ) -> Result<Option<Digest>> {
         self.observe
             .time(
-                META,
-                "set_tag",
+                StoreOp::SetTag,
                 self.inner.set_tag(repo, tag, digest, now, policy),
             )
             .await
@@ -502,7 +507,7 @@ impl MetadataStore for TimedMeta {
         policy: &Policy,
     ) -> Result<Option<Digest>> {
         self.observe
-            .time(META, "delete_tag", self.inner.delete_tag(repo, tag, policy))
+            .time(StoreOp::DeleteTag, self.inner.delete_tag(repo, tag, policy))
             .await
     }
     async fn delete_tag_if(
@@ -517,8 +522,7 @@ impl MetadataStore for TimedMeta {
         let removed = self
             .observe
             .time(
-                META,
-                "delete_tag_if",
+                StoreOp::DeleteTagIf,
                 self.inner
                     .delete_tag_if(repo, tag, digest, tagged_at, policy),
             )
@@ -543,8 +547,7 @@ impl MetadataStore for TimedMeta {
     ) -> Result<Option<DeletedManifest>> {
         self.observe
             .time(
-                META,
-                "delete_manifest",
+                StoreOp::DeleteManifest,
                 self.inner.delete_manifest(repo, digest, policy),
             )
             .await
@@ -558,8 +561,7 @@ impl MetadataStore for TimedMeta {
         let removed = self
             .observe
             .time(
-                META,
-                "collect_manifest",
+                StoreOp::CollectManifest,
                 self.inner.collect_manifest(repo, digest, rule),
             )
             .await?;
@@ -584,8 +586,7 @@ impl MetadataStore for TimedMeta {
         let removed = self
             .observe
             .time(
-                META,
-                "collect_blob_link",
+                StoreOp::CollectBlobLink,
                 self.inner.collect_blob_link(repo, digest, cutoff),
             )
             .await?;
@@ -608,8 +609,7 @@ impl MetadataStore for TimedMeta {
     ) -> Result<Option<BlobRecord>> {
         self.observe
             .time(
-                META,
-                "begin_blob_deletion",
+                StoreOp::BeginBlobDeletion,
                 self.inner.begin_blob_deletion(digest, now, lease),
             )
             .await
@@ -620,8 +620,7 @@ impl MetadataStore for TimedMeta {
         let finished = self
             .observe
             .time(
-                META,
-                "finish_blob_deletion",
+                StoreOp::FinishBlobDeletion,
                 self.inner.finish_blob_deletion(digest, since),
             )
             .await?;

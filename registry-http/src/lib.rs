@@ -41,12 +41,17 @@ mod auth;
 mod error;
 mod fault;
 mod health;
+mod htpasswd;
 mod instrument;
+pub mod jwt;
 mod metrics;
 mod process_metrics;
 pub mod range;
 mod routes;
 mod server;
+mod throttle;
+#[cfg(feature = "tls")]
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,14 +63,20 @@ use registry_core::Registry;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use access_log::AccessLog;
 pub use audit::AuditLog;
-pub use auth::{Auth, Resource, Scope, TokenClaims, TokenError, TokenIssuer, TokenVerifier};
+pub use auth::{Auth, Resource, Scope, TokenClaims, TokenError, TokenVerifier};
 pub use error::ApiError;
 pub use fault::{FaultService, HttpFault, HttpFaults, HttpInjection, HttpRule};
 pub use health::metrics_router;
+pub use htpasswd::Htpasswd;
 pub use instrument::instrument_storage;
+pub use jwt::{JwtVerifier, SigningKey, TokenIssuer, VerificationKey};
 pub use metrics::{Metrics, MetricsOptions};
 pub use server::ServerLimits;
+pub use throttle::ThrottleConfig;
+#[cfg(feature = "tls")]
+pub use tls::TlsFiles;
 
 /// HTTP-level configuration. Storage limits (manifest and blob size, upload expiry)
 /// live in [`registry_core::RegistryConfig`].
@@ -103,9 +114,9 @@ pub struct HttpConfig {
     /// `GET /healthz` and `GET /readyz`, unauthenticated (default true). Turn them off
     /// to merge the router into an application that has its own.
     pub health_endpoints: bool,
-    /// One `info` event per request on the tracing target `registry_http::access`
-    /// (default false: an embedded test registry stays quiet).
-    pub access_log: bool,
+    /// Where a line per request goes (see [`AccessLog`]); `None` (the default: an
+    /// embedded test registry stays quiet) logs nothing.
+    pub access_log: Option<AccessLog>,
     /// Where every change and every refused credential is recorded; `None` records
     /// nothing. See [`AuditLog`].
     pub audit: Option<AuditLog>,
@@ -113,6 +124,16 @@ pub struct HttpConfig {
     /// connections), to test clients' retry logic; `None` (the default) injects none.
     /// See [`HttpFaults`].
     pub faults: Option<HttpFaults>,
+    /// Answer a blob `GET` (whole blob, no `Range`) with `307 Temporary Redirect` to a
+    /// presigned storage URL valid this long, when the storage can presign (object
+    /// storage: S3, Azure, GCS); `None` (the default) streams every blob through the
+    /// registry. Only after authorization and the check that the repository holds the
+    /// blob. `HEAD` and `Range` requests are always answered here.
+    pub redirect_blobs: Option<Duration>,
+    /// Whether clients reach the router over HTTPS: the token realm of challenges is
+    /// then `https://HOST/token` (without [`base_url`](Self::base_url)). Set by
+    /// `serve_tls_on` (feature `tls`); set it when TLS ends in front of a mounted router.
+    pub https: bool,
 }
 
 impl Default for HttpConfig {
@@ -129,9 +150,11 @@ impl Default for HttpConfig {
             metrics: None,
             metrics_route: true,
             health_endpoints: true,
-            access_log: false,
+            access_log: None,
             audit: None,
             faults: None,
+            redirect_blobs: None,
+            https: false,
         }
     }
 }
@@ -195,9 +218,9 @@ impl HttpConfig {
         self.health_endpoints = on;
         self
     }
-    /// Turns the access log on or off.
-    pub fn with_access_log(mut self, on: bool) -> Self {
-        self.access_log = on;
+    /// Writes the access log to `log` (see [`AccessLog`]); `None` turns it off.
+    pub fn with_access_log(mut self, log: Option<AccessLog>) -> Self {
+        self.access_log = log;
         self
     }
     /// Writes the audit log to `audit`.
@@ -209,6 +232,12 @@ impl HttpConfig {
     /// retry logic; keep a clone to change the rules or read what was injected).
     pub fn with_faults(mut self, faults: HttpFaults) -> Self {
         self.faults = Some(faults);
+        self
+    }
+    /// Redirects blob `GET`s to presigned storage URLs valid for `ttl` (see
+    /// [`HttpConfig::redirect_blobs`]); `None` turns it off.
+    pub fn with_redirect_blobs(mut self, ttl: Option<Duration>) -> Self {
+        self.redirect_blobs = ttl;
         self
     }
 }
@@ -326,10 +355,47 @@ pub async fn serve_on(
     let limits = config.server.clone();
     let connections = config.metrics.as_ref().map(Metrics::connections);
     let app = router(registry, config);
-    let task = tokio::spawn(server::run(listener, app, limits, connections, rx));
+    let task = tokio::spawn(server::run(listener, app, limits, connections, None, rx));
     Ok(LocalServer {
         addr,
         url: format!("http://{addr}"),
+        shutdown: Some(tx),
+        task: Some(task),
+    })
+}
+
+/// [`serve_on`] over TLS (feature `tls`): the certificate chain and key of `tls`,
+/// re-read when their files change. The server's [`LocalServer::url`] is `https://`.
+#[cfg(feature = "tls")]
+pub async fn serve_tls_on(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    config: HttpConfig,
+    tls: TlsFiles,
+) -> std::io::Result<LocalServer> {
+    let addr = listener.local_addr()?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let limits = config.server.clone();
+    let connections = config.metrics.as_ref().map(Metrics::connections);
+    let app = router(
+        registry,
+        HttpConfig {
+            https: true,
+            ..config
+        },
+    );
+    let acceptor = tls.acceptor()?;
+    let task = tokio::spawn(server::run(
+        listener,
+        app,
+        limits,
+        connections,
+        Some(acceptor),
+        rx,
+    ));
+    Ok(LocalServer {
+        addr,
+        url: format!("https://{addr}"),
         shutdown: Some(tx),
         task: Some(task),
     })
@@ -352,6 +418,7 @@ pub async fn serve_metrics_on(
         listener,
         app,
         ServerLimits::default(),
+        None,
         None,
         rx,
     ));

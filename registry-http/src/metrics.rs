@@ -26,6 +26,7 @@
 
 use std::collections::HashSet;
 use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,11 +34,12 @@ use axum::http::{Method, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    MetricEncoder, NoLabelSet,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry as PromRegistry;
 use registry_core::{GcReport, Registry, UploadId};
 
@@ -316,14 +318,17 @@ pub(crate) enum AuthResult {
     /// No credentials where they are needed: the client is sent a challenge (the first
     /// step of every authenticated client's handshake, not a failure as such).
     Challenge,
+    /// Credentials held back unchecked: too many failures from that identity or address.
+    Throttled,
 }
 
 impl AuthResult {
-    const ALL: [AuthResult; 4] = [
+    const ALL: [AuthResult; 5] = [
         AuthResult::Success,
         AuthResult::InvalidCredentials,
         AuthResult::Denied,
         AuthResult::Challenge,
+        AuthResult::Throttled,
     ];
 
     fn as_str(self) -> &'static str {
@@ -332,6 +337,7 @@ impl AuthResult {
             AuthResult::InvalidCredentials => "invalid_credentials",
             AuthResult::Denied => "denied",
             AuthResult::Challenge => "challenge",
+            AuthResult::Throttled => "throttled",
         }
     }
 }
@@ -349,6 +355,23 @@ pub(crate) enum Outcome {
     DeleteManifest,
     DeleteTag,
     DeleteBlob,
+}
+
+/// The number of [`Outcome`]s.
+const OUTCOMES: usize = 9;
+
+impl Outcome {
+    const ALL: [Outcome; OUTCOMES] = [
+        Outcome::PushManifest,
+        Outcome::PushBlob,
+        Outcome::PullManifest,
+        Outcome::PullBlob,
+        Outcome::Mounted,
+        Outcome::MountFallback,
+        Outcome::DeleteManifest,
+        Outcome::DeleteTag,
+        Outcome::DeleteBlob,
+    ];
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -385,6 +408,78 @@ struct StoreOpLabels {
     operation: &'static str,
 }
 
+/// Declares [`StoreOp`]: every storage call the wrapper of
+/// [`instrument_storage`](crate::instrument_storage) times, with its `store` and
+/// `operation` labels.
+macro_rules! store_ops {
+    ($($op:ident => $store:literal $name:literal,)*) => {
+        /// A storage call: the `store` and `operation` labels of the storage series, and
+        /// the index of its series in [`Metrics`]' cache.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub(crate) enum StoreOp {
+            $($op,)*
+        }
+
+        impl StoreOp {
+            const COUNT: usize = [$($name,)*].len();
+
+            fn labels(self) -> StoreOpLabels {
+                let (store, operation) = match self {
+                    $(StoreOp::$op => ($store, $name),)*
+                };
+                StoreOpLabels { store, operation }
+            }
+        }
+    };
+}
+
+store_ops! {
+    Stat => "blob" "stat",
+    Read => "blob" "read",
+    Delete => "blob" "delete",
+    List => "blob" "list",
+    CreateUpload => "blob" "create_upload",
+    UploadInfo => "blob" "upload_info",
+    AppendUpload => "blob" "append_upload",
+    ReadUpload => "blob" "read_upload",
+    CommitUpload => "blob" "commit_upload",
+    DeleteUpload => "blob" "delete_upload",
+    PutBytes => "blob" "put_bytes",
+    ListUploads => "blob" "list_uploads",
+    Blob => "metadata" "blob",
+    BlobLink => "metadata" "blob_link",
+    BlobRepositories => "metadata" "blob_repositories",
+    Manifest => "metadata" "manifest",
+    Tag => "metadata" "tag",
+    TaggedManifest => "metadata" "tagged_manifest",
+    Repository => "metadata" "repository",
+    ListTags => "metadata" "list_tags",
+    ListTagNames => "metadata" "list_tag_names",
+    ListTagEntries => "metadata" "list_tag_entries",
+    QuotaUsage => "metadata" "quota_usage",
+    ListManifests => "metadata" "list_manifests",
+    ListBlobLinks => "metadata" "list_blob_links",
+    ListRepositories => "metadata" "list_repositories",
+    ListReferrers => "metadata" "list_referrers",
+    UnreferencedBlobLinks => "metadata" "unreferenced_blob_links",
+    UnlinkedBlobs => "metadata" "unlinked_blobs",
+    Stats => "metadata" "stats",
+    Audit => "metadata" "audit",
+    LinkBlob => "metadata" "link_blob",
+    MountBlob => "metadata" "mount_blob",
+    TouchBlobLink => "metadata" "touch_blob_link",
+    UnlinkBlob => "metadata" "unlink_blob",
+    PutManifest => "metadata" "put_manifest",
+    SetTag => "metadata" "set_tag",
+    DeleteTag => "metadata" "delete_tag",
+    DeleteTagIf => "metadata" "delete_tag_if",
+    DeleteManifest => "metadata" "delete_manifest",
+    CollectManifest => "metadata" "collect_manifest",
+    CollectBlobLink => "metadata" "collect_blob_link",
+    BeginBlobDeletion => "metadata" "begin_blob_deletion",
+    FinishBlobDeletion => "metadata" "finish_blob_deletion",
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PrefixLabel {
     prefix: String,
@@ -407,11 +502,78 @@ const GC_BUCKETS: [f64; 10] = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn http_histogram() -> Histogram {
-    Histogram::new(HTTP_BUCKETS)
+    Histogram::new(&HTTP_BUCKETS)
 }
 
 fn store_histogram() -> Histogram {
-    Histogram::new(STORE_BUCKETS)
+    Histogram::new(&STORE_BUCKETS)
+}
+
+/// A histogram with fixed buckets, updated with atomics: `prometheus_client`'s
+/// `Histogram` takes a lock and checks for native buckets on every observation, and
+/// with an observation per storage call and per request that showed in instruction
+/// counts. Exposed the same way (through the same encoder call).
+#[derive(Clone, Debug)]
+pub(crate) struct Histogram(Arc<HistogramInner>);
+
+#[derive(Debug)]
+struct HistogramInner {
+    /// Upper bounds, ascending; `+Inf` is implied.
+    bounds: &'static [f64],
+    /// Observations per bucket (not cumulative), the last one for `+Inf` (and NaN).
+    counts: Box<[AtomicU64]>,
+    /// The sum of the observations, as `f64` bits.
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram(Arc::new(HistogramInner {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0f64.to_bits()),
+        }))
+    }
+
+    pub(crate) fn observe(&self, v: f64) {
+        let h = &*self.0;
+        let i = h
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(h.bounds.len());
+        h.counts[i].fetch_add(1, Ordering::Relaxed);
+        let _ = h
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + v).to_bits())
+            });
+    }
+}
+
+impl TypedMetric for Histogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> fmt::Result {
+        let h = &*self.0;
+        let buckets: Vec<(f64, u64)> = h
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(h.counts.iter().map(|c| c.load(Ordering::Relaxed)))
+            .collect();
+        // The count from the buckets: consistent with them under concurrent updates.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = f64::from_bits(h.sum.load(Ordering::Relaxed));
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 struct HttpMetrics {
@@ -476,6 +638,12 @@ struct OpMetrics {
     deletes: Family<KindLabel, Counter>,
     refusals: Family<ReasonLabel, Counter>,
     auth: Family<ResultLabel, Counter>,
+    /// The series above by [`Outcome`], [`Refusal`] and [`AuthResult`]: every one of
+    /// them exists from the start, so they are taken from the families once, not
+    /// looked up (labels hashed under a lock) per request.
+    by_outcome: [Counter; OUTCOMES],
+    by_refusal: [Counter; Refusal::ALL.len()],
+    by_auth: [Counter; AuthResult::ALL.len()],
 }
 
 struct StorageMetrics {
@@ -491,10 +659,10 @@ struct StorageMetrics {
     refresh_errors: Counter,
     op_duration: HistogramFamily<StoreOpLabels>,
     op_errors: Family<StoreOpLabels, Counter>,
-    /// `op_duration`'s series by the addresses of their (static) label strings, filled
-    /// on first use: a few pointer comparisons instead of hashing the labels under the
-    /// family's lock on every storage call.
-    op_cache: std::sync::RwLock<Vec<(OpKey, Histogram)>>,
+    /// `op_duration`'s series by [`StoreOp`], filled on first use (so the exposition
+    /// shows the operations a store was asked for, as the family alone would): an
+    /// index instead of hashing the labels under the family's lock on every call.
+    op_cache: Vec<OnceLock<Histogram>>,
 }
 
 struct GcMetrics {
@@ -642,36 +810,62 @@ impl Metrics {
             connections.header_timeouts.clone(),
         );
 
-        let ops = OpMetrics {
-            pushes: Family::default(),
-            pulls: Family::default(),
-            mounts: Family::default(),
-            deletes: Family::default(),
-            refusals: Family::default(),
-            auth: Family::default(),
-        };
         // Every series of a closed set exists from the start, at zero: a rate over a
         // series that appears only with its first event misses that event.
-        for kind in ["manifest", "blob"] {
-            let _ = ops.pushes.get_or_create(&KindLabel { kind });
-            let _ = ops.pulls.get_or_create(&KindLabel { kind });
-        }
-        for result in ["mounted", "fallback"] {
-            let _ = ops.mounts.get_or_create(&ResultLabel { result });
-        }
-        for kind in ["manifest", "tag", "blob"] {
-            let _ = ops.deletes.get_or_create(&KindLabel { kind });
-        }
-        for refusal in Refusal::ALL {
-            let _ = ops.refusals.get_or_create(&ReasonLabel {
-                reason: refusal.as_str(),
-            });
-        }
-        for result in AuthResult::ALL {
-            let _ = ops.auth.get_or_create(&ResultLabel {
+        let (pushes, pulls, mounts, deletes) = (
+            Family::<KindLabel, Counter>::default(),
+            Family::<KindLabel, Counter>::default(),
+            Family::<ResultLabel, Counter>::default(),
+            Family::<KindLabel, Counter>::default(),
+        );
+        let by_outcome = Outcome::ALL.map(|outcome| {
+            let (family, kind) = match outcome {
+                Outcome::PushManifest => (&pushes, "manifest"),
+                Outcome::PushBlob => (&pushes, "blob"),
+                Outcome::PullManifest => (&pulls, "manifest"),
+                Outcome::PullBlob => (&pulls, "blob"),
+                Outcome::DeleteManifest => (&deletes, "manifest"),
+                Outcome::DeleteTag => (&deletes, "tag"),
+                Outcome::DeleteBlob => (&deletes, "blob"),
+                Outcome::Mounted => {
+                    return mounts
+                        .get_or_create(&ResultLabel { result: "mounted" })
+                        .clone();
+                }
+                Outcome::MountFallback => {
+                    return mounts
+                        .get_or_create(&ResultLabel { result: "fallback" })
+                        .clone();
+                }
+            };
+            family.get_or_create(&KindLabel { kind }).clone()
+        });
+        let refusals = Family::<ReasonLabel, Counter>::default();
+        let by_refusal = Refusal::ALL.map(|refusal| {
+            refusals
+                .get_or_create(&ReasonLabel {
+                    reason: refusal.as_str(),
+                })
+                .clone()
+        });
+        let auth = Family::<ResultLabel, Counter>::default();
+        let by_auth = AuthResult::ALL.map(|result| {
+            auth.get_or_create(&ResultLabel {
                 result: result.as_str(),
-            });
-        }
+            })
+            .clone()
+        });
+        let ops = OpMetrics {
+            pushes,
+            pulls,
+            mounts,
+            deletes,
+            refusals,
+            auth,
+            by_outcome,
+            by_refusal,
+            by_auth,
+        };
         r.register(
             "registry_pushes",
             "Manifests and blobs pushed (acknowledged with 201), by kind",
@@ -718,7 +912,7 @@ impl Metrics {
             refresh_errors: Counter::default(),
             op_duration: Family::new_with_constructor(store_histogram),
             op_errors: Family::default(),
-            op_cache: Default::default(),
+            op_cache: (0..StoreOp::COUNT).map(|_| OnceLock::new()).collect(),
         };
         for (name, help, gauge) in [
             (
@@ -788,7 +982,7 @@ impl Metrics {
             runs: Family::default(),
             removed: Family::default(),
             bytes_freed: Counter::default(),
-            duration: Histogram::new(GC_BUCKETS),
+            duration: Histogram::new(&GC_BUCKETS),
             last_success: Gauge::default(),
         };
         for result in ["ok", "error"] {
@@ -978,20 +1172,24 @@ impl Metrics {
         &self.inner.http.in_flight
     }
 
-    /// The byte counters of a route, cloned once per request (a clone is a reference
-    /// count; counting each chunk is then one atomic add).
-    pub(crate) fn byte_counters(&self, route: Route, method: MethodLabel) -> (Counter, Counter) {
-        let labels = RouteLabels { route, method };
+    /// The request body bytes of a route and method.
+    pub(crate) fn bytes_received(&self, route: Route, method: MethodLabel) -> &Counter {
         let http = &self.inner.http;
-        let i = route_index(route, method);
-        (
-            http.cache.received[i]
-                .get_or_init(|| http.received.get_or_create(&labels).clone())
-                .clone(),
-            http.cache.sent[i]
-                .get_or_init(|| http.sent.get_or_create(&labels).clone())
-                .clone(),
-        )
+        http.cache.received[route_index(route, method)].get_or_init(|| {
+            http.received
+                .get_or_create(&RouteLabels { route, method })
+                .clone()
+        })
+    }
+
+    /// The response body bytes of a route and method.
+    pub(crate) fn bytes_sent(&self, route: Route, method: MethodLabel) -> &Counter {
+        let http = &self.inner.http;
+        http.cache.sent[route_index(route, method)].get_or_init(|| {
+            http.sent
+                .get_or_create(&RouteLabels { route, method })
+                .clone()
+        })
     }
 
     /// Counts a request whose response headers are ready.
@@ -1025,91 +1223,28 @@ impl Metrics {
     }
 
     pub(crate) fn outcome(&self, outcome: Outcome) {
-        let ops = &self.inner.ops;
-        let (family, label) = match outcome {
-            Outcome::PushManifest => (&ops.pushes, "manifest"),
-            Outcome::PushBlob => (&ops.pushes, "blob"),
-            Outcome::PullManifest => (&ops.pulls, "manifest"),
-            Outcome::PullBlob => (&ops.pulls, "blob"),
-            Outcome::DeleteManifest => (&ops.deletes, "manifest"),
-            Outcome::DeleteTag => (&ops.deletes, "tag"),
-            Outcome::DeleteBlob => (&ops.deletes, "blob"),
-            Outcome::Mounted => {
-                ops.mounts
-                    .get_or_create(&ResultLabel { result: "mounted" })
-                    .inc();
-                return;
-            }
-            Outcome::MountFallback => {
-                ops.mounts
-                    .get_or_create(&ResultLabel { result: "fallback" })
-                    .inc();
-                return;
-            }
-        };
-        family.get_or_create(&KindLabel { kind: label }).inc();
+        self.inner.ops.by_outcome[outcome as usize].inc();
     }
 
     pub(crate) fn refusal(&self, refusal: Refusal) {
-        self.inner
-            .ops
-            .refusals
-            .get_or_create(&ReasonLabel {
-                reason: refusal.as_str(),
-            })
-            .inc();
+        self.inner.ops.by_refusal[refusal as usize].inc();
     }
 
     pub(crate) fn auth(&self, result: AuthResult) {
-        self.inner
-            .ops
-            .auth
-            .get_or_create(&ResultLabel {
-                result: result.as_str(),
-            })
-            .inc();
+        self.inner.ops.by_auth[result as usize].inc();
     }
 
     /// Records one storage call.
-    pub(crate) fn storage_call(
-        &self,
-        store: &'static str,
-        operation: &'static str,
-        took: Duration,
-        ok: bool,
-    ) {
-        let labels = StoreOpLabels { store, operation };
+    pub(crate) fn storage_call(&self, op: StoreOp, took: Duration, ok: bool) {
         let s = &self.inner.storage;
-        // Address and length of both strings: two different strings cannot share both.
-        let key: OpKey = [
-            store.as_ptr() as usize,
-            store.len(),
-            operation.as_ptr() as usize,
-            operation.len(),
-        ];
-        let cached = {
-            let cache = s.op_cache.read().unwrap_or_else(|p| p.into_inner());
-            cache
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, h)| h.clone())
-        };
-        let histogram = cached.unwrap_or_else(|| {
-            let h = s.op_duration.get_or_create(&labels).clone();
-            let mut cache = s.op_cache.write().unwrap_or_else(|p| p.into_inner());
-            cache.push((key, h.clone()));
-            h
-        });
-        histogram.observe(took.as_secs_f64());
+        s.op_cache[op as usize]
+            .get_or_init(|| s.op_duration.get_or_create(&op.labels()).clone())
+            .observe(took.as_secs_f64());
         if !ok {
-            s.op_errors.get_or_create(&labels).inc();
+            s.op_errors.get_or_create(&op.labels()).inc();
         }
     }
 }
-
-/// A storage call's labels by identity: the addresses and lengths of its static
-/// `store` and `operation` strings.
-type OpKey = [usize; 4];
 
 /// What `registry_gc_removed_total{kind}` counts.
 const GC_KINDS: [&str; 6] = ["tags", "manifests", "links", "blobs", "orphans", "uploads"];
@@ -1161,10 +1296,47 @@ mod tests {
             Some(ROUTES - 1)
         );
         assert_eq!(MethodLabel::Other as usize, METHODS - 1);
+        for (i, o) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*o as usize, i);
+        }
+        for (i, r) in Refusal::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        for (i, a) in AuthResult::ALL.iter().enumerate() {
+            assert_eq!(*a as usize, i);
+        }
         for code in [100, 200, 302, 404, 503, 599] {
             let class = StatusClass::of(StatusCode::from_u16(code).unwrap());
             assert!((1..=STATUS_CLASSES as u8).contains(&class.0));
         }
+    }
+
+    #[test]
+    fn histograms_are_exposed_as_prometheus_client_exposes_its_own() {
+        use prometheus_client::metrics::histogram::Histogram as Reference;
+        let ours = Histogram::new(&STORE_BUCKETS);
+        let reference = Reference::new(STORE_BUCKETS);
+        for v in [
+            0.0, 0.00005, 0.0001, 0.0003, 0.007, 0.5, 0.5, 10.0, 11.0, 1e9,
+        ] {
+            ours.observe(v);
+            reference.observe(v);
+        }
+        let (mut a, mut b) = (PromRegistry::default(), PromRegistry::default());
+        a.register("latency_seconds", "Latency", ours);
+        b.register("latency_seconds", "Latency", reference);
+        let (mut text_a, mut text_b) = (String::new(), String::new());
+        prometheus_client::encoding::text::encode(&mut text_a, &a).unwrap();
+        prometheus_client::encoding::text::encode(&mut text_b, &b).unwrap();
+        assert_eq!(text_a, text_b);
+        let (mut text_a, mut text_b) = (String::new(), String::new());
+        prometheus_client::encoding::prometheus_text::encode(&mut text_a, &a).unwrap();
+        prometheus_client::encoding::prometheus_text::encode(&mut text_b, &b).unwrap();
+        assert_eq!(text_a, text_b);
+        assert!(
+            text_a.contains("latency_seconds_bucket{le=\"+Inf\"} 10"),
+            "{text_a}"
+        );
     }
 
     #[test]

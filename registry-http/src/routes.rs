@@ -30,7 +30,9 @@ use crate::range::{parse_content_range, parse_range};
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub(crate) registry: Registry,
-    pub(crate) config: HttpConfig,
+    /// Shared: the state is cloned for every request, and cloning the configuration
+    /// (its metrics, audit log, authentication...) showed in instruction counts.
+    pub(crate) config: Arc<HttpConfig>,
     /// The manifest buffer budget, in KiB (a semaphore counts in `u32` steps).
     manifest_budget: Arc<Semaphore>,
     /// Metrics, audit log and access log (`access_log.rs`).
@@ -43,11 +45,11 @@ impl AppState {
         let observer = Arc::new(Observer::new(
             config.metrics.clone(),
             config.audit.clone(),
-            config.access_log,
+            config.access_log.clone(),
         ));
         AppState {
             registry,
-            config,
+            config: Arc::new(config),
             manifest_budget: Arc::new(Semaphore::new(kib as usize)),
             observer,
         }
@@ -101,13 +103,27 @@ fn parse_path(rest: &str) -> Option<(&str, Target<'_>)> {
     if let Some(name) = rest.strip_suffix("/tags/list") {
         return Some((name, Target::Tags));
     }
-    let candidates = [("/blobs/", 0u8), ("/manifests/", 1), ("/referrers/", 2)];
-    let (idx, marker, kind) = candidates
-        .iter()
-        .filter_map(|(m, k)| rest.rfind(m).map(|i| (i, *m, *k)))
-        .max_by_key(|(i, _, _)| *i)?;
+    // The last marker is the one whose closing `/` comes last (a marker has no `/`
+    // inside): a walk back over the path segments, which usually stops at the first
+    // (three `rfind`s cost about 2,000 instructions a request under callgrind).
+    let bytes = rest.as_bytes();
+    let mut end = bytes.len();
+    let (idx, tail_start, kind) = loop {
+        let close = bytes[..end].iter().rposition(|&b| b == b'/')?;
+        let open = bytes[..close].iter().rposition(|&b| b == b'/')?;
+        let kind = match &bytes[open + 1..close] {
+            b"blobs" => 0u8,
+            b"manifests" => 1,
+            b"referrers" => 2,
+            _ => {
+                end = close;
+                continue;
+            }
+        };
+        break (open, close + 1, kind);
+    };
     let name = &rest[..idx];
-    let tail = &rest[idx + marker.len()..];
+    let tail = &rest[tail_start..];
     let target = match kind {
         0 => match tail.strip_prefix("uploads") {
             Some("") | Some("/") => Target::Uploads(None),
@@ -225,7 +241,10 @@ impl AppState {
             Some(base) => base.trim_end_matches('/').to_owned(),
             None => header_str(headers, "host")
                 .filter(|h| valid_authority(h))
-                .map(|h| format!("http://{h}"))
+                .map(|h| {
+                    let scheme = if self.config.https { "https" } else { "http" };
+                    format!("{scheme}://{h}")
+                })
                 .unwrap_or_default(),
         }
     }
@@ -238,15 +257,26 @@ impl AppState {
             return Ok(Caller::anonymous());
         };
         let headers = req.headers;
-        match auth.identify(headers, &self.realm_base(headers)) {
+        if !headers.contains_key(axum::http::header::AUTHORIZATION) {
+            return Ok(Caller::anonymous());
+        }
+        // Held back before any password is checked: guessing costs time, not bcrypt.
+        let claimed = crate::audit::claimed_user(headers);
+        let addr = req.ctx.and_then(|c| c.peer()).map(|p| p.ip());
+        if let Some(locked) = auth.throttled(claimed.as_deref(), addr) {
+            let e = crate::auth::throttled_error(&locked);
+            self.credentials_throttled(req, claimed.as_deref(), locked.by, &e)
+                .await;
+            return Err(e);
+        }
+        match auth.identify(headers, &self.realm_base(headers)).await {
             Ok(caller) => {
-                if headers.contains_key(axum::http::header::AUTHORIZATION) {
-                    self.authenticated(req, &caller);
-                }
+                auth.auth_succeeded(&caller.identity);
+                self.authenticated(req, &caller);
                 Ok(caller)
             }
             Err(e) => {
-                let claimed = crate::audit::claimed_user(headers);
+                auth.auth_failed(claimed.as_deref(), addr);
                 self.credentials_refused(req, claimed.as_deref(), &e).await;
                 Err(e)
             }
@@ -478,6 +508,9 @@ async fn route(state: AppState, req: Request) -> ApiResult {
     let repo = RepoName::parse(name).map_err(registry_core::Error::from)?;
     let method = req.method().clone();
     let ctx = RequestContext::of(&req);
+    if let Some(ctx) = &ctx {
+        ctx.set_repository(&repo);
+    }
     let caller = match required_action(&target, &method) {
         Some(action) => state.authorize(ReqView::of(&req), &repo, action).await?,
         // The method is refused below whoever asks.
@@ -604,6 +637,21 @@ async fn get_blob(state: &AppState, repo: &RepoName, d: &str, req: Request) -> A
         None => None,
     };
     let head = req.method() == Method::HEAD;
+    // Whole-blob GETs only: a redirected client would have to resend `Range` itself, and
+    // a HEAD costs the store nothing worth sparing.
+    if let Some(ttl) = state
+        .config
+        .redirect_blobs
+        .filter(|_| !head && range.is_none())
+        && let Some(url) = state.registry.presigned_blob(repo, &digest, ttl).await?
+    {
+        let mut r = StatusCode::TEMPORARY_REDIRECT.into_response();
+        let h = r.headers_mut();
+        set(h, "location", &url);
+        set(h, DIGEST_HEADER, digest.as_str());
+        set(h, "content-length", "0");
+        return Ok(r);
+    }
     let (status, len, content_range, body) = if head {
         let info = state.registry.stat_blob(repo, &digest).await?;
         match range {
@@ -1088,12 +1136,24 @@ pub(crate) async fn token_form(State(state): State<AppState>, req: Request) -> A
         Some("password") => {
             let user = first(&form, "username").unwrap_or("");
             let password = first(&form, "password").unwrap_or("");
-            match auth.password_caller(user, password) {
+            let addr = RequestContext::of(&req)
+                .and_then(|c| c.peer())
+                .map(|p| p.ip());
+            if let Some(locked) = auth.throttled(Some(user), addr) {
+                let e = crate::auth::throttled_error(&locked);
+                state
+                    .credentials_throttled(ReqView::of(&req), Some(user), locked.by, &e)
+                    .await;
+                return Err(e);
+            }
+            match auth.password_caller(user, password).await {
                 Some(caller) => {
+                    auth.auth_succeeded(&caller.identity);
                     state.authenticated(ReqView::of(&req), &caller);
                     caller
                 }
                 None => {
+                    auth.auth_failed(Some(user), addr);
                     let e = ApiError::new(
                         StatusCode::UNAUTHORIZED,
                         "UNAUTHORIZED",

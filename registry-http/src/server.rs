@@ -53,6 +53,14 @@ impl Default for ServerLimits {
     }
 }
 
+/// What accepts TLS on the built-in server's connections (feature `tls`).
+#[cfg(feature = "tls")]
+pub(crate) type Tls = tokio_rustls::TlsAcceptor;
+/// Without the `tls` feature there is no TLS to accept.
+#[cfg(not(feature = "tls"))]
+#[derive(Clone)]
+pub(crate) enum Tls {}
+
 /// Open connections, oldest first, each with the means to ask it to close.
 #[derive(Default)]
 struct Connections {
@@ -97,6 +105,7 @@ pub(crate) async fn run(
     app: Router,
     limits: ServerLimits,
     metrics: Option<ConnectionMetrics>,
+    tls: Option<Tls>,
     mut shutdown: tokio::sync::oneshot::Receiver<()>,
 ) {
     let max = limits.max_connections.max(1);
@@ -161,22 +170,32 @@ pub(crate) async fn run(
                 req
             })
             .service(app);
-        let connection =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(with_peer));
-        let (connections, mut stop) = (connections.clone(), stop.clone());
+        let service = TowerToHyperService::new(with_peer);
+        let (connections, stop) = (connections.clone(), stop.clone());
         let header_timeout = limits.header_read_timeout;
         let metrics = metrics.clone();
+        let http = http.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                _ = close.notified() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-                _ = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
+            let result = match tls {
+                None => drive(&http, TokioIo::new(stream), service, &close, stop).await,
+                #[cfg(feature = "tls")]
+                Some(acceptor) => {
+                    // The handshake gets the header-read time: a client that opens a
+                    // connection and sends nothing is closed as on plain HTTP.
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            drive(&http, TokioIo::new(stream), service, &close, stop).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
                 }
             };
             if let Err(e) = result {
@@ -203,4 +222,36 @@ pub(crate) async fn run(
     let _ = stopping.send(true);
     // Every connection holds a slot until it has finished.
     let _ = slots.acquire_many(max as u32).await;
+}
+
+/// Serves one connection until it ends, is asked to close (the connection limit), or
+/// the server stops; the last two finish the request in flight first.
+async fn drive<I, S>(
+    http: &hyper::server::conn::http1::Builder,
+    io: I,
+    service: S,
+    close: &Notify,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming> + Send,
+    S::Future: Send,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = http.serve_connection(io, service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => result,
+        _ = close.notified() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+        _ = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    }
 }

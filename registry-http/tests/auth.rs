@@ -11,12 +11,16 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use registry_core::access::{Action, Grantee, Identity, PrefixRules};
 use registry_core::{Digest, ListOptions, Registry, RepoName};
-use registry_http::{Auth, HttpConfig, Scope, TokenIssuer, router};
+use registry_http::{Auth, HttpConfig, Scope, SigningKey, TokenIssuer, router};
 
 mod common;
 use common::{OCI_MANIFEST, Reply};
 
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+/// The registry's token signing key, shared by the tests that sign tokens themselves.
+fn key() -> SigningKey {
+    static KEY: std::sync::LazyLock<SigningKey> = std::sync::LazyLock::new(SigningKey::generate);
+    KEY.clone()
+}
 
 /// Refusals as these tests expect them.
 trait Refused {
@@ -66,7 +70,7 @@ fn setup() -> (Registry, Router) {
     let registry = Registry::in_memory();
     let app = router(
         registry.clone(),
-        HttpConfig::default().with_auth(auth(TokenIssuer::with_key("registry", KEY))),
+        HttpConfig::default().with_auth(auth(TokenIssuer::with_signing_key("registry", key()))),
     );
     (registry, app)
 }
@@ -121,7 +125,7 @@ async fn token(app: &Router, auth: Option<&str>, scopes: &[&str]) -> String {
 /// The scopes a token of the built-in issuer carries (its payload is readable; only
 /// its signature is secret).
 fn token_scopes(token: &str) -> Vec<String> {
-    let payload = token.split('.').next().unwrap();
+    let payload = token.split('.').nth(1).unwrap();
     let v: serde_json::Value =
         serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
     v["access"]
@@ -433,17 +437,19 @@ async fn expired_forged_and_foreign_tokens_are_refused() {
     push_image(&app, "team/app", "v1", &ci).await;
     let before = snapshot(&registry).await;
     let scope = [Scope::repository("team/app", Action::ALL)];
-    let expired = TokenIssuer::with_key("registry", KEY).issue(
+    // Expired ten minutes ago: beyond the minute of leeway for clock skew.
+    let expired = TokenIssuer::with_signing_key("registry", key()).issue_at(
         &Identity::user("ci"),
         &scope,
-        std::time::Duration::ZERO,
+        std::time::SystemTime::now() - std::time::Duration::from_secs(900),
+        std::time::Duration::from_secs(300),
     );
-    let foreign_key = TokenIssuer::with_key("registry", b"another key entirely, 32 bytes!!").issue(
+    let foreign_key = TokenIssuer::with_signing_key("registry", SigningKey::generate()).issue(
         &Identity::user("ci"),
         &scope,
         std::time::Duration::from_secs(60),
     );
-    let other_service = TokenIssuer::with_key("elsewhere", KEY).issue(
+    let other_service = TokenIssuer::with_signing_key("elsewhere", key()).issue(
         &Identity::user("ci"),
         &scope,
         std::time::Duration::from_secs(60),
@@ -455,14 +461,20 @@ async fn expired_forged_and_foreign_tokens_are_refused() {
         &["repository:team/app:pull"],
     )
     .await;
-    let (_, sig) = real.split_once('.').unwrap();
+    let mut parts = real.split('.');
+    let (header, _, sig) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+    );
     let forged_payload = URL_SAFE_NO_PAD.encode(
-        serde_json::json!({"aud":"registry","sub":"ci","exp":u64::MAX,"iat":0,
+        serde_json::json!({"iss":"registry","aud":"registry","sub":"ci","exp":u64::MAX,"iat":0,
             "access":[{"type":"repository","name":"team/app","actions":["pull","push","delete"]}]})
         .to_string(),
     );
-    let forged = format!("{forged_payload}.{sig}");
-    let unsigned = format!("{forged_payload}.");
+    let forged = format!("{header}.{forged_payload}.{sig}");
+    let none = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
+    let unsigned = format!("{none}.{forged_payload}.");
     for bad in [
         expired,
         foreign_key,
@@ -878,7 +890,7 @@ async fn basic_only_registries_challenge_with_basic() {
         get(&app, "/token", None).await.status,
         StatusCode::NOT_FOUND
     );
-    let t = TokenIssuer::with_key("registry", KEY).issue(
+    let t = TokenIssuer::with_signing_key("registry", key()).issue(
         &Identity::user("ci"),
         &[Scope::repository("x", Action::ALL)],
         std::time::Duration::from_secs(60),

@@ -21,8 +21,8 @@ use http_body_util::BodyExt;
 use registry_core::access::{Action, Grantee, PrefixRules};
 use registry_core::{Digest, GcOptions, ManualClock, MemoryStore, Registry, TagPattern, Timestamp};
 use registry_http::{
-    AuditLog, Auth, HttpConfig, Metrics, MetricsOptions, TokenIssuer, instrument_storage,
-    metrics_router,
+    AccessLog, AuditLog, Auth, HttpConfig, Metrics, MetricsOptions, TokenIssuer,
+    instrument_storage, metrics_router,
 };
 use tower::ServiceExt;
 
@@ -944,7 +944,7 @@ fn the_access_log_has_a_line_per_request_with_its_fields() {
     rt.block_on(async {
         let app = registry_http::router(
             Registry::in_memory(),
-            HttpConfig::default().with_access_log(true),
+            HttpConfig::default().with_access_log(Some(AccessLog::tracing())),
         );
         let d = Digest::sha256(b"hello");
         let r = call(
@@ -986,4 +986,63 @@ fn the_access_log_has_a_line_per_request_with_its_fields() {
     for want in ["method=GET", "status=200", "bytes_out=5", "complete=true"] {
         assert!(lines[1].contains(want), "{want} missing from {}", lines[1]);
     }
+}
+
+/// The line the router writes itself: every field, in order, one line per request;
+/// a user name that would break the `key=value` form is quoted.
+#[tokio::test]
+async fn the_access_log_written_by_the_router_is_one_logfmt_line_per_request() {
+    let out = Shared::default();
+    let auth = Auth::new(PrefixRules::new().grant(Grantee::user("ci bot"), "", Action::ALL))
+        .with_user("ci bot", "p");
+    let config = HttpConfig::default()
+        .with_auth(auth)
+        .with_access_log(Some(AccessLog::writer(out.clone())));
+    let app = registry_http::router(Registry::in_memory(), config);
+    let d = Digest::sha256(b"hello");
+    let r = call(
+        &app,
+        Method::POST,
+        &format!("/v2/some/repo/blobs/uploads/?digest={d}"),
+        &[("x-request-id", "req-1".to_owned()), basic("ci bot", "p")],
+        "hello",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = call(&app, Method::GET, "/v2/", &[], Body::empty()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let text = out.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let fields = |line: &str| -> String {
+        // The time and the timings change from run to run.
+        let (time, rest) = line.split_once("  INFO registry_http::access: ").unwrap();
+        assert!(time.ends_with('Z') && time.len() == 24, "{line}");
+        rest.split(' ')
+            .map(|kv| match kv.split_once('=') {
+                Some((k @ ("latency_ms" | "duration_ms"), v)) => {
+                    let (ms, frac) = v.split_once('.').unwrap();
+                    assert!(ms.parse::<u64>().is_ok() && frac.len() == 3, "{line}");
+                    format!("{k}=T")
+                }
+                _ => kv.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(
+        fields(lines[0]),
+        "method=POST route=/v2/{name}/blobs/uploads/ repository=some/repo status=201 \
+         bytes_in=5 bytes_out=0 latency_ms=T duration_ms=T request_id=req-1 \
+         identity=\"ci bot\" peer=192.0.2.7:40123 complete=true"
+    );
+    let second = fields(lines[1]);
+    assert!(
+        second.starts_with("method=GET route=/v2/ repository=- status=401 bytes_in=0 bytes_out="),
+        "{second}"
+    );
+    assert!(
+        second.ends_with(" identity=- peer=192.0.2.7:40123 complete=true"),
+        "{second}"
+    );
 }

@@ -185,15 +185,15 @@ impl Import<'_> {
             if !policy.is_immutable(self.repo, tag) {
                 continue;
             }
-            if let Some(current) = self.tagged(tag).await? {
-                if &current != digest {
-                    let e = Error::ImmutableTag {
-                        repo: self.repo.clone(),
-                        tag: tag.clone(),
-                        current,
-                    };
-                    return Err(LayoutError::registry(format!("tag {tag} -> {digest}"), e));
-                }
+            if let Some(current) = self.tagged(tag).await?
+                && &current != digest
+            {
+                let e = Error::ImmutableTag {
+                    repo: self.repo.clone(),
+                    tag: tag.clone(),
+                    current,
+                };
+                return Err(LayoutError::registry(format!("tag {tag} -> {digest}"), e));
             }
         }
         let mut seen_blobs = std::collections::HashSet::new();

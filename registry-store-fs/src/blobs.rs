@@ -498,16 +498,16 @@ impl FileReader {
             // socket writing the block before it.
             hasher.update(&buf);
         }
-        if self.left == 0 {
-            if let Some((hasher, digest)) = self.check.take() {
-                let actual = hasher.finish();
-                if actual != digest {
-                    tracing::error!(%digest, %actual, "stored blob does not match its digest");
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("stored blob {digest} is corrupt"),
-                    ));
-                }
+        if self.left == 0
+            && let Some((hasher, digest)) = self.check.take()
+        {
+            let actual = hasher.finish();
+            if actual != digest {
+                tracing::error!(%digest, %actual, "stored blob does not match its digest");
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("stored blob {digest} is corrupt"),
+                ));
             }
         }
         Ok((self, Bytes::from(buf)))

@@ -352,14 +352,14 @@ async fn crash_safety_under_kill_9() {
                 let Ok(line) = line else { break };
                 let parts: Vec<&str> = line.split(' ').collect();
                 // A torn last line (killed mid-write) does not parse: not acknowledged.
-                if let ["ACK", repo, tag, digest] = parts[..] {
-                    if let (Ok(repo), Ok(tag), Ok(digest)) = (
+                if let ["ACK", repo, tag, digest] = parts[..]
+                    && let (Ok(repo), Ok(tag), Ok(digest)) = (
                         RepoName::parse(repo),
                         Tag::parse(tag),
                         Digest::parse(digest),
-                    ) {
-                        acks.push(Ack { repo, tag, digest });
-                    }
+                    )
+                {
+                    acks.push(Ack { repo, tag, digest });
                 }
             }
             acks

@@ -31,7 +31,8 @@
 //! - `uploads/<id>/...`: upload sessions, so a chunked upload started through one
 //!   process can be continued through another (see [`ObjectBlobStore`]);
 //! - `meta/log/<version>`, `meta/checkpoint/<version>`: all metadata, as a log of
-//!   transactions (see [`LogKv`]).
+//!   transactions (see [`LogKv`]); `meta/trimmed`: through which version the log may
+//!   have been trimmed ([`BucketOptions::log_retention`]).
 //!
 //! ## Checking
 //! [`BucketStore::check`] verifies the store like the fs store's `check`: the metadata
@@ -68,11 +69,17 @@ use registry_core::{Error, Result};
 
 pub use blobs::ObjectBlobStore;
 pub use check::{CheckOptions, CheckReport, DEFAULT_ORPHAN_GRACE};
-pub use log_kv::LogKv;
+pub use log_kv::{Clock, LogKv, TrimReport};
 pub use object_store;
 
 /// Default number of log entries between metadata checkpoints.
 pub const DEFAULT_CHECKPOINT_INTERVAL: u64 = 1000;
+
+/// Default [`BucketOptions::replay_concurrency`].
+pub const DEFAULT_REPLAY_CONCURRENCY: usize = 32;
+
+/// Default [`BucketOptions::lease`].
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 fn os_err(e: object_store::Error) -> Error {
     Error::storage(e)
@@ -87,6 +94,24 @@ pub struct BucketOptions {
     /// Log entries between metadata checkpoints: fewer makes opening a process faster,
     /// more writes fewer (possibly large) checkpoint objects.
     pub checkpoint_interval: u64,
+    /// Log entries read at once (GETs in flight) when a process opens or catches up.
+    pub replay_concurrency: usize,
+    /// How long a process trusts that it was current without reading the trim
+    /// watermark (one GET per lease when idle, none while busy). Every process of the
+    /// bucket must use a lease of at most a third of the trimming process's
+    /// [`log_retention`](Self::log_retention); `Duration::ZERO` reads the watermark
+    /// after every check, relying on no clock at all. Default 30 s.
+    pub lease: Duration,
+    /// Delete log entries and checkpoints behind a checkpoint older than this (by the
+    /// bucket's timestamps; at least three leases): the process that writes a
+    /// checkpoint then runs a trim pass in the background. `None` (the default) keeps
+    /// everything. Turn it on only once every process of the bucket runs a version
+    /// that checks the trim watermark (this one).
+    pub log_retention: Option<Duration>,
+    /// Log entries deleted per trim pass at most (each later checkpoint continues).
+    pub trim_batch: usize,
+    /// The monotonic clock leases are measured on (tests inject one).
+    pub clock: Clock,
 }
 
 impl Default for BucketOptions {
@@ -94,6 +119,11 @@ impl Default for BucketOptions {
         BucketOptions {
             prefix: String::new(),
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            replay_concurrency: DEFAULT_REPLAY_CONCURRENCY,
+            lease: DEFAULT_LEASE,
+            log_retention: None,
+            trim_batch: 1000,
+            clock: Clock::default(),
         }
     }
 }
@@ -120,12 +150,15 @@ impl BucketStore {
         options: BucketOptions,
     ) -> Result<BucketStore> {
         let root = Path::from(options.prefix.as_str());
-        let kv = LogKv::open(
-            store.clone(),
-            &root.clone().join("meta"),
-            options.checkpoint_interval,
-        )
-        .await?;
+        let log_options = log_kv::LogOptions {
+            checkpoint_interval: options.checkpoint_interval,
+            replay_concurrency: options.replay_concurrency,
+            lease: options.lease,
+            retention: options.log_retention,
+            trim_batch: options.trim_batch,
+            clock: options.clock,
+        };
+        let kv = LogKv::open(store.clone(), &root.clone().join("meta"), log_options).await?;
         Ok(BucketStore {
             blobs: Arc::new(ObjectBlobStore::new(store, &root)),
             metadata: Arc::new(KvMetadata::new(kv)),
@@ -136,6 +169,19 @@ impl BucketStore {
     /// The metadata engine (its log version, for tools and tests).
     pub fn log(&self) -> &LogKv {
         self.metadata.engine()
+    }
+
+    /// Presigns blob GETs with `signer` (the object store's own signer, built from the
+    /// same configuration), so that [`BlobStore::presigned_get`] answers with URLs and
+    /// `registry-http` can redirect blob downloads to the bucket.
+    ///
+    /// [`BlobStore::presigned_get`]: registry_core::store::BlobStore::presigned_get
+    #[cfg(any(feature = "aws", feature = "azure", feature = "gcp"))]
+    pub fn with_signer(mut self, signer: Arc<dyn object_store::signer::Signer>) -> Self {
+        let mut blobs = (*self.blobs).clone();
+        blobs.signer = Some(signer);
+        self.blobs = Arc::new(blobs);
+        self
     }
 
     /// The storage a `Registry` is built on.
@@ -161,6 +207,22 @@ impl From<BucketStore> for Storage {
 /// `GOOGLE_SERVICE_ACCOUNT`, ...), or `memory://` (one process only). A path after the
 /// bucket is returned as the prefix to store under.
 pub fn from_url(url: &str) -> Result<(Arc<dyn ObjectStore>, String)> {
+    from_url_inner(url).map(|(store, _, prefix)| (store, prefix))
+}
+
+/// Like [`from_url`], with the store's signer for presigned URLs (see
+/// [`BucketStore::with_signer`]): `Some` for `s3://`, `az://` and `gs://`.
+#[cfg(any(feature = "aws", feature = "azure", feature = "gcp"))]
+pub fn from_url_with_signer(url: &str) -> Result<(Arc<dyn ObjectStore>, MaybeSigner, String)> {
+    from_url_inner(url)
+}
+
+#[cfg(any(feature = "aws", feature = "azure", feature = "gcp"))]
+type MaybeSigner = Option<Arc<dyn object_store::signer::Signer>>;
+#[cfg(not(any(feature = "aws", feature = "azure", feature = "gcp")))]
+type MaybeSigner = Option<std::convert::Infallible>;
+
+fn from_url_inner(url: &str) -> Result<(Arc<dyn ObjectStore>, MaybeSigner, String)> {
     let bad = |why: &str| Error::storage(format!("storage URL {url:?}: {why}"));
     let (scheme, rest) = url
         .split_once("://")
@@ -170,8 +232,8 @@ pub fn from_url(url: &str) -> Result<(Arc<dyn ObjectStore>, String)> {
     if bucket.is_empty() && scheme != "memory" {
         return Err(bad("no bucket or container name"));
     }
-    let store: Arc<dyn ObjectStore> = match scheme {
-        "memory" => Arc::new(object_store::memory::InMemory::new()),
+    let (store, signer): (Arc<dyn ObjectStore>, MaybeSigner) = match scheme {
+        "memory" => (Arc::new(object_store::memory::InMemory::new()), None),
         #[cfg(feature = "aws")]
         "s3" => {
             use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3CopyIfNotExists};
@@ -181,19 +243,22 @@ pub fn from_url(url: &str) -> Result<(Arc<dyn ObjectStore>, String)> {
             {
                 b = b.with_copy_if_not_exists(S3CopyIfNotExists::Multipart);
             }
-            Arc::new(b.build().map_err(os_err)?)
+            let s = Arc::new(b.build().map_err(os_err)?);
+            (s.clone(), Some(s))
         }
         #[cfg(feature = "azure")]
         "az" | "azure" => {
             use object_store::azure::MicrosoftAzureBuilder;
             let b = MicrosoftAzureBuilder::from_env().with_container_name(bucket);
-            Arc::new(b.build().map_err(os_err)?)
+            let s = Arc::new(b.build().map_err(os_err)?);
+            (s.clone(), Some(s))
         }
         #[cfg(feature = "gcp")]
         "gs" => {
             use object_store::gcp::GoogleCloudStorageBuilder;
             let b = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
-            Arc::new(b.build().map_err(os_err)?)
+            let s = Arc::new(b.build().map_err(os_err)?);
+            (s.clone(), Some(s))
         }
         // Reached only for the schemes whose feature is off.
         #[allow(unreachable_patterns)]
@@ -204,5 +269,5 @@ pub fn from_url(url: &str) -> Result<(Arc<dyn ObjectStore>, String)> {
         }
         _ => return Err(bad("unknown scheme (s3, az, gs, memory)")),
     };
-    Ok((store, prefix))
+    Ok((store, signer, prefix))
 }

@@ -6,5 +6,6 @@ mod common;
 emulator_tests!(
     "Azurite (Azure Blob)",
     common::create_azure_container,
-    common::azure_client
+    common::azure_client,
+    common::azure_signer
 );

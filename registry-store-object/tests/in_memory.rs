@@ -69,6 +69,38 @@ async fn check_reports_records_without_bytes() {
     common::check_reports_records_without_bytes(bucket.clone(), bucket).await;
 }
 
+/// Processes behind a trim of the metadata log reload; see
+/// `common::trim_fences_processes_behind`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trim_fences_processes_behind() {
+    let bucket: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    common::trim_fences_processes_behind(|| bucket.clone()).await;
+}
+
+/// The behaviour suite again with the log trimmed as it goes: a checkpoint every three
+/// versions, each followed by a trim pass, and no lease (every check reads the trim
+/// watermark).
+mod trimmed {
+    use super::*;
+    use registry_store_object::BucketOptions;
+
+    async fn fixture() -> Fixture {
+        let bucket = Arc::new(InMemory::new());
+        let options = BucketOptions {
+            checkpoint_interval: 3,
+            lease: std::time::Duration::ZERO,
+            log_retention: Some(std::time::Duration::ZERO),
+            ..BucketOptions::default()
+        };
+        let store = BucketStore::open_with(bucket.clone(), options)
+            .await
+            .expect("open store");
+        Fixture::new(store, bucket)
+    }
+
+    registry_core::behaviour_suite!(fixture);
+}
+
 /// Counts object-store requests by kind, to report what a push and a pull cost.
 #[derive(Debug)]
 struct Counting {

@@ -3,4 +3,9 @@
 
 mod common;
 
-emulator_tests!("moto (S3)", common::create_s3_bucket, common::s3_client);
+emulator_tests!(
+    "moto (S3)",
+    common::create_s3_bucket,
+    common::s3_client,
+    common::s3_signer
+);

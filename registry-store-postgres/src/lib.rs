@@ -38,16 +38,16 @@
 //! `docs/design.md` ("Metadata in PostgreSQL") says why this is a `KvEngine` and not a
 //! schema of its own, and what it costs.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Transaction};
+use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Pool, RecyclingMethod};
 use registry_core::kv::{KvEngine, KvMetadata, KvPair, KvRead, KvWrite, Table};
 use registry_core::{Error, Result};
 use tokio::runtime::Handle;
+use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{IsolationLevel, NoTls};
 
 mod schema;
 
@@ -142,33 +142,214 @@ impl PostgresKv {
     }
 }
 
+/// A pooled connection that is discarded, not returned to the pool, if it is dropped
+/// while a transaction may be open on it (a panic in a closure, an error between BEGIN
+/// and its end): the server rolls back when the connection closes, and the next user
+/// of the pool never continues someone else's transaction.
+struct Session {
+    client: Option<deadpool_postgres::Object>,
+    in_transaction: Cell<bool>,
+}
+
+impl Session {
+    fn new(client: deadpool_postgres::Object) -> Self {
+        Session {
+            client: Some(client),
+            in_transaction: Cell::new(false),
+        }
+    }
+
+    fn client(&self) -> &ClientWrapper {
+        self.client.as_ref().expect("the session's connection")
+    }
+
+    /// Ends the transaction with `sql` (`COMMIT` or `ROLLBACK`), waiting for the answer.
+    fn end(&self, handle: &Handle, sql: &str) -> std::result::Result<(), tokio_postgres::Error> {
+        let r = handle.block_on(self.client().batch_execute(sql));
+        if r.is_ok() {
+            self.in_transaction.set(false);
+        }
+        r
+    }
+
+    /// Ends a read transaction without waiting for the server: the ROLLBACK is sent
+    /// from a task, and the connection goes back to the pool once it is answered.
+    fn end_in_background(mut self, handle: &Handle) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        if !self.in_transaction.get() {
+            return;
+        }
+        handle.spawn(async move {
+            if client.batch_execute("ROLLBACK").await.is_err() {
+                // Unknown state: never reuse it.
+                let _ = deadpool_postgres::Object::take(client);
+            }
+        });
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take()
+            && self.in_transaction.get()
+        {
+            let _ = deadpool_postgres::Object::take(client);
+        }
+    }
+}
+
+/// A buffered put: (table, key, value).
+type Put = (i16, Vec<u8>, Vec<u8>);
+
+const BEGIN_READ: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
+const BEGIN_WRITE: &str = "BEGIN ISOLATION LEVEL SERIALIZABLE";
+
 /// Reads and writes of one transaction. The `KvRead`/`KvWrite` calls are synchronous
 /// (the metadata rules run as plain closures, as on redb); they run on a blocking
 /// thread that waits for each statement.
+///
+/// Round trips are what a transaction costs (a few hundred microseconds each on one
+/// host, milliseconds across a network), so a transaction sends as few as the closure
+/// allows, using the protocol's pipelining (requests go out before earlier answers
+/// arrive, and are answered in order):
+/// - `BEGIN` travels with the first read instead of on its own;
+/// - puts are buffered and sent with the next statement, or with `COMMIT`, since a
+///   put's only answer is success or failure; reads still see them, because the
+///   buffer goes out ahead of the read on the same connection;
+/// - a read transaction's `ROLLBACK` is sent after the answer is returned.
+///
+/// So a write closure of k reads and any number of puts costs k + 1 round trips, and
+/// a read closure of k reads costs k.
 struct Txn<'a> {
-    tx: &'a Transaction<'a>,
+    session: &'a Session,
     handle: &'a Handle,
+    /// The statement that opens the transaction.
+    begin: &'static str,
+    /// Puts not yet sent.
+    pending: RefCell<Vec<Put>>,
     /// A statement lost a serialization race: the transaction must run again.
     conflict: Cell<bool>,
 }
 
-impl Txn<'_> {
-    fn run<T>(
-        &self,
-        what: &str,
-        f: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
-    ) -> Result<T> {
-        self.handle.block_on(f).map_err(|e| {
-            if is_retryable(&e) {
-                self.conflict.set(true);
-            }
-            db_err(what, e)
-        })
+impl<'a> Txn<'a> {
+    fn new(session: &'a Session, handle: &'a Handle, begin: &'static str) -> Self {
+        Txn {
+            session,
+            handle,
+            begin,
+            pending: RefCell::new(Vec::new()),
+            conflict: Cell::new(false),
+        }
+    }
+
+    fn fail(&self, what: &str, e: tokio_postgres::Error) -> Error {
+        if is_retryable(&e) {
+            self.conflict.set(true);
+        }
+        db_err(what, e)
     }
 
     fn statement(&self, sql: &str) -> Result<tokio_postgres::Statement> {
-        self.run("prepare", self.tx.prepare_cached(sql))
+        self.handle
+            .block_on(self.session.client().prepare_cached(sql))
+            .map_err(|e| self.fail("prepare", e))
     }
+
+    /// Opens the transaction on its own round trip, if it is not open yet.
+    fn begin_now(&self) -> Result<()> {
+        if !self.session.in_transaction.get() {
+            // From the moment BEGIN is sent the session may be in a transaction: if it
+            // fails, the session is discarded rather than reused.
+            self.session.in_transaction.set(true);
+            self.handle
+                .block_on(self.session.client().batch_execute(self.begin))
+                .map_err(|e| self.fail("begin", e))?;
+        }
+        Ok(())
+    }
+
+    /// Sends the buffered puts and then the statement `f` makes, in one round trip,
+    /// with the transaction's BEGIN ahead of them if it is not open yet.
+    fn run<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
+    where
+        F: FnOnce(&'a ClientWrapper) -> Fut,
+        Fut: Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    {
+        let pending = self.pending.take();
+        if !pending.is_empty() {
+            // Writes never travel with an unanswered BEGIN: had it failed, they would
+            // run, and commit, on their own.
+            self.begin_now()?;
+        }
+        let put = match pending.is_empty() {
+            true => None,
+            false => Some(self.statement(schema::PUT)?),
+        };
+        let session: &'a Session = self.session;
+        let client = session.client();
+        let pipelined_begin = !session.in_transaction.get();
+        session.in_transaction.set(true);
+        let (began, puts, out) = self.handle.block_on(async {
+            let begin = async {
+                match pipelined_begin {
+                    true => client.batch_execute(self.begin).await,
+                    false => Ok(()),
+                }
+            };
+            let puts = send_puts(client, put.as_ref(), &pending);
+            // `join!` polls in order, so the requests go out in this order.
+            futures::join!(begin, puts, f(client))
+        });
+        began.map_err(|e| self.fail("begin", e))?;
+        for r in puts {
+            r.map_err(|e| self.fail("put", e))?;
+        }
+        out.map_err(|e| self.fail(what, e))
+    }
+
+    /// Sends the buffered puts and COMMIT in one round trip. A put that fails aborts the
+    /// transaction, and PostgreSQL then answers COMMIT with a rollback (not an error),
+    /// so the puts' answers are checked first.
+    fn commit(&self) -> Result<()> {
+        let pending = self.pending.take();
+        if pending.is_empty() && !self.session.in_transaction.get() {
+            return Ok(()); // the closure neither read nor wrote
+        }
+        self.begin_now()?;
+        let put = match pending.is_empty() {
+            true => None,
+            false => Some(self.statement(schema::PUT)?),
+        };
+        let client = self.session.client();
+        let (puts, committed) = self.handle.block_on(async {
+            let puts = send_puts(client, put.as_ref(), &pending);
+            futures::join!(puts, client.batch_execute("COMMIT"))
+        });
+        // Whatever the answers, COMMIT ended the transaction (committed or rolled back)
+        // unless the connection itself failed, in which case the session is dropped.
+        let put_error = puts.into_iter().find_map(|r| r.err());
+        if committed.is_ok() {
+            self.session.in_transaction.set(false);
+        }
+        if let Some(e) = put_error {
+            return Err(self.fail("put", e));
+        }
+        committed.map_err(|e| self.fail("commit", e))
+    }
+}
+
+/// The buffered puts, as requests pipelined on `client` (`put` is the prepared PUT).
+fn send_puts<'c>(
+    client: &'c ClientWrapper,
+    put: Option<&'c tokio_postgres::Statement>,
+    pending: &'c [Put],
+) -> impl Future<Output = Vec<std::result::Result<u64, tokio_postgres::Error>>> + 'c {
+    futures::future::join_all(pending.iter().map(move |(t, k, v)| async move {
+        let put = put.expect("prepared when there are puts");
+        client.execute(put, &[t, k, v]).await
+    }))
 }
 
 fn table_id(t: Table) -> i16 {
@@ -190,7 +371,11 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 impl KvRead for Txn<'_> {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let st = self.statement(schema::GET)?;
-        let row = self.run("get", self.tx.query_opt(&st, &[&table_id(table), &key]))?;
+        let id = table_id(table);
+        let row = self.run(
+            "get",
+            |c| async move { c.query_opt(&st, &[&id, &key]).await },
+        )?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -210,39 +395,40 @@ impl KvRead for Txn<'_> {
         };
         let end = prefix_end(prefix);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let sql = schema::scan(exclusive, end.is_some());
-        let st = self.statement(&sql)?;
+        let st = self.statement(&schema::scan(exclusive, end.is_some()))?;
         let id = table_id(table);
-        let rows = match &end {
-            Some(end) => self.run(
-                "scan",
-                self.tx.query(&st, &[&id, &lower, &end.as_slice(), &limit]),
-            )?,
-            None => self.run("scan", self.tx.query(&st, &[&id, &lower, &limit]))?,
-        };
+        let rows = self.run("scan", |c| async move {
+            match &end {
+                Some(end) => c.query(&st, &[&id, &lower, &end.as_slice(), &limit]).await,
+                None => c.query(&st, &[&id, &lower, &limit]).await,
+            }
+        })?;
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     fn count(&self, table: Table) -> Result<u64> {
         let st = self.statement(schema::COUNT)?;
-        let row = self.run("count", self.tx.query_one(&st, &[&table_id(table)]))?;
+        let id = table_id(table);
+        let row = self.run("count", |c| async move { c.query_one(&st, &[&id]).await })?;
         Ok(row.get::<_, i64>(0).max(0) as u64)
     }
 }
 
 impl KvWrite for Txn<'_> {
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
-        let st = self.statement(schema::PUT)?;
-        self.run(
-            "put",
-            self.tx.execute(&st, &[&table_id(table), &key, &value]),
-        )?;
+        self.pending
+            .get_mut()
+            .push((table_id(table), key.to_vec(), value.to_vec()));
         Ok(())
     }
 
     fn delete(&mut self, table: Table, key: &[u8]) -> Result<bool> {
         let st = self.statement(schema::DELETE)?;
-        let n = self.run("delete", self.tx.execute(&st, &[&table_id(table), &key]))?;
+        let id = table_id(table);
+        let n = self.run(
+            "delete",
+            |c| async move { c.execute(&st, &[&id, &key]).await },
+        )?;
         Ok(n > 0)
     }
 }
@@ -255,26 +441,12 @@ impl KvEngine for PostgresKv {
     {
         let client = self.client();
         async move {
-            let mut client = client.await?;
+            let session = Session::new(client.await?);
             let handle = Handle::current();
             tokio::task::spawn_blocking(move || {
-                let tx = handle
-                    .block_on(
-                        client
-                            .build_transaction()
-                            .isolation_level(IsolationLevel::RepeatableRead)
-                            .read_only(true)
-                            .start(),
-                    )
-                    .map_err(|e| db_err("begin", e))?;
-                let txn = Txn {
-                    tx: &tx,
-                    handle: &handle,
-                    conflict: Cell::new(false),
-                };
-                let out = f(&txn);
+                let out = f(&Txn::new(&session, &handle, BEGIN_READ));
                 // Nothing to keep: a read-only transaction ends either way.
-                let _ = handle.block_on(tx.rollback());
+                session.end_in_background(&handle);
                 out
             })
             .await
@@ -289,43 +461,36 @@ impl KvEngine for PostgresKv {
     {
         let client = self.client();
         async move {
-            let mut client = client.await?;
+            let session = Session::new(client.await?);
             let handle = Handle::current();
             tokio::task::spawn_blocking(move || {
                 let mut pause = Duration::from_millis(1);
                 for attempt in 1..=WRITE_ATTEMPTS {
-                    let tx = handle
-                        .block_on(
-                            client
-                                .build_transaction()
-                                .isolation_level(IsolationLevel::Serializable)
-                                .start(),
-                        )
-                        .map_err(|e| db_err("begin", e))?;
-                    let mut txn = Txn {
-                        tx: &tx,
-                        handle: &handle,
-                        conflict: Cell::new(false),
-                    };
+                    let mut txn = Txn::new(&session, &handle, BEGIN_WRITE);
                     let out = f(&mut txn);
-                    let conflict = txn.conflict.get();
                     let retry = match out {
-                        Ok(value) if !conflict => match handle.block_on(tx.commit()) {
+                        Ok(value) if !txn.conflict.get() => match txn.commit() {
                             Ok(()) => return Ok(value),
-                            Err(e) if is_retryable(&e) => true,
-                            Err(e) => return Err(db_err("commit", e)),
+                            Err(_) if txn.conflict.get() => true,
+                            Err(e) => return Err(e),
                         },
                         // The closure's own error (a refused change): roll back.
-                        Err(e) if !conflict => {
-                            let _ = handle.block_on(tx.rollback());
+                        Err(e) if !txn.conflict.get() => {
+                            if session.in_transaction.get() {
+                                session
+                                    .end(&handle, "ROLLBACK")
+                                    .map_err(|e| db_err("rollback", e))?;
+                            }
                             return Err(e);
                         }
-                        _ => {
-                            let _ = handle.block_on(tx.rollback());
-                            true
-                        }
+                        _ => true,
                     };
                     debug_assert!(retry);
+                    if session.in_transaction.get() {
+                        session
+                            .end(&handle, "ROLLBACK")
+                            .map_err(|e| db_err("rollback", e))?;
+                    }
                     tracing::debug!(attempt, "metadata transaction lost a serialization race; running it again");
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(50));

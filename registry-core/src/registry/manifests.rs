@@ -141,21 +141,35 @@ impl Registry {
                 d.digest, d.size
             ),
         };
-        for d in info.config.iter().chain(&info.layers) {
-            if d.is_external() {
-                continue;
-            }
-            if let Some(link) = meta.blob_link(repo, &d.digest).await? {
-                if link.size != d.size {
-                    return Err(mismatch("blob", d, link.size));
-                }
+        // The lookups are independent: made at once, they cost one round trip on a
+        // networked metadata store instead of one per descriptor.
+        let blobs: Vec<&Descriptor> = info
+            .config
+            .iter()
+            .chain(&info.layers)
+            .filter(|d| !d.is_external())
+            .collect();
+        let (links, children) = futures::future::try_join(
+            futures::future::try_join_all(blobs.iter().map(|d| meta.blob_link(repo, &d.digest))),
+            futures::future::try_join_all(
+                info.manifests
+                    .iter()
+                    .map(|d| meta.manifest(repo, &d.digest)),
+            ),
+        )
+        .await?;
+        for (d, link) in blobs.iter().zip(links) {
+            if let Some(link) = link
+                && link.size != d.size
+            {
+                return Err(mismatch("blob", d, link.size));
             }
         }
-        for d in &info.manifests {
-            if let Some(child) = meta.manifest(repo, &d.digest).await? {
-                if child.size != d.size {
-                    return Err(mismatch("manifest", d, child.size));
-                }
+        for (d, child) in info.manifests.iter().zip(children) {
+            if let Some(child) = child
+                && child.size != d.size
+            {
+                return Err(mismatch("manifest", d, child.size));
             }
         }
         Ok(())

@@ -662,6 +662,23 @@ impl Registry {
         })
     }
 
+    /// A presigned URL (see [`BlobStore::presigned_get`]) from which a client may fetch
+    /// the whole blob `digest` of `repo` for `ttl`, instead of streaming it through this
+    /// process; `None` if the store cannot presign. Checked like
+    /// [`get_blob`](Self::get_blob): [`Error::BlobUnknown`] unless `repo` holds the blob
+    /// (a URL is never handed out for bytes the repository does not link), and the link's
+    /// protection from collection is refreshed. The bytes are not hashed on their way
+    /// out (they do not pass here): OCI clients check digests themselves.
+    pub async fn presigned_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>> {
+        self.blob_size_in(repo, digest).await?;
+        self.inner.blobs.presigned_get(digest, ttl).await
+    }
+
     /// Removes `repo`'s link to a blob. Refused ([`Error::InUse`]) while manifests of
     /// the repository reference it.
     pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {

@@ -169,13 +169,13 @@ impl Registry {
     ) -> Result<UploadStatus> {
         self.check_writable("blob upload")?;
         let info = self.session(repo, id).await?;
-        if let Some(o) = offset {
-            if o != info.len {
-                return Err(Error::UploadOffset {
-                    expected: info.len,
-                    got: o,
-                });
-            }
+        if let Some(o) = offset
+            && o != info.len
+        {
+            return Err(Error::UploadOffset {
+                expected: info.len,
+                got: o,
+            });
         }
         let hasher = self.hashers().remove(id).filter(|h| h.len() == info.len);
         let hasher = Arc::new(Mutex::new(hasher));

@@ -163,6 +163,13 @@ impl BlobStore for HookedBlobs {
     async fn list_uploads(&self) -> Result<Vec<UploadInfo>> {
         self.inner.list_uploads().await
     }
+    async fn presigned_get(
+        &self,
+        digest: &Digest,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>> {
+        self.inner.presigned_get(digest, ttl).await
+    }
 }
 
 #[async_trait]

@@ -86,7 +86,7 @@ impl Schedule {
                 s.rng ^= s.rng >> 7;
                 s.rng ^= s.rng << 17;
                 let one_in = (s.sleep_one_in / boost).max(1);
-                let sleep = s.sleep_one_in > 0 && (s.rng >> 8) % one_in == 0;
+                let sleep = s.sleep_one_in > 0 && (s.rng >> 8).is_multiple_of(one_in);
                 let unit = Duration::from_micros(s.mean_us.max(1000));
                 let units = 1 + (s.rng >> 16) % (4 * boost.min(4));
                 let sleep = if sleep {
@@ -200,6 +200,13 @@ impl BlobStore for Blobs {
     }
     async fn list_uploads(&self) -> Result<Vec<UploadInfo>> {
         self.s.around(self.inner.list_uploads()).await
+    }
+    async fn presigned_get(
+        &self,
+        digest: &Digest,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>> {
+        self.s.around(self.inner.presigned_get(digest, ttl)).await
     }
 }
 

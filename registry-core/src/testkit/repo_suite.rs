@@ -404,7 +404,7 @@ pub async fn torn_writes_serve_nothing_partial(f: Fixture) {
         let mut all_blobs = true;
         for (i, blob) in [&image.config].into_iter().chain(&image.layers).enumerate() {
             let d = &blob.descriptor.digest;
-            let pushed = if (seed + i as u64) % 2 == 0 {
+            let pushed = if (seed + i as u64).is_multiple_of(2) {
                 faulty
                     .put_blob(
                         &repo,

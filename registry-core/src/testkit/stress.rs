@@ -301,10 +301,10 @@ async fn race_refused(
             Err(e) => counters.unexpected(format!("{kind:?}: blob upload into {repo}: {e}")),
         }
     }
-    if let Racer::Full = kind {
-        if !linked.is_empty() {
-            counters.unexpected(format!("{kind:?}: a blob upload passed a 1-byte quota"));
-        }
+    if let Racer::Full = kind
+        && !linked.is_empty()
+    {
+        counters.unexpected(format!("{kind:?}: a blob upload passed a 1-byte quota"));
     }
     meet(&put, "manifest put").await;
     counters.attempts.fetch_add(1, Ordering::Relaxed);
@@ -587,7 +587,7 @@ pub async fn run_shared(storages: Vec<Storage>, config: StressConfig) -> StressR
                     let mut guard = live.lock().await;
                     let key = guard.keys().nth(n % guard.len().max(1)).cloned();
                     // Keep about half the images alive so pulls have work to do.
-                    if guard.len() < 6 || n % 2 == 0 {
+                    if guard.len() < 6 || n.is_multiple_of(2) {
                         None
                     } else {
                         key.and_then(|k| guard.remove(&k))

@@ -157,7 +157,16 @@ pub fn create_s3_bucket(bucket: &str) {
 /// A client of bucket `bucket` on moto: a separate client per call, as separate
 /// processes would have.
 pub fn s3_client(bucket: &str) -> Arc<dyn ObjectStore> {
-    let store = AmazonS3Builder::new()
+    Arc::new(s3(bucket))
+}
+
+/// The signer of a client of bucket `bucket` on moto.
+pub fn s3_signer(bucket: &str) -> Arc<dyn object_store::signer::Signer> {
+    Arc::new(s3(bucket))
+}
+
+fn s3(bucket: &str) -> object_store::aws::AmazonS3 {
+    AmazonS3Builder::new()
         .with_endpoint(format!("http://127.0.0.1:{}", moto_port()))
         .with_bucket_name(bucket)
         .with_region("us-east-1")
@@ -166,8 +175,7 @@ pub fn s3_client(bucket: &str) -> Arc<dyn ObjectStore> {
         .with_allow_http(true)
         .with_copy_if_not_exists(S3CopyIfNotExists::Multipart)
         .build()
-        .expect("S3 client");
-    Arc::new(store)
+        .expect("S3 client")
 }
 
 fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
@@ -218,7 +226,16 @@ pub fn create_azure_container(container: &str) {
 
 /// A client of container `container` on Azurite (a separate client per call).
 pub fn azure_client(container: &str) -> Arc<dyn ObjectStore> {
-    let store = MicrosoftAzureBuilder::new()
+    Arc::new(azure(container))
+}
+
+/// The signer of a client of container `container` on Azurite.
+pub fn azure_signer(container: &str) -> Arc<dyn object_store::signer::Signer> {
+    Arc::new(azure(container))
+}
+
+fn azure(container: &str) -> object_store::azure::MicrosoftAzure {
+    MicrosoftAzureBuilder::new()
         .with_account(AZURITE_ACCOUNT)
         .with_access_key(AZURITE_KEY)
         .with_endpoint(format!(
@@ -228,8 +245,7 @@ pub fn azure_client(container: &str) -> Arc<dyn ObjectStore> {
         .with_allow_http(true)
         .with_container_name(container)
         .build()
-        .expect("Azure client");
-    Arc::new(store)
+        .expect("Azure client")
 }
 
 /// An RFC 7231 date (`Sun, 06 Nov 1994 08:49:37 GMT`), without a date crate.
@@ -262,7 +278,7 @@ fn httpdate(t: std::time::SystemTime) -> String {
 /// a bucket or container by name; `$client` makes a new client of it.
 #[macro_export]
 macro_rules! emulator_tests {
-    ($name:literal, $create:path, $client:path) => {
+    ($name:literal, $create:path, $client:path, $signer:path) => {
         async fn fixture() -> registry_core::testkit::Fixture {
             let bucket = common::unique_name();
             $create(&bucket);
@@ -317,6 +333,25 @@ macro_rules! emulator_tests {
             assert!(report.collections > 0);
             // Every push raced refused pushes of its bytes (issue 16).
             assert!(report.refused_immutable + report.refused_quota > 0 && report.lost == 0);
+        }
+
+        /// Presigned blob URLs serve the blob's bytes; see
+        /// `common::presigned_urls_serve_blobs`.
+        #[cfg(any(feature = "aws", feature = "azure", feature = "gcp"))]
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn presigned_urls_serve_blobs() {
+            let bucket = common::unique_name();
+            $create(&bucket);
+            common::presigned_urls_serve_blobs($client(&bucket), $signer(&bucket)).await;
+        }
+
+        /// Processes behind a trim of the metadata log reload; see
+        /// `common::trim_fences_processes_behind`.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn trim_fences_processes_behind() {
+            let bucket = common::unique_name();
+            $create(&bucket);
+            common::trim_fences_processes_behind(|| $client(&bucket)).await;
         }
 
         /// `check` reports records whose bytes were deleted straight from the bucket;
@@ -468,4 +503,201 @@ pub async fn check_reports_records_without_bytes(
         Err(object_store::Error::NotFound { .. })
     ));
     assert_cleans_up(&r).await;
+}
+
+/// Trimming the metadata log, with processes behind it (issue 21). `client` makes a new
+/// client of one empty bucket (a separate process each).
+///
+/// A trims (no retention, checkpoints every 5 versions). B, with a 60 s lease on a clock
+/// the test moves, and C, with no lease (it checks the trim watermark every time), are
+/// left behind at version 3 while A commits through version 12 and trims through the
+/// checkpoint at 10. The trimmed entries and the older checkpoints are gone. B, paused
+/// for longer than its lease, reads every write (no stale read); C commits from its
+/// stale version, where a create of entry 4 would succeed in trimmed history: it
+/// checks the watermark first, reloads, and its write lands after entry 12, seen by
+/// all three, with no write lost (no fork) and nothing left below the watermark.
+pub async fn trim_fences_processes_behind(client: impl Fn() -> Arc<dyn ObjectStore>) {
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+    use object_store::path::Path;
+    use registry_core::kv::{KvEngine, Table};
+    use registry_store_object::{BucketOptions, BucketStore, Clock};
+
+    let offset = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    let base = Instant::now();
+    let moved = offset.clone();
+    let clock = Clock::new(move || base + *moved.lock().unwrap());
+    let options = |lease: Duration, retention: Option<Duration>, clock: Clock| BucketOptions {
+        checkpoint_interval: 5,
+        lease,
+        log_retention: retention,
+        clock,
+        ..BucketOptions::default()
+    };
+    let a = BucketStore::open_with(
+        client(),
+        options(Duration::ZERO, Some(Duration::ZERO), Clock::default()),
+    )
+    .await
+    .expect("open A");
+    let b = BucketStore::open_with(client(), options(Duration::from_secs(60), None, clock))
+        .await
+        .expect("open B");
+    let c = BucketStore::open_with(client(), options(Duration::ZERO, None, Clock::default()))
+        .await
+        .expect("open C");
+    async fn put(s: &BucketStore, i: u8) -> registry_core::Result<()> {
+        s.log()
+            .write(move |t| t.put(Table::Tags, &[i], b"committed"))
+            .await
+    }
+    async fn keys(s: &BucketStore) -> registry_core::Result<Vec<u8>> {
+        s.log()
+            .read(|r| {
+                let all = r.scan(Table::Tags, &[], None, 1000)?;
+                Ok(all.into_iter().map(|(k, _)| k[0]).collect::<Vec<u8>>())
+            })
+            .await
+    }
+    for i in 1..=3 {
+        put(&a, i).await.expect("write");
+    }
+    assert_eq!(keys(&b).await.expect("read B"), [1, 2, 3]);
+    assert_eq!(keys(&c).await.expect("read C"), [1, 2, 3]);
+
+    for i in 4..=10 {
+        put(&a, i).await.expect("write");
+    }
+    // The checkpoint at 10 is written in the background; nothing moves until it is.
+    let store = client();
+    let checkpoint = Path::from(format!("meta/checkpoint/{:020}", 10));
+    for _ in 0..3000 {
+        if store.head(&checkpoint).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = a.log().trim().await.expect("trim");
+    assert_eq!(report.watermark, 10, "{report:?}");
+    for i in 11..=12 {
+        put(&a, i).await.expect("write");
+    }
+    let listed = |dir: &'static str| {
+        let store = store.clone();
+        async move {
+            let mut v: Vec<u64> = store
+                .list(Some(&Path::from(format!("meta/{dir}"))))
+                .map_ok(|m| m.location.filename().unwrap().parse::<u64>().unwrap())
+                .try_collect()
+                .await
+                .expect("list");
+            v.sort();
+            v
+        }
+    };
+    assert_eq!(listed("log").await, [11, 12], "trimmed entries are gone");
+    assert_eq!(
+        listed("checkpoint").await,
+        [10],
+        "older checkpoints are gone"
+    );
+
+    // B was paused for longer than its lease: it must not take the trimmed entry 4's
+    // absence for the end of the log.
+    *offset.lock().unwrap() += Duration::from_secs(61);
+    let all: Vec<u8> = (1..=12).collect();
+    assert_eq!(keys(&b).await.expect("read B"), all, "B read stale state");
+    assert_eq!(b.log().version(), 12);
+
+    // C commits from version 3, where its create of entry 4 would succeed.
+    put(&c, 100).await.expect("C's write");
+    let mut with_c = all.clone();
+    with_c.push(100);
+    for (name, s) in [("A", &a), ("B", &b), ("C", &c)] {
+        assert_eq!(keys(s).await.expect("read"), with_c, "{name}");
+        assert_eq!(s.log().version(), 13, "{name}");
+    }
+    assert_eq!(
+        listed("log").await,
+        [11, 12, 13],
+        "nothing written below the watermark"
+    );
+}
+
+/// A plain `GET` of `url` (`http://127.0.0.1:PORT/...`, as presigned URLs of the
+/// emulators are): the status and the body.
+pub fn http_get(url: &str) -> (u16, Vec<u8>) {
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut s = TcpStream::connect(host).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).expect("send");
+    let mut response = Vec::new();
+    s.read_to_end(&mut response).expect("receive");
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a header block");
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {head}"));
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "chunked responses are not parsed here: {head}"
+    );
+    (status, response[split + 4..].to_vec())
+}
+
+/// A blob pushed through a registry on `bucket` gets a presigned URL (with `signer`)
+/// that serves exactly its bytes to a client without credentials; a repository that
+/// does not hold the blob gets no URL; and without a signer the store presigns nothing.
+#[cfg(any(feature = "aws", feature = "azure", feature = "gcp"))]
+pub async fn presigned_urls_serve_blobs(
+    bucket: Arc<dyn ObjectStore>,
+    signer: Arc<dyn object_store::signer::Signer>,
+) {
+    use registry_core::Digest;
+    use registry_core::testkit::{push_blob, repo};
+    use registry_store_object::BucketStore;
+
+    let plain = BucketStore::open(bucket).await.expect("open");
+    let signed = plain.clone().with_signer(signer);
+    let r = registry_core::Registry::builder(signed).build();
+    let app = repo("presign/app");
+    let data = b"presigned bytes".repeat(1000);
+    push_blob(&r, &app, &data).await;
+    let digest = Digest::sha256(&data);
+    let ttl = Duration::from_secs(300);
+    let url = r
+        .presigned_blob(&app, &digest, ttl)
+        .await
+        .expect("presign")
+        .expect("a URL");
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(&url))
+        .await
+        .expect("GET");
+    assert_eq!(status, 200);
+    assert!(body == data, "the presigned URL served other bytes");
+
+    // Not linked to the repository: refused before any URL is made.
+    let other = repo("presign/other");
+    assert!(matches!(
+        r.presigned_blob(&other, &digest, ttl).await,
+        Err(registry_core::Error::BlobUnknown { .. })
+    ));
+    let unknown = Digest::sha256(b"never pushed");
+    let url = registry_core::store::BlobStore::presigned_get(
+        &*plain.clone().into_storage().blobs,
+        &unknown,
+        ttl,
+    )
+    .await
+    .expect("presign");
+    assert_eq!(url, None, "a store without a signer presigns nothing");
 }
