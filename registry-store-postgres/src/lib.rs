@@ -476,10 +476,11 @@ impl KvEngine for PostgresKv {
                         },
                         // The closure's own error (a refused change): roll back.
                         Err(e) if !txn.conflict.get() => {
+                            // A rollback that fails (the connection is gone) leaves
+                            // the session marked, so it is discarded; the closure's
+                            // error is still the answer.
                             if session.in_transaction.get() {
-                                session
-                                    .end(&handle, "ROLLBACK")
-                                    .map_err(|e| db_err("rollback", e))?;
+                                let _ = session.end(&handle, "ROLLBACK");
                             }
                             return Err(e);
                         }
