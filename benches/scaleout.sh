@@ -64,19 +64,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-wait_port() {
-    local i
-    for ((i = 0; i < 300; i++)); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "$2 did not start on port $1" >&2
-    cat "$3" >&2
-    exit 2
-}
+# free_port, wait_port, init_postgres, start_postgres, create_database
+source "$ROOT/scripts/e2e/lib.sh"
 
 # start_bucket: a fresh emulator for one setup (they slow down as they fill, so no
 # setup inherits another's objects); sets BUCKET_URL and BUCKET_PID.
@@ -122,21 +111,9 @@ stop_bucket() {
 }
 BUCKET_PID=
 
-PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
-PG_PORT=$(free_port)
-mkdir -p "$WORK/pg"
-as_pg=()
-if [ "$(id -u)" = 0 ]; then
-    chmod o+x "$WORK"
-    chown postgres:postgres "$WORK/pg"
-    as_pg=(setpriv --reuid=postgres --regid=postgres --init-groups)
-fi
-"${as_pg[@]}" "$PG_BIN/initdb" -D "$WORK/pg/data" -U registry --auth=trust >"$WORK/initdb.log" 2>&1
-"${as_pg[@]}" "$PG_BIN/postgres" -D "$WORK/pg/data" -p "$PG_PORT" -k "$WORK/pg" \
-    -c listen_addresses=127.0.0.1 >"$WORK/postgres.log" 2>&1 &
-PIDS+=($!)
-wait_port "$PG_PORT" postgres "$WORK/postgres.log"
-sleep 0.5
+init_postgres "$WORK"
+start_postgres
+PIDS+=("$PG_PID")
 
 N=0
 # run_setup NAME PROCESSES STORAGE [FLAGS...]: one round of one setup; one JSON line
@@ -154,7 +131,7 @@ run_setup() {
     fs) flags+=(--data-dir "$WORK/fs$N") ;;
     esac
     if [ "${flags[0]:-}" = pg ]; then
-        psql -h 127.0.0.1 -p "$PG_PORT" -U registry -d postgres -qc "CREATE DATABASE run$N" >/dev/null
+        create_database "run$N"
         flags=(--metadata "postgres://registry@127.0.0.1:$PG_PORT/run$N")
     fi
     local urls=()
@@ -217,7 +194,7 @@ done
 # manifests stored, PostgreSQL (this cluster) against the bucket log and fs.
 if [ "${STARTUP_MANIFESTS:-100000}" != 0 ]; then
     log "startup at ${STARTUP_MANIFESTS:-100000} manifests"
-    psql -h 127.0.0.1 -p "$PG_PORT" -U registry -d postgres -qc "CREATE DATABASE startup" >/dev/null
+    create_database startup
     STARTUP_PG_URL=postgres://registry@127.0.0.1:$PG_PORT/startup \
         cargo bench --locked -p registry-benches --bench metadata_startup | tee "$OUT/startup.md"
 fi

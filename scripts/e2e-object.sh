@@ -42,20 +42,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_port() { # wait_port PORT NAME LOG
-    local i
-    for ((i = 0; i < 300; i++)); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "$2 did not start on port $1:" >&2
-    cat "$3" >&2
-    exit 2
-}
+# free_port, wait_port, init_postgres, start_postgres, create_database
+source "$ROOT/scripts/e2e/lib.sh"
 
 if [ -z "${SERVE:-}" ]; then
     echo "building the serve example (release): cargo build --release --example serve"
@@ -75,27 +63,11 @@ PIDS+=($!)
 wait_port "$MOTO_PORT" moto "$WORK/moto.log"
 wait_port "$AZ_PORT" azurite "$WORK/azurite.log"
 
-# PostgreSQL (Debian's package): a cluster in the work dir; as root it runs as the
-# `postgres` user (PostgreSQL refuses root; setpriv execs, so the PID is the server's).
-PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
-PG_PORT=$(free_port)
-mkdir -p "$WORK/pg"
-as_pg=()
-if [ "$(id -u)" = 0 ]; then
-    chmod o+x "$WORK" # mktemp's 0700 would keep the postgres user out of its own dir
-    chown postgres:postgres "$WORK/pg"
-    as_pg=(setpriv --reuid=postgres --regid=postgres --init-groups)
-fi
-"${as_pg[@]}" "$PG_BIN/initdb" -D "$WORK/pg/data" -U registry --auth=trust --no-sync >"$WORK/initdb.log" 2>&1 ||
-    { echo "initdb failed:" >&2; cat "$WORK/initdb.log" >&2; exit 2; }
-"${as_pg[@]}" "$PG_BIN/postgres" -D "$WORK/pg/data" -p "$PG_PORT" -k "$WORK/pg" \
-    -c listen_addresses=127.0.0.1 >"$WORK/postgres.log" 2>&1 &
-PIDS+=($!)
-wait_port "$PG_PORT" postgres "$WORK/postgres.log"
-for ((i = 0; i < 100; i++)); do
-    psql -h 127.0.0.1 -p "$PG_PORT" -U registry -d postgres -qc "CREATE DATABASE e2e" 2>/dev/null && break
-    sleep 0.1
-done
+# PostgreSQL (Debian's package): a cluster in the work dir.
+init_postgres "$WORK"
+start_postgres
+PIDS+=("$PG_PID")
+create_database e2e
 
 AZ_KEY='Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=='
 curl -sf -X PUT "http://127.0.0.1:$MOTO_PORT/e2e" >/dev/null || { echo "creating the S3 bucket failed" >&2; exit 2; }

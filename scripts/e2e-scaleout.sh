@@ -39,20 +39,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_port() { # wait_port PORT NAME LOG
-    local i
-    for ((i = 0; i < 300; i++)); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "$2 did not start on port $1:" >&2
-    cat "$3" >&2
-    exit 2
-}
+# free_port, wait_port, init_postgres, start_postgres, create_database
+source "$ROOT/scripts/e2e/lib.sh"
 
 if [ -z "${SERVE:-}" ]; then
     echo "building the serve example (release): cargo build --release --example serve"
@@ -71,30 +59,10 @@ export AWS_ENDPOINT=http://127.0.0.1:$MOTO_PORT AWS_ALLOW_HTTP=true AWS_REGION=u
     AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test
 
 # Debian's PostgreSQL, a cluster in the work dir, with its default durability (every
-# commit flushed): the crash below must not lose an acknowledged change. As root it
-# runs as the `postgres` user (setpriv execs, so the PID is the server's).
-PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
-PG_PORT=$(free_port)
-mkdir -p "$WORK/pg"
-as_pg=()
-if [ "$(id -u)" = 0 ]; then
-    chmod o+x "$WORK"
-    chown postgres:postgres "$WORK/pg"
-    as_pg=(setpriv --reuid=postgres --regid=postgres --init-groups)
-fi
-"${as_pg[@]}" "$PG_BIN/initdb" -D "$WORK/pg/data" -U registry --auth=trust >"$WORK/initdb.log" 2>&1 ||
-    { echo "initdb failed:" >&2; cat "$WORK/initdb.log" >&2; exit 2; }
-start_pg() {
-    "${as_pg[@]}" "$PG_BIN/postgres" -D "$WORK/pg/data" -p "$PG_PORT" -k "$WORK/pg" \
-        -c listen_addresses=127.0.0.1 >>"$WORK/postgres.log" 2>&1 &
-    PG_PID=$!
-    wait_port "$PG_PORT" postgres "$WORK/postgres.log"
-}
-start_pg
-for ((i = 0; i < 100; i++)); do
-    psql -h 127.0.0.1 -p "$PG_PORT" -U registry -d postgres -qc "CREATE DATABASE scale" 2>/dev/null && break
-    sleep 0.1
-done
+# commit flushed): the crash below must not lose an acknowledged change.
+init_postgres "$WORK"
+start_postgres
+create_database scale
 METADATA=postgres://registry@127.0.0.1:$PG_PORT/scale
 
 # ---------------------------------------------------------------- three processes
@@ -145,7 +113,7 @@ for ((i = 0; i < 6; i++)); do
     sleep 0.5
 done
 sleep 1
-start_pg
+start_postgres
 echo "# t=23s: PostgreSQL restarted (crash recovery)"
 wait "$DRIVER"
 DRIVER_RC=$?

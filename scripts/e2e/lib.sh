@@ -1,0 +1,59 @@
+# Shared by the e2e scripts and benches/scaleout.sh (sourced, not run): loopback
+# ports and a throwaway PostgreSQL cluster. Everything listens on 127.0.0.1.
+
+# free_port: a free loopback port.
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# wait_port PORT NAME LOG: waits up to 30 s for PORT to accept; else prints LOG, exits 2.
+wait_port() {
+    local i
+    for ((i = 0; i < 300; i++)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "$2 did not start on port $1:" >&2
+    cat "$3" >&2
+    exit 2
+}
+
+# init_postgres DIR: a new cluster (Debian's newest installed PostgreSQL, user
+# `registry`, trust authentication on loopback, default durability) in DIR/pg; sets
+# PG_PORT. As root the server runs as the `postgres` user, since PostgreSQL refuses
+# root (DIR must then be searchable by it).
+init_postgres() {
+    PG_DIR=$1/pg
+    PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+    PG_PORT=$(free_port)
+    mkdir -p "$PG_DIR"
+    AS_PG=()
+    if [ "$(id -u)" = 0 ]; then
+        chmod o+x "$1"
+        chown postgres:postgres "$PG_DIR"
+        AS_PG=(setpriv --reuid=postgres --regid=postgres --init-groups)
+    fi
+    "${AS_PG[@]}" "$PG_BIN/initdb" -D "$PG_DIR/data" -U registry --auth=trust >"$PG_DIR/../initdb.log" 2>&1 ||
+        { echo "initdb failed:" >&2; cat "$PG_DIR/../initdb.log" >&2; exit 2; }
+}
+
+# start_postgres: starts (or restarts) the cluster of init_postgres; sets PG_PID (setpriv
+# execs, so it is the server's own PID: stop it with SIGQUIT for a crash, SIGTERM for a
+# clean stop).
+start_postgres() {
+    "${AS_PG[@]}" "$PG_BIN/postgres" -D "$PG_DIR/data" -p "$PG_PORT" -k "$PG_DIR" \
+        -c listen_addresses=127.0.0.1 >>"$PG_DIR/../postgres.log" 2>&1 &
+    PG_PID=$!
+    wait_port "$PG_PORT" postgres "$PG_DIR/../postgres.log"
+}
+
+# create_database NAME: waits for logins (the port opens a moment before), creates NAME.
+create_database() {
+    local i
+    for ((i = 0; i < 100; i++)); do
+        psql -h 127.0.0.1 -p "$PG_PORT" -U registry -d postgres -qc "CREATE DATABASE $1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "cannot create database $1 on port $PG_PORT" >&2
+    exit 2
+}
