@@ -7,12 +7,13 @@
 //!
 //! `benches/scaleout.sh` runs it with a PostgreSQL it starts; without STARTUP_PG_URL
 //! the PostgreSQL row is left out (said in the output). Environment: STARTUP_MANIFESTS
-//! (default 100000), STARTUP_REPOS (default 100).
+//! (default 100000), STARTUP_REPOS (default 100), STARTUP_CONCURRENCY (default 16).
 //!
 //! Each store is filled through the `Registry` API (one image per repository, then
-//! manifests that differ by an annotation, each with its own tag, STARTUP_CONCURRENCY (default 16) at a time), then a
-//! second store value is opened on the same data as a new process would, and the time
-//! to open it plus one manifest GET by tag is measured (three times; the median). The
+//! manifests that differ by an annotation, each with its own tag, STARTUP_CONCURRENCY
+//! at a time), then a second store value is opened on the same data as a new process
+//! would, and the time to open it plus one manifest GET by tag is measured (three
+//! times; the median). The
 //! bucket log runs on object_store's in-memory store, so its figure is the replay's CPU
 //! and memory cost without network latency: on real S3 every object read adds a round
 //! trip; and the bucket log holds all metadata in the memory of every process (the
