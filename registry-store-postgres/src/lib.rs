@@ -395,7 +395,7 @@ impl KvRead for Txn<'_> {
         };
         let end = prefix_end(prefix);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let st = self.statement(&schema::scan(exclusive, end.is_some()))?;
+        let st = self.statement(schema::scan(exclusive, end.is_some()))?;
         let id = table_id(table);
         let rows = self.run("scan", |c| async move {
             match &end {

@@ -25,16 +25,20 @@ pub(crate) const PUT: &str = "INSERT INTO registry_kv (t, k, v) VALUES ($1, $2, 
 pub(crate) const DELETE: &str = "DELETE FROM registry_kv WHERE t = $1 AND k = $2";
 
 /// A range scan in key order: keys from `$2` (inclusive, or exclusive when `exclusive`),
-/// below `$3` when `bounded`, at most the last parameter.
-pub(crate) fn scan(exclusive: bool, bounded: bool) -> String {
-    let lower = if exclusive { ">" } else { ">=" };
-    match bounded {
-        true => format!(
-            "SELECT k, v FROM registry_kv WHERE t = $1 AND k {lower} $2 AND k < $3 ORDER BY k LIMIT $4"
-        ),
-        false => format!(
-            "SELECT k, v FROM registry_kv WHERE t = $1 AND k {lower} $2 ORDER BY k LIMIT $3"
-        ),
+/// below `$3` when `bounded`, at most the last parameter. Four fixed texts, so a scan
+/// builds no string (the prepared-statement cache is keyed by the text).
+pub(crate) fn scan(exclusive: bool, bounded: bool) -> &'static str {
+    match (exclusive, bounded) {
+        (false, true) => {
+            "SELECT k, v FROM registry_kv WHERE t = $1 AND k >= $2 AND k < $3 ORDER BY k LIMIT $4"
+        }
+        (true, true) => {
+            "SELECT k, v FROM registry_kv WHERE t = $1 AND k > $2 AND k < $3 ORDER BY k LIMIT $4"
+        }
+        (false, false) => {
+            "SELECT k, v FROM registry_kv WHERE t = $1 AND k >= $2 ORDER BY k LIMIT $3"
+        }
+        (true, false) => "SELECT k, v FROM registry_kv WHERE t = $1 AND k > $2 ORDER BY k LIMIT $3",
     }
 }
 
