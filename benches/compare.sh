@@ -9,7 +9,9 @@
 # Environment: ROUNDS (rounds per server, default 3, QUICK 2), SERVERS ("ours dist",
 # or one of them; "ours base dist" with BASE_SERVE=PATH also runs our serve built from
 # another commit, for a before/after table), OURS_STORAGE (fs|memory, default fs), OURS_ARGS (extra flags for
-# our serve, e.g. --no-verify-reads), OUT (default target/bench), BIG=1 (add a 4 GiB
+# our serve, e.g. --no-verify-reads), BASE_ARGS (flags for base, default OURS_ARGS:
+# BASE_SERVE=the same binary with other flags compares two settings), ONLY (a regex:
+# only the workloads whose name matches), OUT (default target/bench), BIG=1 (add a 4 GiB
 # push and pull), FLAT=1 (only the store-growth workloads; with FLAT_TARGET,
 # FLAT_FILL_SECONDS, FLAT_PUTS, FLAT_GETS).
 # Each round starts a fresh server with a fresh temp data dir on 127.0.0.1, records
@@ -39,6 +41,7 @@ SERVERS=${SERVERS:-ours dist}
 OURS_STORAGE=${OURS_STORAGE:-fs}
 # Extra flags for our serve example, split on spaces (e.g. --no-verify-reads).
 read -r -a OURS_ARGS <<<"${OURS_ARGS:-}"
+read -r -a BASE_ARGS <<<"${BASE_ARGS-${OURS_ARGS[*]}}"
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=${OUT:-$TARGET_DIR/bench}
 LOAD=$TARGET_DIR/release/load
@@ -104,6 +107,14 @@ if [ "${BIG:-0}" = 1 ]; then
         "pull-4g|--workload pull --size 4G --count 1 --concurrency 1 --seed 41 --repo bench/big"
         "${WORKLOADS[@]}"
     )
+fi
+if [ -n "${ONLY:-}" ]; then
+    selected=()
+    for spec in "${WORKLOADS[@]}"; do
+        [[ "${spec%%|*}" =~ $ONLY ]] && selected+=("$spec")
+    done
+    WORKLOADS=("${selected[@]}")
+    [ "${#WORKLOADS[@]}" -gt 0 ] || { echo "ONLY=$ONLY matches no workload" >&2; exit 2; }
 fi
 # Every load invocation is bounded in time: no new operation after 240 s, and one
 # request (with its body) gives up after 300 s.
@@ -196,9 +207,9 @@ EOF
             cmd=("$SERVE" --addr "127.0.0.1:$PORT" --data-dir "$WORK/data" --storage "$OURS_STORAGE" "${OURS_ARGS[@]}")
             ;;
         base)
-            # Our serve built from another commit (BASE_SERVE), with the same flags: a
-            # before/after comparison of a change in one run.
-            cmd=("$BASE_SERVE" --addr "127.0.0.1:$PORT" --data-dir "$WORK/data" --storage "$OURS_STORAGE" "${OURS_ARGS[@]}")
+            # Our serve built from another commit (BASE_SERVE), with BASE_ARGS (default: the
+            # same flags): a before/after comparison of a change in one run.
+            cmd=("$BASE_SERVE" --addr "127.0.0.1:$PORT" --data-dir "$WORK/data" --storage "$OURS_STORAGE" "${BASE_ARGS[@]}")
             ;;
         *) log "unknown server $kind"; return 1 ;;
     esac

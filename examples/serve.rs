@@ -8,7 +8,8 @@
 //! `--auth-rules FILE`, `--anonymous-read`, the `--token-*` flags, `--auth-max-failures
 //! N`, `--auth-max-failures-per-address N`, `--auth-lockout DURATION`, `--tls-cert FILE
 //! --tls-key FILE`, `--metrics-addr HOST:PORT`, `--no-access-log`, `--access-log FILE`, `--audit-log FILE`,
-//! `--audit-log-fsync`. Logs go through
+//! `--audit-log-fsync`, `--notify URL[,OPTION...]` (repeatable), `--notify-secret-file
+//! FILE`, `--notify-retention DURATION`, `--notify-poll DURATION`. Logs go through
 //! `tracing` (`RUST_LOG=debug` for more, or per target: `RUST_LOG=registry_http=debug,info`);
 //! credentials are never logged. On start it prints the URL, where the data is and how
 //! to stop; a failure (port in use, data directory not writable, object storage not
@@ -282,6 +283,25 @@ struct Args {
     /// change; without it, a line survives a crash of serve but not of the machine).
     #[arg(long, global = true, requires = "audit_log")]
     audit_log_fsync: bool,
+    /// POST every change to this webhook, at least once, in order, from the storage's
+    /// outbox (several serve processes on one storage share one cursor per URL):
+    /// `URL[,prefix=REPO_PREFIX][,actions=push+delete+mount][,media=MEDIA_TYPE]
+    /// [,format=distribution|distribution-v2|cloudevents|cloudevents-batch][,batch=N]
+    /// [,timeout=DURATION]` (repeatable; options repeatable).
+    #[arg(long = "notify", value_name = "URL[,OPTION...]", value_parser = registry_http::notify::Endpoint::parse)]
+    notify: Vec<registry_http::notify::Endpoint>,
+    /// Sign webhook requests with the secret in FILE (`X-Registry-Signature: sha256=HEX`,
+    /// HMAC-SHA256 of the body).
+    #[arg(long, value_name = "FILE", requires = "notify")]
+    notify_secret_file: Option<PathBuf>,
+    /// Keep outbox events this long once every webhook has them (default 24h; the
+    /// collector and the webhook processes trim).
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
+    notify_retention: Option<Duration>,
+    /// How often to look for other processes' changes to deliver (this process's own
+    /// wake delivery at once).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    notify_poll: Duration,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -417,6 +437,10 @@ fn with_policies(
     }
     for SparsePrefix(prefix) in &args.allow_sparse {
         builder = builder.with_sparse_manifests(prefix.clone());
+    }
+    if let Some(retention) = args.notify_retention {
+        let max_events = registry_core::RegistryConfig::default().max_events;
+        builder = builder.with_event_retention(retention, max_events);
     }
     builder
 }
@@ -1156,6 +1180,11 @@ async fn run(args: &Args) -> Result<(), String> {
         _ => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let notifier = start_notifier(args, &registry, scheme, addr)?;
+    if let (Some(notifier), Some(metrics)) = (&notifier, &metrics) {
+        let collector = notifier.collector();
+        metrics.register_encoder(Box::new(move |e| collector.encode_to(e)));
+    }
     let server = match tls {
         Some(tls) => registry_http::serve_tls_on(listener, registry, config, tls).await,
         None => registry_http::serve_on(listener, registry, config).await,
@@ -1174,6 +1203,9 @@ async fn run(args: &Args) -> Result<(), String> {
     if let Some(path) = &args.audit_log {
         println!("audit log: {}", shown(path));
     }
+    for endpoint in &args.notify {
+        println!("webhook: {} ({})", endpoint.url(), endpoint.format.as_str());
+    }
     println!("Ctrl-C to stop");
     tracing::info!(%addr, "registry ready");
     shutdown_signal().await;
@@ -1183,7 +1215,46 @@ async fn run(args: &Args) -> Result<(), String> {
     if let Some(m) = metrics_server {
         m.shutdown().await;
     }
+    if let Some(n) = notifier {
+        n.shutdown().await;
+    }
     Ok(())
+}
+
+/// The webhook deliveries of `--notify`, if any.
+fn start_notifier(
+    args: &Args,
+    registry: &Registry,
+    scheme: &str,
+    addr: SocketAddr,
+) -> Result<Option<registry_http::Notifier>, String> {
+    if args.notify.is_empty() {
+        return Ok(None);
+    }
+    let secret = match &args.notify_secret_file {
+        Some(path) => Some(registry_http::notify::Secret::from_file(path).map_err(|e| {
+            format!(
+                "cannot read the webhook secret {}: {e}
+  pass a readable, non-empty file with --notify-secret-file FILE",
+                shown(path)
+            )
+        })?),
+        None => None,
+    };
+    let base_url = args
+        .base_url
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{addr}"));
+    let mut config = registry_http::NotifyConfig::default()
+        .with_poll(args.notify_poll)
+        .with_source(addr.to_string(), base_url);
+    for endpoint in &args.notify {
+        config = config.with_endpoint(endpoint.clone().with_secret(secret.clone()));
+    }
+    Ok(Some(registry_http::Notifier::start(
+        registry.clone(),
+        config,
+    )))
 }
 
 /// The audit log of `--audit-log`, if any.

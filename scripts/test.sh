@@ -22,7 +22,9 @@
 #                         Prometheus and the logs (scripts/e2e-metrics.sh), token
 #                         servers, Distribution trusting ours, htpasswd, throttling
 #                         and TLS (scripts/e2e-auth.sh), three processes on PostgreSQL
-#                         through a kill -9 and a database crash (scripts/e2e-scaleout.sh)
+#                         through a kill -9 and a database crash (scripts/e2e-scaleout.sh),
+#                         webhooks to a real receiver through a kill -9, the receiver
+#                         down and two processes on one bucket (scripts/e2e-notify.sh)
 #   fuzz                  every cargo-fuzz target for FUZZ_SECONDS (default 25) each
 #
 # It keeps going after a failure (a failed build skips only the steps that need it),
@@ -71,7 +73,7 @@ PASSED=0
 FAILED=0
 SUITE_START=$SECONDS
 STEP_NO=0
-STEP_COUNT=18
+STEP_COUNT=19
 
 fmt_time() { printf '%d:%02d' $(($1 / 60)) $(($1 % 60)); }
 
@@ -211,6 +213,21 @@ build_serve() {
 echo "scripts/test.sh: $STEP_COUNT steps, logs in ${LOGS#"$ROOT"/}/"
 [ -z "$CI_BUILD" ] || echo "CI=$CI: building with $CI_BUILD"
 
+# Free disk, printed because a full disk fails the build in confusing ways (a linker's
+# bus error, "database or disk is full" from cargo's cache). A clean run writes about
+# 5 GiB under target/ (CI profile; more with full debug info), 2 GiB under fuzz/target
+# and 0.5 GiB of test dependencies; runs on a shared disk have failed for lack of it.
+disk_report() {
+    local avail
+    avail=$(df -Pk "$TARGET_DIR" 2>/dev/null | awk 'NR == 2 { print int($4 / 1048576) }')
+    echo "disk: ${avail:-?} GiB free where $TARGET_DIR is; target/ holds $(du -sh "$TARGET_DIR" 2>/dev/null | cut -f1)"
+    if [ -n "$avail" ] && [ "$avail" -lt 10 ]; then
+        echo "warning: under 10 GiB free; the builds below need about 8 GiB" >&2
+    fi
+}
+mkdir -p "$TARGET_DIR"
+disk_report
+
 deps_ok=1
 step "test dependencies (scripts/install-test-deps.sh)" install_deps || deps_ok=0
 
@@ -242,6 +259,7 @@ if ((!deps_ok)); then
     skip "e2e: metrics scraped by Prometheus (scripts/e2e-metrics.sh)" "test dependencies missing"
     skip "e2e: authentication (scripts/e2e-auth.sh)" "test dependencies missing"
     skip "e2e: three processes on PostgreSQL under crashes (scripts/e2e-scaleout.sh)" "test dependencies missing"
+    skip "e2e: webhooks (scripts/e2e-notify.sh)" "test dependencies missing"
 elif step "build serve (release) for the e2e steps" build_serve; then
     counted_step "e2e: real clients against serve (scripts/e2e-clients.sh)" "$LOGS/e2e-clients.counts" \
         env SERVE="$SERVE_BIN" E2E_COUNTS="$LOGS/e2e-clients.counts" scripts/e2e-clients.sh
@@ -257,12 +275,16 @@ elif step "build serve (release) for the e2e steps" build_serve; then
     counted_step "e2e: three serve processes on one PostgreSQL and one bucket, through a kill -9 and a database crash (scripts/e2e-scaleout.sh)" \
         "$LOGS/e2e-scaleout.counts" \
         env SERVE="$SERVE_BIN" E2E_COUNTS="$LOGS/e2e-scaleout.counts" scripts/e2e-scaleout.sh
+    counted_step "e2e: webhooks from the outbox to a real receiver, through a kill -9, the receiver down 30 s, two processes on one bucket (scripts/e2e-notify.sh)" \
+        "$LOGS/e2e-notify.counts" \
+        env SERVE="$SERVE_BIN" E2E_COUNTS="$LOGS/e2e-notify.counts" scripts/e2e-notify.sh
 else
     skip "e2e: real clients (scripts/e2e-clients.sh)" "the serve build failed"
     skip "e2e: two serve processes on one bucket (scripts/e2e-object.sh)" "the serve build failed"
     skip "e2e: metrics scraped by Prometheus (scripts/e2e-metrics.sh)" "the serve build failed"
     skip "e2e: authentication (scripts/e2e-auth.sh)" "the serve build failed"
     skip "e2e: three processes on PostgreSQL under crashes (scripts/e2e-scaleout.sh)" "the serve build failed"
+    skip "e2e: webhooks (scripts/e2e-notify.sh)" "the serve build failed"
 fi
 
 if ((deps_ok)); then
@@ -279,6 +301,7 @@ fi
 
 # ---------------------------------------------------------------- summary
 total=$((SECONDS - SUITE_START))
+disk_report
 printf '\n==> summary (logs in %s/)\n' "${LOGS#"$ROOT"/}"
 for i in "${!STEP_NAMES[@]}"; do
     printf '  %6s  %-82.82s %s\n' "$(fmt_time "${STEP_TIMES[$i]}")" "${STEP_NAMES[$i]}" "${STEP_RESULTS[$i]}"

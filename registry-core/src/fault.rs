@@ -960,6 +960,80 @@ impl MetadataStore for FaultyMeta {
         let fut = self.inner.finish_blob_deletion(digest, since);
         self.faults.around(call, fut).await
     }
+    async fn events_after(&self, after: u64, limit: usize) -> Result<crate::events::OutboxRead> {
+        self.faults
+            .around(
+                Call::new("meta.events_after"),
+                self.inner.events_after(after, limit),
+            )
+            .await
+    }
+
+    async fn outbox_settled(&self, horizon: u64) -> Result<bool> {
+        self.faults
+            .around(
+                Call::new("meta.outbox_settled"),
+                self.inner.outbox_settled(horizon),
+            )
+            .await
+    }
+
+    async fn events_head(&self) -> Result<u64> {
+        self.faults
+            .around(Call::new("meta.events_head"), self.inner.events_head())
+            .await
+    }
+
+    async fn claim_consumer(
+        &self,
+        name: &str,
+        owner: &str,
+        now: Timestamp,
+        lease: std::time::Duration,
+    ) -> Result<Option<u64>> {
+        self.faults
+            .around(
+                Call::new("meta.claim_consumer"),
+                self.inner.claim_consumer(name, owner, now, lease),
+            )
+            .await
+    }
+
+    async fn ack_consumer(
+        &self,
+        name: &str,
+        owner: &str,
+        cursor: u64,
+        now: Timestamp,
+        lease: std::time::Duration,
+    ) -> Result<bool> {
+        self.faults
+            .around(
+                Call::new("meta.ack_consumer"),
+                self.inner.ack_consumer(name, owner, cursor, now, lease),
+            )
+            .await
+    }
+
+    async fn consumers(&self) -> Result<Vec<(String, crate::events::ConsumerRecord)>> {
+        self.faults
+            .around(Call::new("meta.consumers"), self.inner.consumers())
+            .await
+    }
+
+    async fn trim_events(
+        &self,
+        now: Timestamp,
+        retention: std::time::Duration,
+        max_events: u64,
+    ) -> Result<u64> {
+        self.faults
+            .around(
+                Call::new("meta.trim_events"),
+                self.inner.trim_events(now, retention, max_events),
+            )
+            .await
+    }
 }
 
 #[cfg(test)]

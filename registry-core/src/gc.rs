@@ -94,6 +94,10 @@ pub struct GcReport {
     /// Tags removed by retention rules (would be removed, in a dry run), in repository
     /// and tag order.
     pub retention: Vec<RetentionRemoval>,
+    /// Outbox events trimmed ([`RegistryConfig::event_retention`]).
+    ///
+    /// [`RegistryConfig::event_retention`]: crate::RegistryConfig::event_retention
+    pub events_trimmed: u64,
     /// Whether this was a dry run.
     pub dry_run: bool,
     /// How long it took, in real (monotonic) time: a measurement, not a decision, so it
@@ -107,7 +111,7 @@ impl std::fmt::Display for GcReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}{} tags by retention, {} manifests, {} links, {} blobs, {} orphans, {} bytes freed; {} links protected; {} uploads expired; {} drift found, {} repaired; {:.3}s",
+            "{}{} tags by retention, {} manifests, {} links, {} blobs, {} orphans, {} bytes freed; {} links protected; {} uploads expired; {} drift found, {} repaired; {} events trimmed; {:.3}s",
             if self.dry_run { "(dry run) " } else { "" },
             self.retention.len(),
             self.manifests_removed,
@@ -119,6 +123,7 @@ impl std::fmt::Display for GcReport {
             self.uploads_expired,
             self.drift_found,
             self.drift_repaired,
+            self.events_trimmed,
             self.duration.as_secs_f64()
         )
     }
@@ -211,6 +216,12 @@ impl Registry {
                     self.discard_upload(&upload.repo, &upload.id).await?;
                 }
             }
+        }
+        if !options.dry_run {
+            let config = &self.inner.config;
+            report.events_trimmed = self
+                .trim_events(config.event_retention, config.max_events)
+                .await?;
         }
         report.duration = started.elapsed();
         tracing::info!(%report, "garbage collection finished");

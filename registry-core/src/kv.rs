@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::events::{ConsumerRecord, Event, OutboxRead};
 use crate::names::{RepoName, Tag};
 use crate::policy::Policy;
 use crate::store::{
@@ -27,8 +28,10 @@ use crate::time::Timestamp;
 // The mark-and-sweep audit (`MetadataStore::audit`) and the quota accounting done
 // inside the link transactions: private parts of this module, in kv/.
 mod audit;
+pub mod outbox;
 mod quota;
 
+use outbox::record_event;
 use quota::{quota_add, quota_release};
 
 /// The tables of the metadata schema. Keys join their parts with a NUL byte, which no
@@ -62,11 +65,18 @@ pub enum Table {
     /// repo, digest → [`PendingRefs`]: references of sparse manifests to what the
     /// repository does not hold yet
     PendingRefs,
+    /// sequence number (8 bytes, big-endian) → an event (the outbox; kv/outbox.rs)
+    Outbox,
+    /// `next` → the next sequence number (counting engines), `trimmed` → every number at
+    /// or below it was trimmed
+    OutboxState,
+    /// consumer name → [`ConsumerRecord`]
+    OutboxConsumers,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 13] = [
+    pub const ALL: [Table; 16] = [
         Table::Blobs,
         Table::BlobLinks,
         Table::BlobRepos,
@@ -80,6 +90,9 @@ impl Table {
         Table::QuotaUsage,
         Table::QuotaRefs,
         Table::PendingRefs,
+        Table::Outbox,
+        Table::OutboxState,
+        Table::OutboxConsumers,
     ];
 
     /// A stable name, for engines that name their tables.
@@ -98,6 +111,9 @@ impl Table {
             Table::QuotaUsage => "quota_usage",
             Table::QuotaRefs => "quota_refs",
             Table::PendingRefs => "pending_refs",
+            Table::Outbox => "outbox",
+            Table::OutboxState => "outbox_state",
+            Table::OutboxConsumers => "outbox_consumers",
         }
     }
 
@@ -142,6 +158,19 @@ pub trait KvRead {
     }
     /// Number of entries in a table.
     fn count(&self, table: Table) -> Result<u64>;
+
+    /// The highest outbox sequence number handed out so far (0: none). Engines that
+    /// override [`KvWrite::append_event`] override this too.
+    fn outbox_head(&self) -> Result<u64> {
+        outbox::head_counted(self)
+    }
+
+    /// For engines whose outbox numbers can become visible out of order: a token of
+    /// this snapshot for [`KvEngine::outbox_settled`]. `None` (the default): numbers
+    /// are visible in order, a missing one is never coming.
+    fn outbox_horizon(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// Reads and writes inside a transaction.
@@ -150,6 +179,14 @@ pub trait KvWrite: KvRead {
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()>;
     /// Removes `key`; whether it was there.
     fn delete(&mut self, table: Table, key: &[u8]) -> Result<bool>;
+
+    /// Appends `value` to [`Table::Outbox`] under the next sequence number. The default
+    /// keeps a counter in [`Table::OutboxState`], which is right for engines that run
+    /// one write transaction at a time; an engine with concurrent writers overrides it
+    /// (one counter row would make every pair of writes conflict).
+    fn append_event(&mut self, value: &[u8]) -> Result<()> {
+        outbox::append_counted(self, value)
+    }
 }
 
 /// The entries of an ordered map that [`KvRead::scan`] selects: keys starting with
@@ -198,6 +235,15 @@ pub trait KvEngine: Send + Sync + 'static {
     where
         F: Fn(&mut dyn KvWrite) -> Result<R> + Send + Sync + 'static,
         R: Send + 'static;
+
+    /// Whether every write transaction that could still make an outbox number at or
+    /// below the snapshot `horizon` visible (a token from [`KvRead::outbox_horizon`])
+    /// has finished. Engines that number in order never return a horizon; the default
+    /// answers yes.
+    fn outbox_settled(&self, horizon: u64) -> impl Future<Output = Result<bool>> + Send {
+        let _ = horizon;
+        async { Ok(true) }
+    }
 }
 
 /// A [`MetadataStore`] implemented over a [`KvEngine`].
@@ -315,13 +361,20 @@ fn release_blob_link(t: &mut dyn KvWrite, d: &Digest) -> Result<()> {
 
 fn adjust_repo(t: &mut dyn KvWrite, repo: &RepoName, blobs: i64, manifests: i64) -> Result<()> {
     let k = key(&[repo.as_str()]);
-    let mut rec: RepoRecord = get(t, Table::Repos, &k)?.unwrap_or_default();
+    let existing: Option<RepoRecord> = get(t, Table::Repos, &k)?;
+    let existed = existing.is_some();
+    let mut rec = existing.unwrap_or_default();
     rec.blobs = rec.blobs.saturating_add_signed(blobs);
     rec.manifests = rec.manifests.saturating_add_signed(manifests);
     if rec.blobs == 0 && rec.manifests == 0 {
-        t.delete(Table::Repos, &k)?;
+        if t.delete(Table::Repos, &k)? {
+            record_event(t, Event::RepositoryDeleted { repo: repo.clone() })?;
+        }
         Ok(())
     } else {
+        if !existed {
+            record_event(t, Event::RepositoryCreated { repo: repo.clone() })?;
+        }
         put(t, Table::Repos, &k, &rec)
     }
 }
@@ -371,6 +424,7 @@ fn take_pending(t: &mut dyn KvWrite, repo: &RepoName, d: &Digest, child: bool) -
     Ok(n)
 }
 
+/// Links `d` into `repo`; `from` is the repository it is mounted from, for the event.
 fn link_blob_txn(
     t: &mut dyn KvWrite,
     repo: &RepoName,
@@ -378,6 +432,7 @@ fn link_blob_txn(
     size: u64,
     now: Timestamp,
     policy: &Policy,
+    from: Option<&RepoName>,
 ) -> Result<LinkOutcome> {
     let lk = key(&[repo.as_str(), d.as_str()]);
     if let Some(mut link) = get::<BlobLink>(t, Table::BlobLinks, &lk)? {
@@ -404,6 +459,21 @@ fn link_blob_txn(
     t.put(Table::BlobRepos, &key(&[d.as_str(), repo.as_str()]), b"")?;
     adjust_repo(t, repo, 1, 0)?;
     quota_add(t, repo, d, size, policy, true)?;
+    record_event(
+        t,
+        match from {
+            Some(from) => Event::BlobMounted {
+                repo: repo.clone(),
+                from: from.clone(),
+                digest: d.clone(),
+            },
+            None => Event::BlobStored {
+                repo: repo.clone(),
+                digest: d.clone(),
+                size,
+            },
+        },
+    )?;
     Ok(LinkOutcome::Linked { created: true })
 }
 
@@ -538,6 +608,14 @@ fn delete_manifest_txn(
             &key(&[repo.as_str(), subject.as_str(), d.as_str()]),
         )?;
     }
+    record_event(
+        t,
+        Event::ManifestDeleted {
+            repo: repo.clone(),
+            digest: d.clone(),
+            tags: tags.clone(),
+        },
+    )?;
     t.delete(Table::Manifests, &mk)?;
     release_blob_link(t, d)?;
     adjust_repo(t, repo, 0, -1)?;
@@ -854,7 +932,7 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
     ) -> Result<LinkOutcome> {
         let (repo, d, policy) = (repo.clone(), digest.clone(), policy.clone());
         self.engine
-            .write(move |t| link_blob_txn(t, &repo, &d, size, now, &policy))
+            .write(move |t| link_blob_txn(t, &repo, &d, size, now, &policy, None))
             .await
     }
 
@@ -875,7 +953,7 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                 else {
                     return Ok(None);
                 };
-                link_blob_txn(t, &to, &d, src.size, now, &policy).map(Some)
+                link_blob_txn(t, &to, &d, src.size, now, &policy, Some(&from)).map(Some)
             })
             .await
     }
@@ -918,6 +996,13 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                         ),
                     });
                 }
+                record_event(
+                    t,
+                    Event::BlobDeleted {
+                        repo: repo.clone(),
+                        digest: d.clone(),
+                    },
+                )?;
                 remove_blob_link(t, &repo, &d)?;
                 Ok(true)
             })
@@ -1020,6 +1105,31 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                     }
                 }
                 put(t, Table::Manifests, &mk, &rec)?;
+                // The manifest's arrival, then the tags it moved. Pushed again (two
+                // pushes raced past the registry's check), only the tags changed.
+                if created {
+                    record_event(
+                        t,
+                        Event::ManifestPut {
+                            repo: repo.clone(),
+                            digest: d.clone(),
+                            media_type: rec.media_type.clone(),
+                            subject: rec.subject.clone(),
+                            size: rec.size,
+                        },
+                    )?;
+                }
+                for (tag, from) in &moved_tags {
+                    record_event(
+                        t,
+                        Event::TagMoved {
+                            repo: repo.clone(),
+                            tag: tag.clone(),
+                            from: from.clone(),
+                            to: d.clone(),
+                        },
+                    )?;
+                }
                 Ok(Some(PutManifestOutcome {
                     created,
                     moved_tags,
@@ -1049,6 +1159,15 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                 match point_tag(t, &repo, &tag, &d, &mut rec, now, &policy)? {
                     Some(old) => {
                         put(t, Table::Manifests, &mk, &rec)?;
+                        record_event(
+                            t,
+                            Event::TagMoved {
+                                repo: repo.clone(),
+                                tag: tag.clone(),
+                                from: old.clone(),
+                                to: d.clone(),
+                            },
+                        )?;
                         Ok(old)
                     }
                     None => Ok(Some(d.clone())),
@@ -1088,6 +1207,14 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                     rec.tags = rec.tags.saturating_sub(1);
                     put(t, Table::Manifests, &mk, &rec)?;
                 }
+                record_event(
+                    t,
+                    Event::TagDeleted {
+                        repo: repo.clone(),
+                        tag: tag.clone(),
+                        digest: d.clone(),
+                    },
+                )?;
                 Ok(Some(d))
             })
             .await
@@ -1128,6 +1255,14 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                     rec.tags = rec.tags.saturating_sub(1);
                     put(t, Table::Manifests, &mk, &rec)?;
                 }
+                record_event(
+                    t,
+                    Event::TagDeleted {
+                        repo: repo.clone(),
+                        tag: tag.clone(),
+                        digest: d.clone(),
+                    },
+                )?;
                 Ok(true)
             })
             .await
@@ -1189,6 +1324,13 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
                 let lk = key(&[repo.as_str(), d.as_str()]);
                 match get::<BlobLink>(t, Table::BlobLinks, &lk)? {
                     Some(link) if link.manifest_refs == 0 && link.protected_at <= cutoff => {
+                        record_event(
+                            t,
+                            Event::LinkCollected {
+                                repo: repo.clone(),
+                                digest: d.clone(),
+                            },
+                        )?;
                         remove_blob_link(t, &repo, &d)?;
                         Ok(true)
                     }
@@ -1239,15 +1381,83 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
 
     async fn finish_blob_deletion(&self, digest: &Digest, since: Timestamp) -> Result<bool> {
         let k = key(&[digest.as_str()]);
+        let d = digest.clone();
         self.engine
             .write(move |t| match get::<BlobRecord>(t, Table::Blobs, &k)? {
                 Some(rec) if rec.state == (BlobState::Deleting { since }) => {
                     t.delete(Table::Blobs, &k)?;
                     t.delete(Table::BlobCandidates, &k)?;
+                    // Orphan bytes claimed without a record (size 0) were never
+                    // reported as stored: nor is their removal.
+                    if rec.size > 0 || rec.created_at != since {
+                        record_event(
+                            t,
+                            Event::BlobCollected {
+                                digest: d.clone(),
+                                size: rec.size,
+                            },
+                        )?;
+                    }
                     Ok(true)
                 }
                 _ => Ok(false),
             })
+            .await
+    }
+
+    async fn events_after(&self, after: u64, limit: usize) -> Result<OutboxRead> {
+        self.engine
+            .read(move |t| outbox::read(t, after, limit))
+            .await
+    }
+
+    async fn outbox_settled(&self, horizon: u64) -> Result<bool> {
+        self.engine.outbox_settled(horizon).await
+    }
+
+    async fn events_head(&self) -> Result<u64> {
+        self.engine.lookup(|t| t.outbox_head()).await
+    }
+
+    async fn claim_consumer(
+        &self,
+        name: &str,
+        owner: &str,
+        now: Timestamp,
+        lease: std::time::Duration,
+    ) -> Result<Option<u64>> {
+        let (name, owner) = (name.to_owned(), owner.to_owned());
+        self.engine
+            .write(move |t| outbox::claim(t, &name, &owner, now, lease))
+            .await
+    }
+
+    async fn ack_consumer(
+        &self,
+        name: &str,
+        owner: &str,
+        cursor: u64,
+        now: Timestamp,
+        lease: std::time::Duration,
+    ) -> Result<bool> {
+        let (name, owner) = (name.to_owned(), owner.to_owned());
+        self.engine
+            .write(move |t| outbox::ack(t, &name, &owner, cursor, now, lease))
+            .await
+    }
+
+    async fn consumers(&self) -> Result<Vec<(String, ConsumerRecord)>> {
+        self.engine.read(|t| outbox::consumers(t)).await
+    }
+
+    async fn trim_events(
+        &self,
+        now: Timestamp,
+        retention: std::time::Duration,
+        max_events: u64,
+    ) -> Result<u64> {
+        self.engine
+            .write(move |t| outbox::trim(t, now, retention, max_events))
             .await
     }
 }

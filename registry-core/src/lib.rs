@@ -76,7 +76,7 @@ pub mod time;
 
 pub use digest::{Algorithm, Digest, Hasher};
 pub use error::{Error, InvalidInput, Result};
-pub use events::Event;
+pub use events::{ConsumerRecord, Event, EventPage, StoredEvent};
 pub use gc::{GcOptions, GcReport, RetentionRemoval, UntaggedPolicy};
 pub use manifest::{Descriptor, ManifestInfo, ManifestKind, media_type};
 pub use memory::{MemoryBlobStore, MemoryKv, MemoryStore};

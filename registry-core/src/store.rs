@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::events::{ConsumerRecord, OutboxRead};
 use crate::manifest::Descriptor;
 use crate::names::{RepoName, Tag};
 use crate::policy::Policy;
@@ -797,6 +798,51 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Removes a `Deleting { since }` record once its bytes are gone; `false` if the
     /// record is not in that state with that `since` (the lease was taken over).
     async fn finish_blob_deletion(&self, digest: &Digest, since: Timestamp) -> Result<bool>;
+
+    // The outbox: every write method above that changes content appends its events in
+    // the same atomic change (`docs/design.md`, "Notifications: the outbox").
+
+    /// Outbox entries numbered after `after`, in order, at most `limit`. Numbers may be
+    /// missing: trimmed (at or below `trimmed_through`), never used (a transaction that
+    /// rolled back), or, on engines that report a `horizon`, not visible yet.
+    async fn events_after(&self, after: u64, limit: usize) -> Result<OutboxRead>;
+    /// Whether numbers missing below what a read with this `horizon` returned are gone
+    /// for good (every transaction that could still make one visible has ended).
+    async fn outbox_settled(&self, horizon: u64) -> Result<bool>;
+    /// The highest outbox number handed out so far (0: none).
+    async fn events_head(&self) -> Result<u64>;
+    /// Takes or renews `owner`'s lease on consumer `name`, creating the consumer at the
+    /// current head if it is new. Its cursor if `owner` holds the lease now; `None` if
+    /// another owner holds an unexpired one.
+    async fn claim_consumer(
+        &self,
+        name: &str,
+        owner: &str,
+        now: Timestamp,
+        lease: std::time::Duration,
+    ) -> Result<Option<u64>>;
+    /// Raises consumer `name`'s cursor to `cursor` and renews the lease, if `owner`
+    /// still holds it; `false` if not (another owner took it over).
+    async fn ack_consumer(
+        &self,
+        name: &str,
+        owner: &str,
+        cursor: u64,
+        now: Timestamp,
+        lease: std::time::Duration,
+    ) -> Result<bool>;
+    /// Every durable consumer, by name.
+    async fn consumers(&self) -> Result<Vec<(String, ConsumerRecord)>>;
+    /// Removes outbox entries that every consumer heard from in the last week has
+    /// acknowledged and that are older than `retention` or beyond the newest
+    /// `max_events`, oldest first; at most one batch (call again while it returns more
+    /// than zero). Returns how many it removed.
+    async fn trim_events(
+        &self,
+        now: Timestamp,
+        retention: std::time::Duration,
+        max_events: u64,
+    ) -> Result<u64>;
 }
 
 /// A blob store and a metadata store that belong together.

@@ -12,6 +12,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use registry_core::error::{Error, Result};
 use registry_core::policy::Policy;
@@ -121,38 +122,60 @@ struct TimedMeta {
     observe: Observe,
 }
 
+/// Forwards the calls that need nothing but their timing: plain functions returning
+/// `Box::pin(Timed)`, where an `async fn` (through `async_trait`) would box a state
+/// machine holding the arguments and the `Timed` and poll one more layer (measured with
+/// callgrind: about a fifth of what timing a call cost). The signatures are those
+/// `async_trait` gives the trait's methods: a lifetime per reference, bounded by the
+/// future's.
+macro_rules! timed {
+    ($(
+        fn $name:ident<$($lt:lifetime),*>(&$s:lifetime self $(, $arg:ident: $ty:ty)* $(,)?)
+            -> $ret:ty = $op:ident;
+    )*) => {$(
+        fn $name<$($lt,)* 'fut>(&$s self $(, $arg: $ty)*) -> BoxFuture<'fut, Result<$ret>>
+        where
+            $($lt: 'fut,)*
+            Self: 'fut,
+        {
+            Box::pin(self.observe.time(StoreOp::$op, self.inner.$name($($arg),*)))
+        }
+    )*};
+}
+
 #[async_trait]
 impl BlobStore for TimedBlobs {
-    async fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
-        self.observe
-            .time(StoreOp::Stat, self.inner.stat(digest))
-            .await
-    }
-    async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<BlobRead>> {
-        self.observe
-            .time(StoreOp::Read, self.inner.read(digest, range))
-            .await
-    }
-    async fn read_verified(
-        &self,
-        digest: &Digest,
-        range: Option<ByteRange>,
-        verify: bool,
-    ) -> Result<Option<BlobRead>> {
-        self.observe
-            .time(
-                StoreOp::Read,
-                self.inner.read_verified(digest, range, verify),
-            )
-            .await
-    }
-    async fn delete(&self, digest: &Digest) -> Result<bool> {
-        self.observe
-            .time(StoreOp::Delete, self.inner.delete(digest))
-            .await
-    }
-    async fn list(&self) -> Result<BoxStream<'static, Result<Digest>>> {
-        self.observe.time(StoreOp::List, self.inner.list()).await
+    timed! {
+        fn stat<'a, 'b>(&'a self, digest: &'b Digest) -> Option<u64> = Stat;
+        fn read<'a, 'b>(&'a self, digest: &'b Digest, range: Option<ByteRange>)
+            -> Option<BlobRead> = Read;
+        fn read_verified<'a, 'b>(
+            &'a self,
+            digest: &'b Digest,
+            range: Option<ByteRange>,
+            verify: bool,
+        ) -> Option<BlobRead> = Read;
+        fn delete<'a, 'b>(&'a self, digest: &'b Digest) -> bool = Delete;
+        fn list<'a>(&'a self) -> BoxStream<'static, Result<Digest>> = List;
+        fn upload_info<'a, 'b>(&'a self, id: &'b UploadId) -> Option<UploadInfo> = UploadInfo;
+        // Includes receiving the bytes from the client: the stream is the request body.
+        fn append_upload<'a, 'b>(
+            &'a self,
+            id: &'b UploadId,
+            offset: u64,
+            data: ByteStream,
+            now: Timestamp,
+        ) -> u64 = AppendUpload;
+        fn read_upload<'a, 'b>(&'a self, id: &'b UploadId) -> ByteStream = ReadUpload;
+        fn commit_upload<'a, 'b, 'c>(&'a self, id: &'b UploadId, digest: &'c Digest, len: u64)
+            -> CommitOutcome = CommitUpload;
+        fn put_bytes<'a, 'b, 'c>(
+            &'a self,
+            repo: &'b RepoName,
+            digest: &'c Digest,
+            bytes: bytes::Bytes,
+            now: Timestamp,
+        ) -> CommitOutcome = PutBytes;
     }
     async fn create_upload(&self, id: &UploadId, repo: &RepoName, now: Timestamp) -> Result<()> {
         let result = self
@@ -167,44 +190,6 @@ impl BlobStore for TimedBlobs {
         }
         result
     }
-    async fn upload_info(&self, id: &UploadId) -> Result<Option<UploadInfo>> {
-        self.observe
-            .time(StoreOp::UploadInfo, self.inner.upload_info(id))
-            .await
-    }
-    async fn append_upload(
-        &self,
-        id: &UploadId,
-        offset: u64,
-        data: ByteStream,
-        now: Timestamp,
-    ) -> Result<u64> {
-        // Includes receiving the bytes from the client: the stream is the request body.
-        self.observe
-            .time(
-                StoreOp::AppendUpload,
-                self.inner.append_upload(id, offset, data, now),
-            )
-            .await
-    }
-    async fn read_upload(&self, id: &UploadId) -> Result<ByteStream> {
-        self.observe
-            .time(StoreOp::ReadUpload, self.inner.read_upload(id))
-            .await
-    }
-    async fn commit_upload(
-        &self,
-        id: &UploadId,
-        digest: &Digest,
-        len: u64,
-    ) -> Result<CommitOutcome> {
-        self.observe
-            .time(
-                StoreOp::CommitUpload,
-                self.inner.commit_upload(id, digest, len),
-            )
-            .await
-    }
     async fn delete_upload(&self, id: &UploadId) -> Result<bool> {
         let result = self
             .observe
@@ -214,20 +199,6 @@ impl BlobStore for TimedBlobs {
             m.uploads().deleted(id);
         }
         result
-    }
-    async fn put_bytes(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        bytes: bytes::Bytes,
-        now: Timestamp,
-    ) -> Result<CommitOutcome> {
-        self.observe
-            .time(
-                StoreOp::PutBytes,
-                self.inner.put_bytes(repo, digest, bytes, now),
-            )
-            .await
     }
     async fn list_uploads(&self) -> Result<Vec<UploadInfo>> {
         let result = self
@@ -252,263 +223,128 @@ impl BlobStore for TimedBlobs {
 
 #[async_trait]
 impl MetadataStore for TimedMeta {
-    async fn blob(&self, digest: &Digest) -> Result<Option<BlobRecord>> {
-        self.observe
-            .time(StoreOp::Blob, self.inner.blob(digest))
-            .await
-    }
-    async fn blob_link(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobLink>> {
-        self.observe
-            .time(StoreOp::BlobLink, self.inner.blob_link(repo, digest))
-            .await
-    }
-    async fn blob_repositories(
-        &self,
-        digest: &Digest,
-        after: Option<&RepoName>,
-        limit: usize,
-    ) -> Result<Vec<RepoName>> {
-        self.observe
-            .time(
-                StoreOp::BlobRepositories,
-                self.inner.blob_repositories(digest, after, limit),
-            )
-            .await
-    }
-    async fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>> {
-        self.observe
-            .time(StoreOp::Manifest, self.inner.manifest(repo, digest))
-            .await
-    }
-    async fn tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
-        self.observe
-            .time(StoreOp::Tag, self.inner.tag(repo, tag))
-            .await
-    }
-    async fn tagged_manifest(&self, repo: &RepoName, tag: &Tag) -> Result<Option<ManifestRecord>> {
-        self.observe
-            .time(
-                StoreOp::TaggedManifest,
-                self.inner.tagged_manifest(repo, tag),
-            )
-            .await
-    }
-    async fn repository(&self, repo: &RepoName) -> Result<Option<RepoRecord>> {
-        self.observe
-            .time(StoreOp::Repository, self.inner.repository(repo))
-            .await
-    }
-    async fn list_tags(
-        &self,
-        repo: &RepoName,
-        after: Option<&Tag>,
-        limit: usize,
-    ) -> Result<Vec<(Tag, Digest)>> {
-        self.observe
-            .time(StoreOp::ListTags, self.inner.list_tags(repo, after, limit))
-            .await
-    }
-    async fn list_tag_names(
-        &self,
-        repo: &RepoName,
-        after: Option<&Tag>,
-        limit: usize,
-    ) -> Result<Vec<Tag>> {
-        self.observe
-            .time(
-                StoreOp::ListTagNames,
-                self.inner.list_tag_names(repo, after, limit),
-            )
-            .await
-    }
-    async fn list_tag_entries(
-        &self,
-        repo: &RepoName,
-        after: Option<&Tag>,
-        limit: usize,
-    ) -> Result<Vec<TagEntry>> {
-        self.observe
-            .time(
-                StoreOp::ListTagEntries,
-                self.inner.list_tag_entries(repo, after, limit),
-            )
-            .await
-    }
-    async fn quota_usage(&self, prefix: &RepoName) -> Result<Option<u64>> {
-        self.observe
-            .time(StoreOp::QuotaUsage, self.inner.quota_usage(prefix))
-            .await
-    }
-    async fn list_manifests(
-        &self,
-        repo: &RepoName,
-        after: Option<&Digest>,
-        limit: usize,
-    ) -> Result<Vec<ManifestRecord>> {
-        self.observe
-            .time(
-                StoreOp::ListManifests,
-                self.inner.list_manifests(repo, after, limit),
-            )
-            .await
-    }
-    async fn list_blob_links(
-        &self,
-        repo: &RepoName,
-        after: Option<&Digest>,
-        limit: usize,
-    ) -> Result<Vec<(Digest, BlobLink)>> {
-        self.observe
-            .time(
-                StoreOp::ListBlobLinks,
-                self.inner.list_blob_links(repo, after, limit),
-            )
-            .await
-    }
-    async fn list_repositories(
-        &self,
-        after: Option<&RepoName>,
-        limit: usize,
-    ) -> Result<Vec<RepoName>> {
-        self.observe
-            .time(
-                StoreOp::ListRepositories,
-                self.inner.list_repositories(after, limit),
-            )
-            .await
-    }
-    async fn list_referrers(
-        &self,
-        repo: &RepoName,
-        subject: &Digest,
-        after: Option<&Digest>,
-        limit: usize,
-    ) -> Result<Vec<Referrer>> {
-        self.observe
-            .time(
-                StoreOp::ListReferrers,
-                self.inner.list_referrers(repo, subject, after, limit),
-            )
-            .await
-    }
-    async fn unreferenced_blob_links(
-        &self,
-        after: Option<(&RepoName, &Digest)>,
-        limit: usize,
-    ) -> Result<Vec<(RepoName, Digest, BlobLink)>> {
-        self.observe
-            .time(
-                StoreOp::UnreferencedBlobLinks,
-                self.inner.unreferenced_blob_links(after, limit),
-            )
-            .await
-    }
-    async fn unlinked_blobs(
-        &self,
-        after: Option<&Digest>,
-        limit: usize,
-    ) -> Result<Vec<(Digest, BlobRecord)>> {
-        self.observe
-            .time(
-                StoreOp::UnlinkedBlobs,
-                self.inner.unlinked_blobs(after, limit),
-            )
-            .await
-    }
-    async fn stats(&self) -> Result<MetaStats> {
-        self.observe.time(StoreOp::Stats, self.inner.stats()).await
-    }
-    async fn audit(&self, repair: bool) -> Result<AuditReport> {
-        self.observe
-            .time(StoreOp::Audit, self.inner.audit(repair))
-            .await
-    }
-    async fn link_blob(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        size: u64,
-        now: Timestamp,
-        policy: &Policy,
-    ) -> Result<LinkOutcome> {
-        self.observe
-            .time(
-                StoreOp::LinkBlob,
-                self.inner.link_blob(repo, digest, size, now, policy),
-            )
-            .await
-    }
-    async fn mount_blob(
-        &self,
-        from: &RepoName,
-        to: &RepoName,
-        digest: &Digest,
-        now: Timestamp,
-        policy: &Policy,
-    ) -> Result<Option<LinkOutcome>> {
-        self.observe
-            .time(
-                StoreOp::MountBlob,
-                self.inner.mount_blob(from, to, digest, now, policy),
-            )
-            .await
-    }
-    async fn touch_blob_link(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        now: Timestamp,
-    ) -> Result<bool> {
-        self.observe
-            .time(
-                StoreOp::TouchBlobLink,
-                self.inner.touch_blob_link(repo, digest, now),
-            )
-            .await
-    }
-    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
-        self.observe
-            .time(StoreOp::UnlinkBlob, self.inner.unlink_blob(repo, digest))
-            .await
-    }
-    async fn put_manifest(
-        &self,
-        repo: &RepoName,
-        manifest: NewManifest,
-        now: Timestamp,
-        policy: &Policy,
-    ) -> Result<Option<PutManifestOutcome>> {
-        self.observe
-            .time(
-                StoreOp::PutManifest,
-                self.inner.put_manifest(repo, manifest, now, policy),
-            )
-            .await
-    }
-    async fn set_tag(
-        &self,
-        repo: &RepoName,
-        tag: &Tag,
-        digest: &Digest,
-        now: Timestamp,
-        policy: &Policy,
-    ) -> Result<Option<Digest>> {
-        self.observe
-            .time(
-                StoreOp::SetTag,
-                self.inner.set_tag(repo, tag, digest, now, policy),
-            )
-            .await
-    }
-    async fn delete_tag(
-        &self,
-        repo: &RepoName,
-        tag: &Tag,
-        policy: &Policy,
-    ) -> Result<Option<Digest>> {
-        self.observe
-            .time(StoreOp::DeleteTag, self.inner.delete_tag(repo, tag, policy))
-            .await
+    timed! {
+        fn blob<'a, 'b>(&'a self, digest: &'b Digest) -> Option<BlobRecord> = Blob;
+        fn blob_link<'a, 'b, 'c>(&'a self, repo: &'b RepoName, digest: &'c Digest)
+            -> Option<BlobLink> = BlobLink;
+        fn blob_repositories<'a, 'b, 'c>(
+            &'a self,
+            digest: &'b Digest,
+            after: Option<&'c RepoName>,
+            limit: usize,
+        ) -> Vec<RepoName> = BlobRepositories;
+        fn manifest<'a, 'b, 'c>(&'a self, repo: &'b RepoName, digest: &'c Digest)
+            -> Option<ManifestRecord> = Manifest;
+        fn tag<'a, 'b, 'c>(&'a self, repo: &'b RepoName, tag: &'c Tag) -> Option<Digest> = Tag;
+        fn tagged_manifest<'a, 'b, 'c>(&'a self, repo: &'b RepoName, tag: &'c Tag)
+            -> Option<ManifestRecord> = TaggedManifest;
+        fn repository<'a, 'b>(&'a self, repo: &'b RepoName) -> Option<RepoRecord> = Repository;
+        fn list_tags<'a, 'b, 'c>(
+            &'a self,
+            repo: &'b RepoName,
+            after: Option<&'c Tag>,
+            limit: usize,
+        ) -> Vec<(Tag, Digest)> = ListTags;
+        fn list_tag_names<'a, 'b, 'c>(
+            &'a self,
+            repo: &'b RepoName,
+            after: Option<&'c Tag>,
+            limit: usize,
+        ) -> Vec<Tag> = ListTagNames;
+        fn list_tag_entries<'a, 'b, 'c>(
+            &'a self,
+            repo: &'b RepoName,
+            after: Option<&'c Tag>,
+            limit: usize,
+        ) -> Vec<TagEntry> = ListTagEntries;
+        fn quota_usage<'a, 'b>(&'a self, prefix: &'b RepoName) -> Option<u64> = QuotaUsage;
+        fn list_manifests<'a, 'b, 'c>(
+            &'a self,
+            repo: &'b RepoName,
+            after: Option<&'c Digest>,
+            limit: usize,
+        ) -> Vec<ManifestRecord> = ListManifests;
+        fn list_blob_links<'a, 'b, 'c>(
+            &'a self,
+            repo: &'b RepoName,
+            after: Option<&'c Digest>,
+            limit: usize,
+        ) -> Vec<(Digest, BlobLink)> = ListBlobLinks;
+        fn list_repositories<'a, 'b>(&'a self, after: Option<&'b RepoName>, limit: usize)
+            -> Vec<RepoName> = ListRepositories;
+        fn list_referrers<'a, 'b, 'c, 'd>(
+            &'a self,
+            repo: &'b RepoName,
+            subject: &'c Digest,
+            after: Option<&'d Digest>,
+            limit: usize,
+        ) -> Vec<Referrer> = ListReferrers;
+        fn unreferenced_blob_links<'a, 'b, 'c>(
+            &'a self,
+            after: Option<(&'b RepoName, &'c Digest)>,
+            limit: usize,
+        ) -> Vec<(RepoName, Digest, BlobLink)> = UnreferencedBlobLinks;
+        fn unlinked_blobs<'a, 'b>(&'a self, after: Option<&'b Digest>, limit: usize)
+            -> Vec<(Digest, BlobRecord)> = UnlinkedBlobs;
+        fn stats<'a>(&'a self) -> MetaStats = Stats;
+        fn audit<'a>(&'a self, repair: bool) -> AuditReport = Audit;
+        fn link_blob<'a, 'b, 'c, 'd>(
+            &'a self,
+            repo: &'b RepoName,
+            digest: &'c Digest,
+            size: u64,
+            now: Timestamp,
+            policy: &'d Policy,
+        ) -> LinkOutcome = LinkBlob;
+        fn mount_blob<'a, 'b, 'c, 'd, 'e>(
+            &'a self,
+            from: &'b RepoName,
+            to: &'c RepoName,
+            digest: &'d Digest,
+            now: Timestamp,
+            policy: &'e Policy,
+        ) -> Option<LinkOutcome> = MountBlob;
+        fn touch_blob_link<'a, 'b, 'c>(
+            &'a self,
+            repo: &'b RepoName,
+            digest: &'c Digest,
+            now: Timestamp,
+        ) -> bool = TouchBlobLink;
+        fn unlink_blob<'a, 'b, 'c>(&'a self, repo: &'b RepoName, digest: &'c Digest)
+            -> bool = UnlinkBlob;
+        fn put_manifest<'a, 'b, 'c>(
+            &'a self,
+            repo: &'b RepoName,
+            manifest: NewManifest,
+            now: Timestamp,
+            policy: &'c Policy,
+        ) -> Option<PutManifestOutcome> = PutManifest;
+        fn set_tag<'a, 'b, 'c, 'd, 'e>(
+            &'a self,
+            repo: &'b RepoName,
+            tag: &'c Tag,
+            digest: &'d Digest,
+            now: Timestamp,
+            policy: &'e Policy,
+        ) -> Option<Digest> = SetTag;
+        fn delete_tag<'a, 'b, 'c, 'd>(
+            &'a self,
+            repo: &'b RepoName,
+            tag: &'c Tag,
+            policy: &'d Policy,
+        ) -> Option<Digest> = DeleteTag;
+        fn delete_manifest<'a, 'b, 'c, 'd>(
+            &'a self,
+            repo: &'b RepoName,
+            digest: &'c Digest,
+            policy: &'d Policy,
+        ) -> Option<DeletedManifest> = DeleteManifest;
+        fn begin_blob_deletion<'a, 'b>(
+            &'a self,
+            digest: &'b Digest,
+            now: Timestamp,
+            lease: std::time::Duration,
+        ) -> Option<BlobRecord> = BeginBlobDeletion;
     }
     async fn delete_tag_if(
         &self,
@@ -538,19 +374,6 @@ impl MetadataStore for TimedMeta {
                 .await;
         }
         Ok(removed)
-    }
-    async fn delete_manifest(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        policy: &Policy,
-    ) -> Result<Option<DeletedManifest>> {
-        self.observe
-            .time(
-                StoreOp::DeleteManifest,
-                self.inner.delete_manifest(repo, digest, policy),
-            )
-            .await
     }
     async fn collect_manifest(
         &self,
@@ -601,19 +424,6 @@ impl MetadataStore for TimedMeta {
         }
         Ok(removed)
     }
-    async fn begin_blob_deletion(
-        &self,
-        digest: &Digest,
-        now: Timestamp,
-        lease: std::time::Duration,
-    ) -> Result<Option<BlobRecord>> {
-        self.observe
-            .time(
-                StoreOp::BeginBlobDeletion,
-                self.inner.begin_blob_deletion(digest, now, lease),
-            )
-            .await
-    }
     async fn finish_blob_deletion(&self, digest: &Digest, since: Timestamp) -> Result<bool> {
         // The bytes are gone once this is called: the one way bytes are ever deleted
         // (`registry_core::store::delete_unlinked_bytes`).
@@ -630,5 +440,58 @@ impl MetadataStore for TimedMeta {
                 .await;
         }
         Ok(finished)
+    }
+
+    // The outbox is read by delivery, not by requests: not timed.
+    async fn events_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<registry_core::events::OutboxRead> {
+        self.inner.events_after(after, limit).await
+    }
+
+    async fn outbox_settled(&self, horizon: u64) -> Result<bool> {
+        self.inner.outbox_settled(horizon).await
+    }
+
+    async fn events_head(&self) -> Result<u64> {
+        self.inner.events_head().await
+    }
+
+    async fn claim_consumer(
+        &self,
+        name: &str,
+        owner: &str,
+        now: Timestamp,
+        lease: std::time::Duration,
+    ) -> Result<Option<u64>> {
+        self.inner.claim_consumer(name, owner, now, lease).await
+    }
+
+    async fn ack_consumer(
+        &self,
+        name: &str,
+        owner: &str,
+        cursor: u64,
+        now: Timestamp,
+        lease: std::time::Duration,
+    ) -> Result<bool> {
+        self.inner
+            .ack_consumer(name, owner, cursor, now, lease)
+            .await
+    }
+
+    async fn consumers(&self) -> Result<Vec<(String, registry_core::events::ConsumerRecord)>> {
+        self.inner.consumers().await
+    }
+
+    async fn trim_events(
+        &self,
+        now: Timestamp,
+        retention: std::time::Duration,
+        max_events: u64,
+    ) -> Result<u64> {
+        self.inner.trim_events(now, retention, max_events).await
     }
 }

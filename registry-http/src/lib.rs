@@ -45,6 +45,7 @@ mod htpasswd;
 mod instrument;
 pub mod jwt;
 mod metrics;
+pub mod notify;
 mod process_metrics;
 pub mod range;
 mod routes;
@@ -72,7 +73,8 @@ pub use health::metrics_router;
 pub use htpasswd::Htpasswd;
 pub use instrument::instrument_storage;
 pub use jwt::{JwtVerifier, SigningKey, TokenIssuer, VerificationKey};
-pub use metrics::{Metrics, MetricsOptions};
+pub use metrics::{Metrics, MetricsEncoder, MetricsOptions};
+pub use notify::{Notifier, NotifyConfig};
 pub use server::ServerLimits;
 pub use throttle::ThrottleConfig;
 #[cfg(feature = "tls")]

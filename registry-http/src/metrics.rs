@@ -123,6 +123,8 @@ struct Inner {
     storage: StorageMetrics,
     gc: GcMetrics,
     uploads: Arc<UploadSessions>,
+    /// Collectors added after construction ([`Metrics::register_collector`]).
+    added: AddedCollectors,
     /// When the storage gauges were last read; held while reading, so concurrent
     /// scrapes read the store once.
     last_refresh: tokio::sync::Mutex<Option<Instant>>,
@@ -187,19 +189,29 @@ impl Route {
     }
 
     /// The template of a request path, split the way the router splits it.
+    #[cfg(test)]
     pub(crate) fn of(path: &str) -> Route {
-        match path {
+        Route::classify(path).0
+    }
+
+    /// The template of a request path, and for `/v2/<name>/...` routes the length of
+    /// the repository name after `/v2/` (0 for the others).
+    pub(crate) fn classify(path: &str) -> (Route, usize) {
+        let route = match path {
             "/v2/" | "/v2" => Route::Base,
             "/v2/_catalog" => Route::Catalog,
             "/token" => Route::Token,
             "/metrics" => Route::Metrics,
             "/healthz" => Route::Healthz,
             "/readyz" => Route::Readyz,
-            _ => match path.strip_prefix("/v2/").and_then(crate::routes::path_kind) {
-                Some(kind) => kind,
-                None => Route::Other,
-            },
-        }
+            _ => {
+                return path
+                    .strip_prefix("/v2/")
+                    .and_then(crate::routes::path_kind)
+                    .unwrap_or((Route::Other, 0));
+            }
+        };
+        (route, 0)
     }
 }
 
@@ -509,45 +521,51 @@ fn store_histogram() -> Histogram {
     Histogram::new(&STORE_BUCKETS)
 }
 
-/// A histogram with fixed buckets, updated with atomics: `prometheus_client`'s
+/// A histogram of durations with fixed buckets, updated with atomics: `prometheus_client`'s
 /// `Histogram` takes a lock and checks for native buckets on every observation, and
 /// with an observation per storage call and per request that showed in instruction
-/// counts. Exposed the same way (through the same encoder call).
+/// counts. Observations are whole nanoseconds: the bucket is found by comparing
+/// integers, and the sum is one `fetch_add` (a float sum is a compare-and-swap loop).
+/// Exposed the same way (through the same encoder call), in seconds.
 #[derive(Clone, Debug)]
 pub(crate) struct Histogram(Arc<HistogramInner>);
 
 #[derive(Debug)]
 struct HistogramInner {
-    /// Upper bounds, ascending; `+Inf` is implied.
+    /// Upper bounds in seconds, ascending; `+Inf` is implied.
     bounds: &'static [f64],
-    /// Observations per bucket (not cumulative), the last one for `+Inf` (and NaN).
+    /// The same bounds in nanoseconds.
+    bounds_ns: Box<[u64]>,
+    /// Observations per bucket (not cumulative), the last one for `+Inf`.
     counts: Box<[AtomicU64]>,
-    /// The sum of the observations, as `f64` bits.
-    sum: AtomicU64,
+    /// The sum of the observations, in nanoseconds.
+    sum_ns: AtomicU64,
 }
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Self {
         Histogram(Arc::new(HistogramInner {
             bounds,
+            bounds_ns: bounds.iter().map(|b| (b * 1e9).round() as u64).collect(),
             counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum: AtomicU64::new(0f64.to_bits()),
+            sum_ns: AtomicU64::new(0),
         }))
     }
 
-    pub(crate) fn observe(&self, v: f64) {
+    pub(crate) fn observe(&self, d: Duration) {
         let h = &*self.0;
+        // Not `as_nanos`: its `u128` is wider than any duration measured here needs.
+        let ns = d
+            .as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(d.subsec_nanos()));
         let i = h
-            .bounds
+            .bounds_ns
             .iter()
-            .position(|b| v <= *b)
-            .unwrap_or(h.bounds.len());
+            .position(|b| ns <= *b)
+            .unwrap_or(h.bounds_ns.len());
         h.counts[i].fetch_add(1, Ordering::Relaxed);
-        let _ = h
-            .sum
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                Some((f64::from_bits(bits) + v).to_bits())
-            });
+        h.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
 }
 
@@ -567,7 +585,7 @@ impl EncodeMetric for Histogram {
             .collect();
         // The count from the buckets: consistent with them under concurrent updates.
         let count = buckets.iter().map(|(_, n)| n).sum();
-        let sum = f64::from_bits(h.sum.load(Ordering::Relaxed));
+        let sum = h.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
         encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 
@@ -716,6 +734,34 @@ impl UploadSessions {
 
     fn needs_listing(&self) -> bool {
         self.tracked.load(std::sync::atomic::Ordering::Relaxed) && self.lock().is_none()
+    }
+}
+
+/// Writes metrics into a scrape: see [`Metrics::register_encoder`].
+pub type MetricsEncoder =
+    Box<dyn Fn(&mut DescriptorEncoder<'_>) -> fmt::Result + Send + Sync + 'static>;
+
+/// Encoders added to a metric set already built (the registry of `prometheus_client`
+/// takes collectors only before it is shared): run after the others.
+#[derive(Clone, Default)]
+struct AddedCollectors(Arc<std::sync::Mutex<Vec<MetricsEncoder>>>);
+
+impl fmt::Debug for AddedCollectors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AddedCollectors").finish_non_exhaustive()
+    }
+}
+
+impl Collector for AddedCollectors {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let added = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for encode in added.iter() {
+            encode(&mut encoder)?;
+        }
+        Ok(())
     }
 }
 
@@ -1019,12 +1065,15 @@ impl Metrics {
 
         let uploads = Arc::new(UploadSessions::default());
         r.register_collector(Box::new(UploadSessionsCollector(uploads.clone())));
+        let added = AddedCollectors::default();
+        r.register_collector(Box::new(added.clone()));
         if options.process {
             r.register_collector(Box::new(ProcessCollector));
         }
         Metrics {
             inner: Arc::new(Inner {
                 registry: r,
+                added,
                 options,
                 http,
                 connections,
@@ -1035,6 +1084,18 @@ impl Metrics {
                 last_refresh: tokio::sync::Mutex::new(None),
             }),
         }
+    }
+
+    /// Adds what `encode` writes to every later scrape: for parts built after the
+    /// metric set, such as webhook delivery
+    /// ([`NotifyCollector::encode_to`](crate::notify::NotifyCollector::encode_to)).
+    pub fn register_encoder(&self, encode: MetricsEncoder) {
+        self.inner
+            .added
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(encode);
     }
 
     /// The metrics in the Prometheus text format (version 0.0.4), as they stand (see
@@ -1136,7 +1197,7 @@ impl Metrics {
             }
         };
         gc.runs.get_or_create(&ResultLabel { result: "ok" }).inc();
-        gc.duration.observe(report.duration.as_secs_f64());
+        gc.duration.observe(report.duration);
         gc.last_success.set(
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -1219,7 +1280,7 @@ impl Metrics {
                     .get_or_create(&RouteLabels { route, method })
                     .clone()
             })
-            .observe(latency.as_secs_f64());
+            .observe(latency);
     }
 
     pub(crate) fn outcome(&self, outcome: Outcome) {
@@ -1239,7 +1300,7 @@ impl Metrics {
         let s = &self.inner.storage;
         s.op_cache[op as usize]
             .get_or_init(|| s.op_duration.get_or_create(&op.labels()).clone())
-            .observe(took.as_secs_f64());
+            .observe(took);
         if !ok {
             s.op_errors.get_or_create(&op.labels()).inc();
         }
@@ -1319,20 +1380,38 @@ mod tests {
         for v in [
             0.0, 0.00005, 0.0001, 0.0003, 0.007, 0.5, 0.5, 10.0, 11.0, 1e9,
         ] {
-            ours.observe(v);
+            ours.observe(Duration::from_secs_f64(v));
             reference.observe(v);
         }
         let (mut a, mut b) = (PromRegistry::default(), PromRegistry::default());
         a.register("latency_seconds", "Latency", ours);
         b.register("latency_seconds", "Latency", reference);
+        // The same text, but for the sum's last digits: ours adds whole nanoseconds.
+        let same = |a: &str, b: &str| {
+            let (mut sum_a, mut sum_b) = (None, None);
+            for (la, lb) in a.lines().zip(b.lines()) {
+                if let (Some(x), Some(y)) = (
+                    la.strip_prefix("latency_seconds_sum "),
+                    lb.strip_prefix("latency_seconds_sum "),
+                ) {
+                    sum_a = x.parse::<f64>().ok();
+                    sum_b = y.parse::<f64>().ok();
+                } else {
+                    assert_eq!(la, lb);
+                }
+            }
+            assert_eq!(a.lines().count(), b.lines().count());
+            let (x, y) = (sum_a.unwrap(), sum_b.unwrap());
+            assert!((x - y).abs() <= y * 1e-12, "{x} {y}");
+        };
         let (mut text_a, mut text_b) = (String::new(), String::new());
         prometheus_client::encoding::text::encode(&mut text_a, &a).unwrap();
         prometheus_client::encoding::text::encode(&mut text_b, &b).unwrap();
-        assert_eq!(text_a, text_b);
+        same(&text_a, &text_b);
         let (mut text_a, mut text_b) = (String::new(), String::new());
         prometheus_client::encoding::prometheus_text::encode(&mut text_a, &a).unwrap();
         prometheus_client::encoding::prometheus_text::encode(&mut text_b, &b).unwrap();
-        assert_eq!(text_a, text_b);
+        same(&text_a, &text_b);
         assert!(
             text_a.contains("latency_seconds_bucket{le=\"+Inf\"} 10"),
             "{text_a}"

@@ -140,16 +140,37 @@ fn parse_path(rest: &str) -> Option<(&str, Target<'_>)> {
     Some((name, target))
 }
 
-/// The route template of `/v2/<rest>`, for the metrics' `route` label.
-pub(crate) fn path_kind(rest: &str) -> Option<Route> {
-    Some(match parse_path(rest)?.1 {
+/// The route template of `/v2/<rest>` (the metrics' `route` label and the access log's
+/// `route`) and the length of the repository name it starts with. The observing layer
+/// classifies every request's path once; the handler rebuilds its [`Target`] from this
+/// with [`target_at`] rather than parsing the path again.
+pub(crate) fn path_kind(rest: &str) -> Option<(Route, usize)> {
+    let (name, target) = parse_path(rest)?;
+    let route = match target {
         Target::Blob(_) => Route::Blob,
         Target::Uploads(None) => Route::Uploads,
         Target::Uploads(Some(_)) => Route::Upload,
         Target::Manifest(_) => Route::Manifest,
         Target::Tags => Route::Tags,
         Target::Referrers(_) => Route::Referrers,
-    })
+    };
+    Some((route, name.len()))
+}
+
+/// What [`parse_path`] returns for `rest`, from what [`path_kind`] found in it.
+fn target_at(rest: &str, name_len: usize, route: Route) -> Option<(&str, Target<'_>)> {
+    let name = rest.get(..name_len)?;
+    let after = &rest[name_len..];
+    let target = match route {
+        Route::Blob => Target::Blob(after.strip_prefix("/blobs/")?),
+        Route::Uploads => Target::Uploads(None),
+        Route::Upload => Target::Uploads(Some(after.strip_prefix("/blobs/uploads/")?)),
+        Route::Manifest => Target::Manifest(after.strip_prefix("/manifests/")?),
+        Route::Tags => Target::Tags,
+        Route::Referrers => Target::Referrers(after.strip_prefix("/referrers/")?),
+        _ => return None,
+    };
+    Some((name, target))
 }
 
 /// The repository `/v2/<rest>` names, if it is a valid name (for the access log).
@@ -504,10 +525,15 @@ pub(crate) async fn dispatch(State(state): State<AppState>, req: Request) -> Res
 async fn route(state: AppState, req: Request) -> ApiResult {
     let path = req.uri().path().to_owned();
     let rest = path.strip_prefix("/v2/").ok_or_else(not_found)?;
-    let (name, target) = parse_path(rest).ok_or_else(not_found)?;
+    let ctx = RequestContext::of(&req);
+    // Classified by the observing layer already (for the same path), or not.
+    let parsed = match ctx.as_ref().and_then(|c| c.classified(&path)) {
+        Some((route, name_len)) => target_at(rest, name_len, route),
+        None => parse_path(rest),
+    };
+    let (name, target) = parsed.ok_or_else(not_found)?;
     let repo = RepoName::parse(name).map_err(registry_core::Error::from)?;
     let method = req.method().clone();
-    let ctx = RequestContext::of(&req);
     if let Some(ctx) = &ctx {
         ctx.set_repository(&repo);
     }
@@ -1297,6 +1323,20 @@ mod tests {
         );
         assert_eq!(parse_path("a/manifests/v1/extra"), None);
         assert_eq!(parse_path("a/unknown"), None);
+        // The handler's rebuild from the layer's classification agrees with the parse.
+        for rest in [
+            "a/b/blobs/sha256:x",
+            "a/blobs/b/manifests/v1",
+            "a/blobs/uploads/",
+            "a/blobs/uploads",
+            "a/blobs/uploads/abc",
+            "x/tags/list",
+            "a/referrers/sha256:x",
+            "a/manifests/blobs/uploads/u",
+        ] {
+            let (route, name_len) = path_kind(rest).unwrap();
+            assert_eq!(target_at(rest, name_len, route), parse_path(rest), "{rest}");
+        }
     }
 
     #[test]

@@ -229,6 +229,9 @@ struct Txn<'a> {
     begin: &'static str,
     /// Puts not yet sent.
     pending: RefCell<Vec<Put>>,
+    /// Outbox entries, sent with COMMIT, after the puts: the number is taken as late
+    /// as possible, so numbers come close to commit order.
+    events: Vec<Vec<u8>>,
     /// A statement lost a serialization race: the transaction must run again.
     conflict: Cell<bool>,
 }
@@ -240,6 +243,7 @@ impl<'a> Txn<'a> {
             handle,
             begin,
             pending: RefCell::new(Vec::new()),
+            events: Vec::new(),
             conflict: Cell::new(false),
         }
     }
@@ -314,7 +318,7 @@ impl<'a> Txn<'a> {
     /// so the puts' answers are checked first.
     fn commit(&self) -> Result<()> {
         let pending = self.pending.take();
-        if pending.is_empty() && !self.session.in_transaction.get() {
+        if pending.is_empty() && self.events.is_empty() && !self.session.in_transaction.get() {
             return Ok(()); // the closure neither read nor wrote
         }
         self.begin_now()?;
@@ -322,14 +326,24 @@ impl<'a> Txn<'a> {
             true => None,
             false => Some(self.statement(schema::PUT)?),
         };
+        let append = match self.events.is_empty() {
+            true => None,
+            false => Some(self.statement(schema::APPEND_EVENT)?),
+        };
         let client = self.session.client();
-        let (puts, committed) = self.handle.block_on(async {
+        let outbox = table_id(Table::Outbox);
+        let (puts, appends, committed) = self.handle.block_on(async {
             let puts = send_puts(client, put.as_ref(), &pending);
-            futures::join!(puts, client.batch_execute("COMMIT"))
+            let appends = futures::future::join_all(self.events.iter().map(|v| {
+                let append = append.as_ref().expect("prepared when there are events");
+                let outbox = &outbox;
+                async move { client.execute(append, &[outbox, v]).await }
+            }));
+            futures::join!(puts, appends, client.batch_execute("COMMIT"))
         });
         // Whatever the answers, COMMIT ended the transaction (committed or rolled back)
         // unless the connection itself failed, in which case the session is dropped.
-        let put_error = puts.into_iter().find_map(|r| r.err());
+        let put_error = puts.into_iter().chain(appends).find_map(|r| r.err());
         if committed.is_ok() {
             self.session.in_transaction.set(false);
         }
@@ -412,6 +426,24 @@ impl KvRead for Txn<'_> {
         let row = self.run("count", |c| async move { c.query_one(&st, &[&id]).await })?;
         Ok(row.get::<_, i64>(0).max(0) as u64)
     }
+
+    fn outbox_head(&self) -> Result<u64> {
+        let st = self.statement(schema::OUTBOX_HEAD)?;
+        let row = self.run(
+            "outbox head",
+            |c| async move { c.query_one(&st, &[]).await },
+        )?;
+        Ok(row.get::<_, i64>(0).max(0) as u64)
+    }
+
+    fn outbox_horizon(&self) -> Result<Option<u64>> {
+        let st = self.statement(schema::OUTBOX_HORIZON)?;
+        let row = self.run(
+            "outbox horizon",
+            |c| async move { c.query_one(&st, &[]).await },
+        )?;
+        Ok(Some(row.get::<_, i64>(0).max(0) as u64))
+    }
 }
 
 impl KvWrite for Txn<'_> {
@@ -419,6 +451,11 @@ impl KvWrite for Txn<'_> {
         self.pending
             .get_mut()
             .push((table_id(table), key.to_vec(), value.to_vec()));
+        Ok(())
+    }
+
+    fn append_event(&mut self, value: &[u8]) -> Result<()> {
+        self.events.push(value.to_vec());
         Ok(())
     }
 
@@ -434,6 +471,19 @@ impl KvWrite for Txn<'_> {
 }
 
 impl KvEngine for PostgresKv {
+    fn outbox_settled(&self, horizon: u64) -> impl Future<Output = Result<bool>> + Send {
+        let client = self.client();
+        async move {
+            let client = client.await?;
+            let horizon = i64::try_from(horizon).unwrap_or(i64::MAX);
+            let row = client
+                .query_one(schema::OUTBOX_SETTLED, &[&horizon])
+                .await
+                .map_err(|e| db_err("outbox settled", e))?;
+            Ok(row.get::<_, bool>(0))
+        }
+    }
+
     fn read<R, F>(&self, f: F) -> impl Future<Output = Result<R>> + Send
     where
         F: FnOnce(&dyn KvRead) -> Result<R> + Send + 'static,

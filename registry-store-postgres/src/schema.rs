@@ -11,18 +11,48 @@ use registry_core::Result;
 
 /// The migrations, in order; `registry_schema` records how many have run. Never edit a
 /// released one: append.
-const MIGRATIONS: &[&str] = &["CREATE TABLE registry_kv (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE registry_kv (
         t SMALLINT NOT NULL,
         k BYTEA NOT NULL,
         v BYTEA NOT NULL,
         PRIMARY KEY (t, k)
-    )"];
+    )",
+    // The outbox's numbers (see APPEND_EVENT).
+    "CREATE SEQUENCE registry_outbox_seq",
+];
 
 pub(crate) const GET: &str = "SELECT v FROM registry_kv WHERE t = $1 AND k = $2";
 pub(crate) const COUNT: &str = "SELECT count(*) FROM registry_kv WHERE t = $1";
 pub(crate) const PUT: &str = "INSERT INTO registry_kv (t, k, v) VALUES ($1, $2, $3)
     ON CONFLICT (t, k) DO UPDATE SET v = EXCLUDED.v";
 pub(crate) const DELETE: &str = "DELETE FROM registry_kv WHERE t = $1 AND k = $2";
+
+/// Appends an outbox entry (`$1` the outbox table's number, `$2` the entry) under the
+/// next number of a sequence, as 8 bytes big-endian (the key layout every engine uses),
+/// so concurrent writers never touch a common row. The number is taken after the
+/// transaction has its id (`pg_current_xact_id()` in the subquery assigns it if no
+/// earlier write did), which is what lets readers tell when a missing number can no
+/// longer appear (see OUTBOX_HORIZON).
+pub(crate) const APPEND_EVENT: &str = "INSERT INTO registry_kv (t, k, v)
+    SELECT $1, decode(lpad(to_hex(nextval('registry_outbox_seq')), 16, '0'), 'hex'), $2
+    FROM (SELECT pg_current_xact_id()) AS assigned";
+
+/// The highest number handed out (sequences are not transactional: rolled-back
+/// transactions' numbers count too, which is all a new consumer's start needs).
+pub(crate) const OUTBOX_HEAD: &str =
+    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM registry_outbox_seq";
+
+/// This snapshot's xmax: every transaction that had an id when the snapshot was taken
+/// has a smaller one. A transaction whose outbox number was taken before a number this
+/// snapshot sees had its id by then.
+pub(crate) const OUTBOX_HORIZON: &str =
+    "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint";
+
+/// Whether every transaction with an id below `$1` has ended (committed or rolled
+/// back): the oldest still running is at or above it.
+pub(crate) const OUTBOX_SETTLED: &str =
+    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint >= $1";
 
 /// A range scan in key order: keys from `$2` (inclusive, or exclusive when `exclusive`),
 /// below `$3` when `bounded`, at most the last parameter. Four fixed texts, so a scan

@@ -151,3 +151,91 @@ async fn read_modify_write_races_are_serialised() {
         "an increment was lost"
     );
 }
+
+/// A transaction that has taken an outbox number and not committed yet holds readers
+/// back (its number may still appear, before numbers already visible); once it ends,
+/// readers see its event if it committed and skip the number if it rolled back. No
+/// timeout is involved (`docs/design.md`, "PostgreSQL: numbers from a sequence").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_readers_wait_for_numbers_that_may_still_appear() {
+    use registry_core::testkit::{push_blob, repo};
+    use registry_core::{Event, MemoryBlobStore, Registry, Storage};
+
+    let url = common::fresh_database().await;
+    let metadata = registry_store_postgres::connect(&url)
+        .await
+        .expect("connect");
+    let registry = Registry::builder(Storage {
+        blobs: Arc::new(MemoryBlobStore::default()),
+        metadata: Arc::new(metadata),
+    })
+    .build();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("a second connection");
+    tokio::spawn(connection);
+    // Takes the next number the way the engine does, in a transaction left open.
+    let hold = |name: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+                .await
+                .unwrap();
+            let entry =
+                format!(r#"{{"at":0,"event":{{"kind":"repository_created","repo":"{name}"}}}}"#);
+            client
+                .execute(
+                    "INSERT INTO registry_kv (t, k, v)
+                     SELECT $1, decode(lpad(to_hex(nextval('registry_outbox_seq')), 16, '0'), 'hex'), $2
+                     FROM (SELECT pg_current_xact_id()) AS assigned",
+                    &[&(Table::Outbox.index() as i16), &entry.into_bytes()],
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let created = |events: &[registry_core::StoredEvent]| -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| match &e.event {
+                Event::RepositoryCreated { repo } => Some(repo.to_string()),
+                _ => None,
+            })
+            .collect()
+    };
+
+    // Committed in the end: seen, in number order, only once it committed.
+    let head = registry.events_head().await.unwrap();
+    hold("gap/committed").await;
+    push_blob(&registry, &repo("gap/after-commit"), b"x").await;
+    let page = registry.events_after(head, 100).await.unwrap();
+    assert!(
+        page.events.is_empty(),
+        "passed a number that may still appear: {page:?}"
+    );
+    assert_eq!(page.next_after, head);
+    client.batch_execute("COMMIT").await.unwrap();
+    let page = registry.events_after(head, 100).await.unwrap();
+    assert_eq!(created(&page.events), ["gap/committed", "gap/after-commit"]);
+
+    // Rolled back: skipped once the transaction has ended, and only then.
+    let head = page.next_after;
+    hold("gap/rolled-back").await;
+    push_blob(&registry, &repo("gap/after-rollback"), b"y").await;
+    assert!(
+        registry
+            .events_after(head, 100)
+            .await
+            .unwrap()
+            .events
+            .is_empty()
+    );
+    client.batch_execute("ROLLBACK").await.unwrap();
+    let page = registry.events_after(head, 100).await.unwrap();
+    assert_eq!(created(&page.events), ["gap/after-rollback"]);
+    assert!(
+        page.next_after > head + 1,
+        "the rolled-back number was skipped"
+    );
+}

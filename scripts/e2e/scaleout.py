@@ -168,7 +168,7 @@ def push_image(c, targets, rng, repo, tag, ident):
             "layer": layer_digest, "by": t}
 
 
-def pusher(n, args, targets, deadline, stats, acked, acked_lock, out):
+def pusher(n, args, targets, start, deadline, stats, acked, acked_lock, out):
     rng = random.Random(n)
     c = Conn()
     i = 0
@@ -190,6 +190,9 @@ def pusher(n, args, targets, deadline, stats, acked, acked_lock, out):
             stats.bad(e)
             continue
         stats.add("pushes_acknowledged")
+        # When, in seconds from the start: the script checks that pushes went on in
+        # each phase of its timeline (how many depends on the machine's speed).
+        rec["t"] = round(time.monotonic() - start, 2)
         if scratch:
             t = rng.choice(targets)
             try:
@@ -233,11 +236,12 @@ def reader(n, targets, deadline, stats, acked, acked_lock):
 
 def run(args):
     targets = args.targets.split(",")
-    deadline = time.monotonic() + args.seconds
+    start = time.monotonic()
+    deadline = start + args.seconds
     stats = Stats()
     acked, acked_lock = [], threading.Lock()
     with open(args.acked, "a") as out:
-        threads = [threading.Thread(target=pusher, args=(n, args, targets, deadline, stats, acked, acked_lock, out))
+        threads = [threading.Thread(target=pusher, args=(n, args, targets, start, deadline, stats, acked, acked_lock, out))
                    for n in range(args.pushers)]
         threads += [threading.Thread(target=reader, args=(n, targets, deadline, stats, acked, acked_lock))
                     for n in range(args.readers)]

@@ -119,6 +119,7 @@ impl Registry {
             digest: digest.clone(),
             media_type: info.media_type,
             subject: subject.clone(),
+            size: len,
         });
         Ok(PutManifestResult {
             digest,

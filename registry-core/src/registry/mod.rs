@@ -22,6 +22,7 @@ use crate::time::{Clock, SystemClock, Timestamp};
 
 mod ids;
 mod manifests;
+mod outbox;
 mod repos;
 mod uploads;
 
@@ -90,6 +91,12 @@ pub struct RegistryConfig {
     pub policy: Policy,
     /// Refuse every write ([`Error::ReadOnly`]); the collector only runs dry.
     pub read_only: bool,
+    /// Outbox events older than this are trimmed by the collector once every durable
+    /// consumer has them (default 24 hours).
+    pub event_retention: Duration,
+    /// At most this many outbox events are kept, whatever their age, once every durable
+    /// consumer has them (default 100,000: about 20 MB on the in-memory store).
+    pub max_events: u64,
 }
 
 impl Default for RegistryConfig {
@@ -108,6 +115,8 @@ impl Default for RegistryConfig {
             max_open_uploads_per_owner: DEFAULT_MAX_OPEN_UPLOADS_PER_OWNER,
             policy: Policy::default(),
             read_only: false,
+            event_retention: Duration::from_secs(24 * 3600),
+            max_events: 100_000,
         }
     }
 }
@@ -141,6 +150,13 @@ impl RegistryBuilder {
     /// Sets the protection window (default 10 minutes; zero allowed).
     pub fn with_protection_window(mut self, window: Duration) -> Self {
         self.config.protection_window = window;
+        self
+    }
+    /// Sets how long outbox events are kept and how many at most (defaults: 24 hours,
+    /// 100,000), once every durable consumer has them; the collector trims.
+    pub fn with_event_retention(mut self, retention: Duration, max_events: u64) -> Self {
+        self.config.event_retention = retention;
+        self.config.max_events = max_events;
         self
     }
     /// Sets the idle expiry of upload sessions (default 1 hour).
@@ -245,6 +261,7 @@ impl RegistryBuilder {
                 config: self.config,
                 clock: self.clock,
                 events: std::sync::OnceLock::new(),
+                written: std::sync::OnceLock::new(),
                 ids: ids::IdSource::new(self.id_seed),
                 hashers: Mutex::new(HashMap::new()),
                 open_uploads: tokio::sync::Mutex::new(None),
@@ -271,6 +288,9 @@ pub(crate) struct Inner {
     /// about 112 KiB, which a test harness holding a thousand registries nobody listens
     /// to should not pay (measured with `benches/idle_rss.rs`).
     events: std::sync::OnceLock<broadcast::Sender<Event>>,
+    /// Bumped after each change this process commits, for outbox readers
+    /// ([`Registry::event_signal`]); created by the first of them.
+    written: std::sync::OnceLock<tokio::sync::watch::Sender<u64>>,
     /// Where upload session ids come from.
     ids: ids::IdSource,
     /// Incremental hash state of upload sessions in this process. Lost on restart (the
@@ -495,8 +515,12 @@ impl Registry {
         }
     }
 
-    /// Receives every [`Event`] from now on. A receiver that falls more than 1,024 events
-    /// behind loses the oldest ones (and is told so by `recv`).
+    /// Receives every [`Event`] this process makes from now on, as it makes them: a
+    /// live, in-memory view with no delay, for tests and in-process reactions. It is not
+    /// durable: a receiver that falls more than 1,024 events behind loses the oldest
+    /// ones (and is told so by `recv`), and other processes' changes never reach it.
+    /// For a complete record that survives restarts, read the outbox:
+    /// [`events_from`](Self::events_from), [`events_after`](Self::events_after).
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.inner
             .events
@@ -514,6 +538,9 @@ impl Registry {
         // not an error either.
         if let Some(events) = self.inner.events.get() {
             let _ = events.send(event);
+        }
+        if let Some(written) = self.inner.written.get() {
+            written.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 

@@ -391,4 +391,58 @@ impl MetadataStore for HookedMeta {
         self.hooks.point("meta.finish_blob_deletion").await;
         self.inner.finish_blob_deletion(digest, since).await
     }
+    async fn events_after(&self, after: u64, limit: usize) -> Result<crate::events::OutboxRead> {
+        self.hooks.point("meta.events_after").await;
+        self.inner.events_after(after, limit).await
+    }
+
+    async fn outbox_settled(&self, horizon: u64) -> Result<bool> {
+        self.hooks.point("meta.outbox_settled").await;
+        self.inner.outbox_settled(horizon).await
+    }
+
+    async fn events_head(&self) -> Result<u64> {
+        self.hooks.point("meta.events_head").await;
+        self.inner.events_head().await
+    }
+
+    async fn claim_consumer(
+        &self,
+        name: &str,
+        owner: &str,
+        now: Timestamp,
+        lease: std::time::Duration,
+    ) -> Result<Option<u64>> {
+        self.hooks.point("meta.claim_consumer").await;
+        self.inner.claim_consumer(name, owner, now, lease).await
+    }
+
+    async fn ack_consumer(
+        &self,
+        name: &str,
+        owner: &str,
+        cursor: u64,
+        now: Timestamp,
+        lease: std::time::Duration,
+    ) -> Result<bool> {
+        self.hooks.point("meta.ack_consumer").await;
+        self.inner
+            .ack_consumer(name, owner, cursor, now, lease)
+            .await
+    }
+
+    async fn consumers(&self) -> Result<Vec<(String, crate::events::ConsumerRecord)>> {
+        self.hooks.point("meta.consumers").await;
+        self.inner.consumers().await
+    }
+
+    async fn trim_events(
+        &self,
+        now: Timestamp,
+        retention: std::time::Duration,
+        max_events: u64,
+    ) -> Result<u64> {
+        self.hooks.point("meta.trim_events").await;
+        self.inner.trim_events(now, retention, max_events).await
+    }
 }

@@ -37,6 +37,7 @@ pub mod collection_suite;
 pub mod hooks;
 pub(crate) mod interleave;
 pub mod model;
+pub mod outbox_suite;
 pub mod policy_suite;
 pub mod refusal_suite;
 pub mod repo_suite;
@@ -318,6 +319,10 @@ macro_rules! behaviour_suite {
             referrers_and_filter,
             reference_counts,
             events_are_emitted,
+            outbox_records_every_change,
+            outbox_refused_change_records_nothing,
+            outbox_concurrent_changes_are_numbered_once,
+            outbox_consumers_and_trimming,
             collection_respects_protection,
             collection_policies,
             collection_finds_orphans,

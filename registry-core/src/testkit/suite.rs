@@ -11,6 +11,7 @@ use crate::store::UploadId;
 
 pub use super::blob_suite::*;
 pub use super::collection_suite::*;
+pub use super::outbox_suite::*;
 pub use super::policy_suite::*;
 pub use super::refusal_suite::*;
 pub use super::repo_suite::*;
@@ -772,7 +773,8 @@ pub async fn events_are_emitted(f: Fixture) {
                 repo: repo.clone(),
                 digest: res.digest.clone(),
                 media_type: OCI_MANIFEST.into(),
-                subject: None
+                subject: None,
+                size: m.len() as u64
             },
             Event::TagDeleted {
                 repo: repo.clone(),
