@@ -29,7 +29,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::uri::PathAndQuery;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
@@ -40,7 +41,9 @@ use registry_core::RepoName;
 use registry_core::access::Identity;
 
 use crate::audit::{AuditLog, json_str, write_addr, write_rfc3339_millis};
-use crate::metrics::{MethodLabel, Metrics, Refusal, Route, outcome_of, query_has};
+use crate::metrics::{
+    METHODS, MethodLabel, Metrics, ROUTES, Refusal, Route, outcome_of, query_has, route_index,
+};
 
 /// The response header carrying the request id.
 pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -414,7 +417,8 @@ pub(crate) async fn observe(
     let access = log.map(|log| AccessStart {
         log: log.clone(),
         method: req.method().clone(),
-        uri: req.uri().clone(),
+        method_label: method,
+        path: req.uri().path_and_query().cloned(),
     });
     // Found (and their series created, at zero) for every request, so that the
     // exposition does not depend on which bodies were empty.
@@ -497,8 +501,17 @@ impl Drop for InFlight<'_> {
 struct AccessStart {
     log: AccessLog,
     method: Method,
-    /// The request's URI (a reference count, not a copy): its path holds the repository.
-    uri: Uri,
+    method_label: MethodLabel,
+    /// The request's path (a reference count, not a copy): it holds the repository.
+    /// Not the whole `Uri`: a line's data is moved into the response body, and the
+    /// URI's scheme and authority (empty here) would be cloned and dropped for nothing.
+    path: Option<PathAndQuery>,
+}
+
+impl AccessStart {
+    fn path(&self) -> &str {
+        self.path.as_ref().map_or("/", PathAndQuery::path)
+    }
 }
 
 struct AccessLine {
@@ -517,17 +530,17 @@ impl AccessLine {
         if !matches!(self.start.log.sink.kind, SinkKind::Tracing) {
             with_line_state(|state| {
                 let LineState { line, clock } = state;
-                self.write_line(line, clock, end, bytes_out, duration, complete);
-                self.start.log.write_line(line);
+                let n = self.write_line(line, clock, end, bytes_out, duration, complete);
+                self.start.log.write_line(&line[..n]);
                 // A rare huge line (a very long user name) is not kept around.
-                if line.capacity() > 4096 {
+                if line.len() > 4096 {
                     *line = Vec::new();
                 }
             });
             return;
         }
         let identity = self.ctx.identity().and_then(Identity::name).unwrap_or("-");
-        let repository = self.ctx.repository(self.start.uri.path()).unwrap_or("-");
+        let repository = self.ctx.repository(self.start.path()).unwrap_or("-");
         let peer = self
             .ctx
             .peer()
@@ -550,7 +563,9 @@ impl AccessLine {
         );
     }
 
-    /// Makes `line` the request's line (see [`AccessLog`]), newline included.
+    /// Writes the request's line (see [`AccessLog`]), newline included, at the start
+    /// of `line`; returns its length. `line` is the thread's buffer: it only grows (and
+    /// is zeroed) when a line needs more room than it has, not per line.
     ///
     /// Written through a [`Cursor`] over the buffer sized for the whole line first:
     /// every append is then a copy into a slice, with the cursor's position in a
@@ -565,10 +580,10 @@ impl AccessLine {
         bytes_out: u64,
         duration: Duration,
         complete: bool,
-    ) {
+    ) -> usize {
         let method = self.start.method.as_str().as_bytes();
         let route = self.route.as_str().as_bytes();
-        let repository = self.ctx.repository(self.start.uri.path());
+        let repository = self.ctx.repository(self.start.path());
         let id = self.ctx.id().as_bytes();
         let identity = self.ctx.identity().and_then(Identity::name);
         let identity = match identity {
@@ -593,6 +608,7 @@ impl AccessLine {
             + identity.len();
         let parts = LineParts {
             time,
+            prefix: line_prefix(self.start.method_label, self.route),
             method,
             route,
             repository: repository.map_or(b"-", str::as_bytes),
@@ -607,13 +623,11 @@ impl AccessLine {
             complete,
         };
         loop {
-            line.clear();
-            line.resize(room, 0);
+            if line.len() < room {
+                line.resize(room, 0);
+            }
             match parts.fill(line) {
-                Some(n) => {
-                    line.truncate(n);
-                    return;
-                }
+                Some(n) => return n,
                 None => room *= 2,
             }
         }
@@ -623,6 +637,10 @@ impl AccessLine {
 /// What a line says, gathered for [`LineParts::fill`].
 struct LineParts<'a> {
     time: [u8; 24],
+    /// What follows the time up to the repository's value, when the method is one of
+    /// the [`MethodLabel`]s (see [`line_prefix`]); otherwise it is put together from
+    /// `method` and `route`.
+    prefix: Option<&'static [u8]>,
     method: &'a [u8],
     route: &'a [u8],
     repository: &'a [u8],
@@ -649,11 +667,16 @@ impl LineParts<'_> {
             short: false,
         };
         c.put(&self.time);
-        c.put(b"  INFO registry_http::access: method=");
-        c.put(self.method);
-        c.put(b" route=");
-        c.put(self.route);
-        c.put(b" repository=");
+        match self.prefix {
+            Some(prefix) => c.put(prefix),
+            None => {
+                c.put(LINE_START);
+                c.put(self.method);
+                c.put(b" route=");
+                c.put(self.route);
+                c.put(b" repository=");
+            }
+        }
         c.put(self.repository);
         c.put(b" status=");
         c.num(u64::from(self.status));
@@ -697,6 +720,40 @@ impl LineParts<'_> {
         });
         (!c.short).then_some(c.n)
     }
+}
+
+/// What every line has after its time, up to the method.
+const LINE_START: &[u8] = b"  INFO registry_http::access: method=";
+
+/// `  INFO registry_http::access: method=M route=R repository=` for a method and route,
+/// made once: one copy per line instead of five (methods other than the labelled
+/// ones, written as they came, have none).
+fn line_prefix(method: MethodLabel, route: Route) -> Option<&'static [u8]> {
+    static PREFIXES: OnceLock<Box<[Box<[u8]>]>> = OnceLock::new();
+    if method == MethodLabel::Other {
+        return None;
+    }
+    let prefixes = PREFIXES.get_or_init(|| {
+        let mut all = Vec::with_capacity(ROUTES * METHODS);
+        for route in Route::ALL {
+            for method in MethodLabel::ALL {
+                debug_assert_eq!(all.len(), route_index(route, method));
+                all.push(
+                    [
+                        LINE_START,
+                        method.as_str().as_bytes(),
+                        b" route=",
+                        route.as_str().as_bytes(),
+                        b" repository=",
+                    ]
+                    .concat()
+                    .into_boxed_slice(),
+                );
+            }
+        }
+        all.into_boxed_slice()
+    });
+    prefixes.get(route_index(route, method)).map(|p| &p[..])
 }
 
 /// Writes from the start of a buffer made long enough beforehand (see
@@ -1004,6 +1061,26 @@ mod tests {
         let n = c.n;
         buf.truncate(n);
         String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn line_prefixes_are_what_the_parts_make() {
+        for route in Route::ALL {
+            for method in MethodLabel::ALL {
+                let expected = format!(
+                    "  INFO registry_http::access: method={} route={} repository=",
+                    method.as_str(),
+                    route.as_str()
+                );
+                let prefix = line_prefix(method, route).map(|p| String::from_utf8_lossy(p));
+                if method == MethodLabel::Other {
+                    // Written as the method came, not as its label.
+                    assert_eq!(prefix, None);
+                } else {
+                    assert_eq!(prefix.as_deref(), Some(expected.as_str()));
+                }
+            }
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -100,15 +100,17 @@ impl<T, F: Future<Output = Result<T>> + Unpin> Future for Timed<'_, F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
         let this = self.get_mut();
-        let result = ready!(Pin::new(&mut this.call).poll(cx));
-        if let Some((m, start)) = this.metrics {
+        // Returned as it was polled: taking the result out and wrapping it again in
+        // `Poll::Ready` moved it twice (a `memcpy` per call for the larger records).
+        let polled = Pin::new(&mut this.call).poll(cx);
+        if let (Poll::Ready(result), Some((m, start))) = (&polled, this.metrics) {
             // Only a failure of the store is an error here: a refusal decided inside
             // the atomic change (an immutable tag, a quota, a missing blob) is the
             // store working as it should, and is counted as a refusal by the router.
             let failed = matches!(result, Err(Error::Storage(_)));
             m.storage_call(this.op, start.elapsed(), !failed);
         }
-        Poll::Ready(result)
+        polled
     }
 }
 

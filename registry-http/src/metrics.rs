@@ -152,9 +152,8 @@ pub(crate) enum Route {
 }
 
 impl Route {
-    /// Every route, for tests and documentation (its length is `ROUTES`).
-    #[cfg(test)]
-    pub(crate) const ALL: [Route; 13] = [
+    /// Every route, in order (its length is `ROUTES`).
+    pub(crate) const ALL: [Route; ROUTES] = [
         Route::Base,
         Route::Catalog,
         Route::Blob,
@@ -234,6 +233,17 @@ pub(crate) enum MethodLabel {
 }
 
 impl MethodLabel {
+    /// Every method label, in order (its length is `METHODS`).
+    pub(crate) const ALL: [MethodLabel; METHODS] = [
+        MethodLabel::Get,
+        MethodLabel::Head,
+        MethodLabel::Put,
+        MethodLabel::Post,
+        MethodLabel::Patch,
+        MethodLabel::Delete,
+        MethodLabel::Other,
+    ];
+
     pub(crate) fn of(method: &Method) -> MethodLabel {
         match *method {
             Method::GET => MethodLabel::Get,
@@ -246,7 +256,7 @@ impl MethodLabel {
         }
     }
 
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             MethodLabel::Get => "GET",
             MethodLabel::Head => "HEAD",
@@ -610,8 +620,8 @@ struct HttpMetrics {
 
 /// Route x method (x status class) indices of the per-request series (the counts of
 /// the `Route` and `MethodLabel` variants; a test checks them).
-const ROUTES: usize = 13;
-const METHODS: usize = 7;
+pub(crate) const ROUTES: usize = 13;
+pub(crate) const METHODS: usize = 7;
 const STATUS_CLASSES: usize = 5;
 
 #[derive(Default)]
@@ -636,7 +646,7 @@ impl HttpCache {
     }
 }
 
-fn route_index(route: Route, method: MethodLabel) -> usize {
+pub(crate) fn route_index(route: Route, method: MethodLabel) -> usize {
     route as usize * METHODS + method as usize
 }
 
@@ -1357,6 +1367,12 @@ mod tests {
             Some(ROUTES - 1)
         );
         assert_eq!(MethodLabel::Other as usize, METHODS - 1);
+        for (i, r) in Route::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        for (i, m) in MethodLabel::ALL.iter().enumerate() {
+            assert_eq!(*m as usize, i);
+        }
         for (i, o) in Outcome::ALL.iter().enumerate() {
             assert_eq!(*o as usize, i);
         }
