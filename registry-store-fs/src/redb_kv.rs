@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
 };
-use registry_core::kv::{KvEngine, KvPair, KvRead, KvWrite, Table};
+use registry_core::kv::{KvEngine, KvPair, KvRead, KvWrite, Table, outbox};
 use registry_core::store::storage_error;
 use registry_core::{Error, Result};
 
@@ -270,6 +270,16 @@ macro_rules! kv_read {
                 let t = self.0.open_table(def(table)).map_err(storage_error)?;
                 t.len().map_err(storage_error)
             }
+            fn outbox_head(&self) -> Result<u64> {
+                let t = self
+                    .0
+                    .open_table(def(Table::Outbox))
+                    .map_err(storage_error)?;
+                match t.last().map_err(storage_error)? {
+                    Some((k, _)) => outbox::key_number(k.value()),
+                    None => outbox::head_of_empty(self),
+                }
+            }
         }
     };
 }
@@ -278,6 +288,35 @@ kv_read!(Read);
 kv_read!(Write);
 
 impl KvWrite for Write {
+    /// The next number after the outbox's last entry (write transactions are serial):
+    /// no counter to read and write in a second table on every event, which measurably
+    /// slowed manifest pushes (the counter is still honoured when the table is empty).
+    fn append_event(&mut self, value: &[u8]) -> Result<()> {
+        let next = {
+            let mut t = self
+                .0
+                .open_table(def(Table::Outbox))
+                .map_err(storage_error)?;
+            let last = match t.last().map_err(storage_error)? {
+                Some((k, _)) => Some(outbox::key_number(k.value())?),
+                None => None,
+            };
+            if let Some(last) = last {
+                t.insert(&outbox::seq_key(last + 1)[..], value)
+                    .map_err(storage_error)?;
+                return Ok(());
+            }
+            drop(t);
+            outbox::head_of_empty(self)? + 1
+        };
+        let mut t = self
+            .0
+            .open_table(def(Table::Outbox))
+            .map_err(storage_error)?;
+        t.insert(&outbox::seq_key(next)[..], value)
+            .map_err(storage_error)?;
+        Ok(())
+    }
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
         let mut t = self.0.open_table(def(table)).map_err(storage_error)?;
         t.insert(key, value).map_err(storage_error)?;

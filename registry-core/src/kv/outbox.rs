@@ -45,6 +45,23 @@ pub(super) fn append_counted<T: KvWrite + ?Sized>(t: &mut T, value: &[u8]) -> Re
     t.put(Table::OutboxState, NEXT, &encode(&(next + 1))?)
 }
 
+/// The outbox's head when its table holds no entry (none written yet, or all
+/// trimmed): the counter's last number or the last trimmed one, whichever is higher.
+/// For engines that number from the last entry instead of a counter (redb), which fall
+/// back to it when the table is empty.
+pub fn head_of_empty<T: KvRead + ?Sized>(t: &T) -> Result<u64> {
+    let trimmed = match t.get(Table::OutboxState, TRIMMED)? {
+        Some(v) => decode::<u64>(&v)?,
+        None => 0,
+    };
+    Ok(head_counted(t)?.max(trimmed))
+}
+
+/// The number an outbox key holds.
+pub fn key_number(k: &[u8]) -> Result<u64> {
+    key_seq(k)
+}
+
 /// [`KvRead::outbox_head`] for counting engines.
 pub(super) fn head_counted<T: KvRead + ?Sized>(t: &T) -> Result<u64> {
     Ok(match t.get(Table::OutboxState, NEXT)? {
