@@ -41,31 +41,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# free_port, wait_port
+# free_port, wait_port, init_postgres, start_postgres, create_database, serve_binary,
+# check, fail, finish_checks
 source "$ROOT/scripts/e2e/lib.sh"
 
-if [ -z "${SERVE:-}" ]; then
-    echo "building the serve example (release): cargo build --release --example serve"
-    cargo build --release --locked -p registry-examples --example serve || { echo "build failed" >&2; exit 2; }
-    SERVE=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/serve
-fi
-[ -x "$SERVE" ] || { echo "no serve binary at $SERVE" >&2; exit 2; }
+serve_binary
 
-PASSED=0
-FAILED=0
-check() { # check NAME COMMAND...
-    local name=$1 out=$WORK/check.out
-    shift
-    if ( set -euo pipefail; "$@" ) >"$out" 2>&1; then
-        PASSED=$((PASSED + 1))
-        echo "ok - $name"
-        sed 's/^/    # /' "$out" | head -n 5
-    else
-        FAILED=$((FAILED + 1))
-        echo "not ok - $name"
-        sed 's/^/    # /' "$out" | head -n 40
-    fi
-}
 
 # ---------------------------------------------------------------- the receiver
 SECRET=$WORK/secret
@@ -197,6 +178,4 @@ check "two processes on one bucket: every change is delivered (by either process
 check "two processes on one bucket: the CloudEvents endpoint gets every change too" \
     verify "$ACKED3" /ce cloudevents --order
 
-[ -z "${E2E_COUNTS:-}" ] || echo "$PASSED $FAILED" >"$E2E_COUNTS"
-echo "$PASSED passed, $FAILED failed"
-[ "$FAILED" = 0 ]
+finish_checks

@@ -42,15 +42,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# free_port, wait_port, init_postgres, start_postgres, create_database
+# free_port, wait_port, init_postgres, start_postgres, create_database, serve_binary,
+# check, fail, finish_checks
 source "$ROOT/scripts/e2e/lib.sh"
 
-if [ -z "${SERVE:-}" ]; then
-    echo "building the serve example (release): cargo build --release --example serve"
-    cargo build --release --locked -p registry-examples --example serve || { echo "build failed" >&2; exit 2; }
-    SERVE=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/serve
-fi
-[ -x "$SERVE" ] || { echo "no serve binary at $SERVE" >&2; exit 2; }
+serve_binary
 
 # ---------------------------------------------------------------- emulators
 MOTO_PORT=$(free_port)
@@ -86,22 +82,7 @@ req = urllib.request.Request(f"http://127.0.0.1:{port}/{account}/e2e?restype=con
 assert urllib.request.urlopen(req).status == 201
 EOF
 
-# ---------------------------------------------------------------- check harness
-PASSED=0
-FAILED=0
-check() { # check NAME COMMAND...
-    local name=$1 out=$WORK/check.out
-    shift
-    if ( set -euo pipefail; "$@" ) >"$out" 2>&1; then
-        PASSED=$((PASSED + 1))
-        echo "ok - $name"
-    else
-        FAILED=$((FAILED + 1))
-        echo "not ok - $name"
-        sed 's/^/    # /' "$out" | head -n 60
-    fi
-}
-fail() { echo "FAILED: $*" >&2; return 1; }
+# ---------------------------------------------------------------- checks (check: lib.sh)
 
 POLICY=$WORK/policy.json
 echo '{"default":[{"type":"insecureAcceptAnything"}]}' >"$POLICY"
@@ -282,6 +263,4 @@ start_serve D memory --token-key-file "$WORK/token.key"
 start_serve E memory
 check "tokens: one issued by C is accepted by D (same --token-key-file), refused by E" tokens_shared_by_key_file
 
-[ -z "${E2E_COUNTS:-}" ] || echo "$PASSED $FAILED" >"$E2E_COUNTS"
-echo "$PASSED passed, $FAILED failed"
-[ "$FAILED" = 0 ]
+finish_checks

@@ -39,15 +39,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# free_port, wait_port, init_postgres, start_postgres, create_database
+# free_port, wait_port, init_postgres, start_postgres, create_database, serve_binary,
+# check, fail, finish_checks
 source "$ROOT/scripts/e2e/lib.sh"
 
-if [ -z "${SERVE:-}" ]; then
-    echo "building the serve example (release): cargo build --release --example serve"
-    cargo build --release --locked -p registry-examples --example serve || { echo "build failed" >&2; exit 2; }
-    SERVE=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/serve
-fi
-[ -x "$SERVE" ] || { echo "no serve binary at $SERVE" >&2; exit 2; }
+serve_binary
 
 # ---------------------------------------------------------------- moto and PostgreSQL
 MOTO_PORT=$(free_port)
@@ -121,21 +117,6 @@ cat "$WORK/driver.out"
 [ -z "${KEEP_REPORT:-}" ] || cp "$REPORT" "$KEEP_REPORT"
 
 # ---------------------------------------------------------------- checks
-PASSED=0
-FAILED=0
-check() { # check NAME COMMAND...
-    local name=$1 out=$WORK/check.out
-    shift
-    if ( set -euo pipefail; "$@" ) >"$out" 2>&1; then
-        PASSED=$((PASSED + 1))
-        echo "ok - $name"
-    else
-        FAILED=$((FAILED + 1))
-        echo "not ok - $name"
-        sed 's/^/    # /' "$out" | head -n 40
-    fi
-}
-fail() { echo "FAILED: $*" >&2; return 1; }
 count() { jq -r ".counts.$1 // 0" "$REPORT"; }
 
 driver_finished() {
@@ -200,6 +181,4 @@ check "scale-out: all three processes are ready again after PostgreSQL's restart
 check "scale-out: every acknowledged image verifies from every process" every_ack_verifies_everywhere
 check "scale-out: the collector in A removed deleted images' content" collector_removed_something
 
-[ -z "${E2E_COUNTS:-}" ] || echo "$PASSED $FAILED" >"$E2E_COUNTS"
-echo "$PASSED passed, $FAILED failed"
-[ "$FAILED" = 0 ]
+finish_checks

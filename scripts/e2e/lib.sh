@@ -1,5 +1,6 @@
 # Shared by the e2e scripts and benches/scaleout.sh (sourced, not run): loopback
-# ports and a throwaway PostgreSQL cluster. Everything listens on 127.0.0.1.
+# ports, a throwaway PostgreSQL cluster, the serve binary and the check harness.
+# Everything listens on 127.0.0.1.
 
 # free_port: a free loopback port.
 free_port() {
@@ -56,4 +57,44 @@ create_database() {
     done
     echo "cannot create database $1 on port $PG_PORT" >&2
     exit 2
+}
+
+# serve_binary: sets SERVE to the serve binary: $SERVE if given (scripts/test.sh builds
+# it once for every e2e script), else the release example, built here first.
+serve_binary() {
+    if [ -z "${SERVE:-}" ]; then
+        echo "building the serve example (release): cargo build --release --example serve"
+        cargo build --release --locked -p registry-examples --example serve || { echo "build failed" >&2; exit 2; }
+        SERVE=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/serve
+    fi
+    [ -x "$SERVE" ] || { echo "no serve binary at $SERVE" >&2; exit 2; }
+}
+
+# The check harness (TAP-like lines). check NAME COMMAND...: runs COMMAND in a subshell
+# with `set -euo pipefail`, counts it, prints `ok - NAME` with the first lines of its
+# output (the figures a check reports) or `not ok - NAME` with up to 60. Needs $WORK.
+PASSED=0
+FAILED=0
+check() {
+    local name=$1 out=$WORK/check.out
+    shift
+    if ( set -euo pipefail; "$@" ) >"$out" 2>&1; then
+        PASSED=$((PASSED + 1))
+        echo "ok - $name"
+        sed 's/^/    # /' "$out" | head -n 5
+    else
+        FAILED=$((FAILED + 1))
+        echo "not ok - $name"
+        sed 's/^/    # /' "$out" | head -n 60
+    fi
+}
+# fail MESSAGE: inside a check, fails it with MESSAGE.
+fail() { echo "FAILED: $*" >&2; return 1; }
+# finish_checks: writes `PASSED FAILED` to $E2E_COUNTS (if set; scripts/test.sh reads
+# it), prints the last line `N passed, M failed`, and exits non-zero if any failed.
+finish_checks() {
+    [ -z "${E2E_COUNTS:-}" ] || echo "$PASSED $FAILED" >"$E2E_COUNTS"
+    echo "$PASSED passed, $FAILED failed"
+    [ "$FAILED" = 0 ]
+    exit
 }
