@@ -177,6 +177,15 @@ pub enum Error {
         /// What the body stream reported.
         reason: String,
     },
+    /// A remote registry this one reads from or writes to (an upstream of a
+    /// pull-through cache, a mirror's target) could not be reached, answered with a
+    /// server error, or served bytes that do not match their digest. Nothing it sent
+    /// was kept.
+    #[error("upstream registry failed: {reason}")]
+    Upstream {
+        /// What failed, for the log and the client.
+        reason: String,
+    },
     /// The storage backend failed.
     #[error("storage error: {0}")]
     Storage(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -56,6 +56,7 @@
 
 pub mod access;
 pub mod digest;
+pub mod endpoint;
 pub mod error;
 pub mod events;
 pub mod fault;
@@ -64,9 +65,11 @@ pub mod gc;
 pub mod kv;
 pub mod manifest;
 pub mod memory;
+pub mod mirror;
 pub mod names;
 pub mod policy;
 pub mod promote;
+pub mod proxy;
 pub mod registry;
 mod rng;
 pub mod store;
@@ -75,6 +78,7 @@ pub mod testkit;
 pub mod time;
 
 pub use digest::{Algorithm, Digest, Hasher};
+pub use endpoint::{HeldManifest, ImageSink, ImageSource};
 pub use error::{Error, InvalidInput, Result};
 pub use events::{ConsumerRecord, Event, EventPage, StoredEvent};
 pub use gc::{GcOptions, GcReport, RetentionRemoval, UntaggedPolicy};
@@ -82,7 +86,11 @@ pub use manifest::{Descriptor, ManifestInfo, ManifestKind, media_type};
 pub use memory::{MemoryBlobStore, MemoryKv, MemoryStore};
 pub use names::{Reference, RepoName, Tag};
 pub use policy::{Keep, Policy, Quota, RetentionRule, TagPattern};
-pub use promote::{PromoteError, PromoteOptions, PromoteReport, promote, same_storage};
+pub use mirror::{Mirror, MirrorStatus, MirrorTarget, MirrorWatch};
+pub use proxy::{ProxyStats, PruneReport, Upstream};
+pub use promote::{
+    PromoteError, PromoteOptions, PromoteReport, SyncReport, promote, same_storage, sync, transfer,
+};
 pub use registry::{
     AllowAll, BlobBody, BlobInfo, ListOptions, Manifest, ManifestEntry, ManifestMeta, Page,
     PutManifestOptions, PutManifestResult, RangeRequest, ReadAccess, Registry, RegistryBuilder,

@@ -51,10 +51,11 @@ use std::sync::{Arc, Mutex};
 use futures::stream::StreamExt;
 
 use crate::digest::Digest;
+use crate::endpoint::{ImageSink, ImageSource};
 use crate::error::Error;
 use crate::manifest::ManifestInfo;
 use crate::names::{Reference, RepoName, Tag};
-use crate::registry::{AllowAll, ListOptions, PutManifestOptions, Registry};
+use crate::registry::{ListOptions, Registry};
 use crate::store::ByteStream;
 
 /// Referrers are listed from the source one page at a time, so that a subject with a
@@ -165,6 +166,18 @@ pub enum PromoteError {
         #[source]
         error: Error,
     },
+    /// Listing the source repository's tags, or resolving one of them, failed (in
+    /// [`sync`]).
+    #[error("reading the tags of {repo} from the source failed{}: {error}", at_tag(.tag))]
+    SourceTags {
+        /// The source repository.
+        repo: RepoName,
+        /// The tag being resolved; `None` while listing.
+        tag: Option<Tag>,
+        /// The source's error.
+        #[source]
+        error: Error,
+    },
     /// The destination refused or failed an operation (a size limit, a policy, its
     /// storage). `error` is exactly what the destination returned.
     #[error("the destination refused {digest}: {error}")]
@@ -175,6 +188,10 @@ pub enum PromoteError {
         #[source]
         error: Error,
     },
+}
+
+fn at_tag(tag: &Option<Tag>) -> String {
+    tag.as_ref().map(|t| format!(" at {t}")).unwrap_or_default()
 }
 
 fn needed_by(parent: &Option<Digest>) -> String {
@@ -203,7 +220,9 @@ impl From<PromoteError> for Error {
                 reference: digest.to_string(),
             },
             PromoteError::SourceBlobMissing { digest, .. } => Error::BlobUnknown { digest },
-            PromoteError::Source { error, .. } | PromoteError::Destination { error, .. } => error,
+            PromoteError::Source { error, .. }
+            | PromoteError::SourceTags { error, .. }
+            | PromoteError::Destination { error, .. } => error,
         }
     }
 }
@@ -255,13 +274,41 @@ pub async fn promote(
     to_repo: &RepoName,
     options: &PromoteOptions,
 ) -> Result<PromoteReport, PromoteError> {
+    run(from, from_repo, digest, to, to_repo, options, same_storage(from, to)).await
+}
+
+/// [`promote`] between any [`ImageSource`] and any [`ImageSink`]: a local [`Registry`]
+/// or a remote registry on either side (the `registry-remote` crate's
+/// `RemoteRegistry`), with the same order, idempotence and errors. Blobs are mounted
+/// where the sink already holds them in another repository (a remote sink may decline),
+/// and streamed otherwise.
+pub async fn transfer(
+    from: &dyn ImageSource,
+    from_repo: &RepoName,
+    digest: &Digest,
+    to: &dyn ImageSink,
+    to_repo: &RepoName,
+    options: &PromoteOptions,
+) -> Result<PromoteReport, PromoteError> {
+    run(from, from_repo, digest, to, to_repo, options, false).await
+}
+
+async fn run(
+    from: &dyn ImageSource,
+    from_repo: &RepoName,
+    digest: &Digest,
+    to: &dyn ImageSink,
+    to_repo: &RepoName,
+    options: &PromoteOptions,
+    shared: bool,
+) -> Result<PromoteReport, PromoteError> {
     let mut run = Promotion {
         from,
         from_repo,
         to,
         to_repo,
         referrers: options.referrers,
-        shared: same_storage(from, to),
+        shared,
         manifests_seen: HashSet::new(),
         blobs_seen: HashSet::new(),
         report: PromoteReport::default(),
@@ -273,6 +320,76 @@ pub async fn promote(
         run.report.tagged = Some(tag.clone());
     }
     Ok(run.report)
+}
+
+/// What [`sync`] did: one promotion report per tag copied.
+#[derive(Debug, Clone, Default)]
+pub struct SyncReport {
+    /// Tags whose image was copied (or found present) and tagged in the sink.
+    pub tags: Vec<(Tag, Digest)>,
+    /// The sum of the promotions' reports.
+    pub totals: PromoteReport,
+}
+
+/// Copies every tag of `from_repo` (the image it points at, with everything the image
+/// references and, unless turned off, its referrers) into `to_repo`, tag by tag, with
+/// [`transfer`]. Tags are read one page at a time; a tag moved or deleted in the source
+/// while the sync runs is copied as it was when listed, or reported missing. The first
+/// failure stops the sync; what was copied before stays, and a second run skips it.
+pub async fn sync(
+    from: &dyn ImageSource,
+    from_repo: &RepoName,
+    to: &dyn ImageSink,
+    to_repo: &RepoName,
+    options: &PromoteOptions,
+) -> Result<SyncReport, PromoteError> {
+    let mut report = SyncReport::default();
+    let mut last = None;
+    loop {
+        let page = from
+            .list_tags(
+                from_repo,
+                &ListOptions {
+                    n: Some(REFERRER_PAGE),
+                    last: last.take(),
+                },
+            )
+            .await
+            .map_err(|error| PromoteError::SourceTags {
+                repo: from_repo.clone(),
+                tag: None,
+                error,
+            })?;
+        for tag in page.items {
+            let meta = from
+                .stat_manifest(from_repo, &Reference::Tag(tag.clone()))
+                .await
+                .map_err(|error| PromoteError::SourceTags {
+                    repo: from_repo.clone(),
+                    tag: Some(tag.clone()),
+                    error,
+                })?;
+            let options = options.clone().with_tag(tag.clone());
+            let done = transfer(from, from_repo, &meta.digest, to, to_repo, &options).await?;
+            report.totals.add(&done);
+            report.tags.push((tag, meta.digest));
+        }
+        match page.next {
+            Some(next) => last = Some(next),
+            None => return Ok(report),
+        }
+    }
+}
+
+impl PromoteReport {
+    fn add(&mut self, other: &PromoteReport) {
+        self.manifests_copied += other.manifests_copied;
+        self.manifests_skipped += other.manifests_skipped;
+        self.blobs_streamed += other.blobs_streamed;
+        self.blobs_mounted += other.blobs_mounted;
+        self.blobs_skipped += other.blobs_skipped;
+        self.bytes_streamed += other.bytes_streamed;
+    }
 }
 
 /// How a manifest was reached, to name what needed it when it is missing.
@@ -318,9 +435,9 @@ enum Step {
 }
 
 struct Promotion<'a> {
-    from: &'a Registry,
+    from: &'a dyn ImageSource,
     from_repo: &'a RepoName,
-    to: &'a Registry,
+    to: &'a dyn ImageSink,
     to_repo: &'a RepoName,
     referrers: bool,
     shared: bool,
@@ -380,7 +497,6 @@ impl Promotion<'_> {
                         .referrers(
                             self.from_repo,
                             &subject,
-                            None,
                             &ListOptions {
                                 n: Some(REFERRER_PAGE),
                                 last,
@@ -410,9 +526,7 @@ impl Promotion<'_> {
     async fn visit(&mut self, digest: &Digest, via: Via) -> Result<Visited, PromoteError> {
         let present = self
             .to
-            .inner
-            .meta
-            .manifest(self.to_repo, digest)
+            .held_manifest(self.to_repo, digest)
             .await
             .map_err(|error| self.dest_error(digest, error))?;
         if let Some(record) = present {
@@ -479,13 +593,7 @@ impl Promotion<'_> {
             self.blob(blob, &m.digest).await?;
         }
         self.to
-            .put_manifest(
-                self.to_repo,
-                &Reference::Digest(m.digest.clone()),
-                &m.media_type,
-                m.bytes,
-                PutManifestOptions::default(),
-            )
+            .put_manifest(self.to_repo, &m.digest, &m.media_type, m.bytes)
             .await
             .map_err(|error| self.dest_error(&m.digest, error))?;
         self.report.manifests_copied += 1;
@@ -503,25 +611,9 @@ impl Promotion<'_> {
             digest: digest.clone(),
             error,
         };
-        if to
-            .inner
-            .meta
-            .blob_link(self.to_repo, digest)
-            .await
-            .map_err(dest)?
-            .is_some()
-        {
-            // A stat as a client's HEAD would do: it refreshes the link's protection, so
-            // an unreferenced link cannot be collected before the manifest referencing
-            // it is put. The link can vanish between the two reads; then transfer.
-            match to.stat_blob(self.to_repo, digest).await {
-                Ok(_) => {
-                    self.report.blobs_skipped += 1;
-                    return Ok(());
-                }
-                Err(Error::BlobUnknown { .. }) => {}
-                Err(error) => return Err(dest(error)),
-            }
+        if to.has_blob(self.to_repo, digest).await.map_err(dest)? {
+            self.report.blobs_skipped += 1;
+            return Ok(());
         }
         // Mounts go through the destination's own metadata, which links the blob only
         // if, in the same atomic change, one of its repositories links it: that proves
@@ -530,7 +622,7 @@ impl Promotion<'_> {
         // whatever the storage layout; `shared` only saves the search for a holder.
         if self.shared
             && to
-                .mount_blob(self.to_repo, digest, Some(self.from_repo), &AllowAll)
+                .mount_blob(self.to_repo, digest, Some(self.from_repo))
                 .await
                 .map_err(dest)?
         {
@@ -541,7 +633,7 @@ impl Promotion<'_> {
         // read them from the source), so linking the destination's copy reveals
         // nothing, and it saves a transfer of, say, a base layer production already has.
         if to
-            .mount_blob(self.to_repo, digest, None, &AllowAll)
+            .mount_blob(self.to_repo, digest, None)
             .await
             .map_err(dest)?
         {
@@ -556,7 +648,7 @@ impl Promotion<'_> {
 
     /// Streams a blob's bytes from the source into the destination; returns its size.
     async fn stream_blob(&self, digest: &Digest, manifest: &Digest) -> Result<u64, PromoteError> {
-        let body = match self.from.get_blob(self.from_repo, digest, None).await {
+        let body = match self.from.get_blob(self.from_repo, digest).await {
             Ok(body) => body,
             Err(Error::BlobUnknown { .. }) => {
                 return Err(PromoteError::SourceBlobMissing {
@@ -576,7 +668,7 @@ impl Promotion<'_> {
         let stream = watch_source(body.stream, body.size, failure.clone());
         let result = self
             .to
-            .put_blob(self.to_repo, digest, Some(body.size), stream)
+            .put_blob(self.to_repo, digest, body.size, stream)
             .await;
         // The destination only sees an I/O error when the source stream fails; the
         // recorded failure says whose fault it was.
@@ -587,7 +679,7 @@ impl Promotion<'_> {
             });
         }
         match result {
-            Ok(info) => Ok(info.size),
+            Ok(size) => Ok(size),
             // We passed the source's bytes under the source's digest, so a mismatch
             // means the source served bytes that are not what it recorded (possible
             // when it does not verify reads).
@@ -605,9 +697,7 @@ impl Promotion<'_> {
     async fn tag_root(&self, tag: &Tag, root: &Digest) -> Result<(), PromoteError> {
         let current = self
             .to
-            .inner
-            .meta
-            .tag(self.to_repo, tag)
+            .tagged(self.to_repo, tag)
             .await
             .map_err(|error| self.dest_error(root, error))?;
         // A repeated promotion writes nothing, not even an unchanged tag.
@@ -697,6 +787,7 @@ mod tests {
 
     use super::*;
     use crate::manifest::media_type;
+    use crate::registry::PutManifestOptions;
     use crate::testkit::{image_manifest_with, push_blob, repo};
 
     // The other promotion tests use only the public API: `tests/promote.rs`. This one

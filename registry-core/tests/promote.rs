@@ -958,3 +958,45 @@ async fn blobs_stream_chunk_by_chunk_without_buffering() {
     );
     assert_eq!(read_blob(&prod, &dst, &layer).await.unwrap(), whole);
 }
+
+#[tokio::test]
+async fn sync_copies_every_tag_of_a_repository_and_a_second_sync_copies_nothing() {
+    use registry_core::{Tag, fixtures};
+    let (ci, prod) = (Registry::in_memory(), Registry::in_memory());
+    let (src, dst) = (repo("ci/app"), repo("mirror/app"));
+    let mut expected = Vec::new();
+    for (i, tag) in ["v1", "v2", "latest"].into_iter().enumerate() {
+        let image = fixtures::image()
+            .seed(i as u64)
+            .push(&ci, &src, tag)
+            .await
+            .unwrap();
+        expected.push((Tag::parse(tag).unwrap(), image.manifest.digest));
+    }
+    // Through the trait objects, as with a remote registry on either side.
+    let report = registry_core::sync(&ci, &src, &prod, &dst, &PromoteOptions::default())
+        .await
+        .unwrap();
+    expected.sort();
+    let mut synced = report.tags.clone();
+    synced.sort();
+    assert_eq!(synced, expected);
+    assert_eq!(report.totals.manifests_copied, 3);
+    for (tag, digest) in &expected {
+        let got = prod
+            .get_manifest(&dst, &Reference::Tag(tag.clone()))
+            .await
+            .unwrap();
+        assert_eq!(&got.meta.digest, digest);
+    }
+    let again = registry_core::sync(&ci, &src, &prod, &dst, &PromoteOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(again.totals.manifests_copied, 0);
+    assert_eq!(again.totals.bytes_streamed, 0);
+
+    let missing = registry_core::sync(&ci, &repo("ci/none"), &prod, &dst, &PromoteOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(missing, PromoteError::SourceTags { tag: None, .. }), "{missing:?}");
+}

@@ -132,6 +132,12 @@ impl From<Error> for ApiError {
                 Self::new(S::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", message)
                     .with_header(header::RETRY_AFTER, secs.to_string())
             }
+            // The upstream of a pull-through cache failed: a gateway error, so that the
+            // client knows to retry, and the reason (which names no secret) for the user.
+            Error::Upstream { .. } => {
+                tracing::warn!(error = %message, "upstream registry failure");
+                Self::new(S::BAD_GATEWAY, "UNKNOWN", message)
+            }
             Error::Storage(source) => {
                 tracing::error!(error = %source, "storage failure");
                 Self::new(

@@ -18,6 +18,21 @@ impl Registry {
         bytes: Bytes,
         options: PutManifestOptions,
     ) -> Result<PutManifestResult> {
+        self.check_push(repo, "manifest push")?;
+        self.store_manifest(repo, reference, content_type, bytes, options)
+            .await
+    }
+
+    /// [`put_manifest`](Self::put_manifest) without the pull-through cache's refusal:
+    /// how the cache itself stores what it fetched.
+    pub(crate) async fn store_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: &str,
+        bytes: Bytes,
+        options: PutManifestOptions,
+    ) -> Result<PutManifestResult> {
         self.check_writable("manifest push")?;
         let limit = self.inner.config.max_manifest_size;
         if bytes.len() as u64 > limit {
@@ -193,6 +208,9 @@ impl Registry {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<ManifestMeta> {
+        if let Some(upstream) = self.upstream_for(repo) {
+            self.refresh_manifest(upstream, repo, reference).await?;
+        }
         let rec = self.resolve(repo, reference).await?;
         Ok(ManifestMeta {
             digest: rec.digest,
@@ -203,6 +221,9 @@ impl Registry {
 
     /// A manifest with its exact bytes, verified against its digest.
     pub async fn get_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<Manifest> {
+        if let Some(upstream) = self.upstream_for(repo) {
+            self.refresh_manifest(upstream, repo, reference).await?;
+        }
         let rec = self.resolve(repo, reference).await?;
         let missing = || Error::ManifestUnknown {
             reference: reference.to_string(),
@@ -275,6 +296,12 @@ impl Registry {
 
     /// Points `tag` at a manifest already in `repo`.
     pub async fn tag_manifest(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> Result<()> {
+        self.check_push(repo, "tag")?;
+        self.set_tag(repo, tag, digest).await
+    }
+
+    /// [`tag_manifest`](Self::tag_manifest) without the pull-through cache's refusal.
+    pub(crate) async fn set_tag(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> Result<()> {
         self.check_writable("tag")?;
         let from = self
             .inner

@@ -128,6 +128,8 @@ pub struct RegistryBuilder {
     config: RegistryConfig,
     clock: Arc<dyn Clock>,
     id_seed: Option<u64>,
+    upstreams: Vec<crate::proxy::Upstream>,
+    spool_dir: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for dyn Clock {
@@ -251,6 +253,42 @@ impl RegistryBuilder {
         self.id_seed = Some(seed);
         self
     }
+    /// Makes the repositories under `upstream`'s prefix a pull-through cache of another
+    /// registry (see [`proxy`](crate::proxy)): what they lack is fetched from the
+    /// upstream, stored, and served. Manifests there may be sparse (an index is cached
+    /// without the platforms nobody pulled). Repeatable, one prefix per upstream.
+    pub fn with_upstream(mut self, upstream: crate::proxy::Upstream) -> Self {
+        self.config
+            .policy
+            .sparse
+            .push(Some(upstream.prefix.clone()));
+        if upstream.cache_budget.is_some()
+            && !self
+                .config
+                .policy
+                .quotas
+                .iter()
+                .any(|q| q.prefix == upstream.prefix)
+        {
+            // The budget is measured with the quota counter kept in the metadata store's
+            // atomic changes; a quota nobody can reach only counts.
+            self.config.policy.quotas.push(Quota {
+                prefix: upstream.prefix.clone(),
+                bytes: u64::MAX,
+            });
+        }
+        self.upstreams.push(upstream);
+        self
+    }
+
+    /// Where blobs being fetched from an upstream are spooled while clients read them
+    /// (default: the system's temporary directory). Each file lives as long as its
+    /// fetch.
+    pub fn with_spool_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.spool_dir = Some(dir.into());
+        self
+    }
+
     /// Builds the registry. Cheap: no I/O, no task spawned, and no event channel until
     /// somebody [subscribes](Registry::subscribe).
     pub fn build(self) -> Registry {
@@ -265,6 +303,7 @@ impl RegistryBuilder {
                 ids: ids::IdSource::new(self.id_seed),
                 hashers: Mutex::new(HashMap::new()),
                 open_uploads: tokio::sync::Mutex::new(None),
+                proxy: crate::proxy::Proxy::new(self.upstreams, self.spool_dir),
             }),
         }
     }
@@ -300,6 +339,8 @@ pub(crate) struct Inner {
     /// use, then kept up to date by this process (sessions of other processes sharing
     /// the store are not seen: the limits are per process).
     open_uploads: tokio::sync::Mutex<Option<uploads::OpenUploads>>,
+    /// The pull-through cache's upstreams and fetches in flight, if any upstream is set.
+    pub(crate) proxy: Option<crate::proxy::Proxy>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -494,6 +535,8 @@ impl Registry {
             config: RegistryConfig::default(),
             clock: Arc::new(SystemClock),
             id_seed: None,
+            upstreams: Vec::new(),
+            spool_dir: None,
         }
     }
 
@@ -552,6 +595,23 @@ impl Registry {
         Ok(())
     }
 
+    /// Refuses writes in read-only mode, and pushes into a pull-through cache that does
+    /// not take them ([`Upstream::allow_push`](crate::proxy::Upstream::allow_push)).
+    pub(crate) fn check_push(&self, repo: &RepoName, operation: &'static str) -> Result<()> {
+        self.check_writable(operation)?;
+        if let Some(upstream) = self.upstream_for(repo)
+            && !upstream.allow_push
+        {
+            return Err(Error::Denied {
+                reason: format!(
+                    "{repo} is a pull-through cache of {}: {operation} refused",
+                    upstream.name
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn policy(&self) -> &Policy {
         &self.inner.config.policy
     }
@@ -576,7 +636,7 @@ impl Registry {
         from: Option<&RepoName>,
         access: &dyn ReadAccess,
     ) -> Result<bool> {
-        self.check_writable("blob mount")?;
+        self.check_push(repo, "blob mount")?;
         let source = match from {
             Some(from) if access.can_read(from) => Some(from.clone()),
             Some(_) => None,
@@ -603,7 +663,7 @@ impl Registry {
         }
     }
 
-    async fn readable_holder(
+    pub(crate) async fn readable_holder(
         &self,
         digest: &Digest,
         access: &dyn ReadAccess,
@@ -628,6 +688,14 @@ impl Registry {
     /// Size of a blob in `repo`; also refreshes its protection from collection, since a
     /// client that sees it present will not upload it again.
     pub async fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<BlobInfo> {
+        if let Some(upstream) = self.upstream_for(repo)
+            && let Some(size) = self.proxy_stat_blob(upstream, repo, digest).await?
+        {
+            return Ok(BlobInfo {
+                digest: digest.clone(),
+                size,
+            });
+        }
         let size = self.blob_size_in(repo, digest).await?;
         Ok(BlobInfo {
             digest: digest.clone(),
@@ -667,6 +735,11 @@ impl Registry {
         digest: &Digest,
         range: Option<RangeRequest>,
     ) -> Result<BlobBody> {
+        if let Some(upstream) = self.upstream_for(repo)
+            && let Some(body) = self.proxy_get_blob(upstream, repo, digest, range).await?
+        {
+            return Ok(body);
+        }
         let size = self.blob_size_in(repo, digest).await?;
         let range = range.map(|r| r.resolve(size)).transpose()?;
         let verify = self.inner.config.verify_reads;
@@ -702,6 +775,12 @@ impl Registry {
         digest: &Digest,
         ttl: std::time::Duration,
     ) -> Result<Option<String>> {
+        // A blob the cache does not hold yet is fetched through `get_blob`.
+        if let Some(upstream) = self.upstream_for(repo)
+            && self.proxy_stat_blob(upstream, repo, digest).await?.is_some()
+        {
+            return Ok(None);
+        }
         self.blob_size_in(repo, digest).await?;
         self.inner.blobs.presigned_get(digest, ttl).await
     }

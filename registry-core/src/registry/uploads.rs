@@ -14,6 +14,7 @@ impl Registry {
         repo: &RepoName,
         algorithm: Algorithm,
     ) -> Result<UploadStatus> {
+        self.check_push(repo, "blob upload")?;
         self.open_session(repo, algorithm, self.new_upload_id(None))
             .await
     }
@@ -27,6 +28,7 @@ impl Registry {
         algorithm: Algorithm,
         owner: &UploadOwner,
     ) -> Result<UploadStatus> {
+        self.check_push(repo, "blob upload")?;
         self.open_session(repo, algorithm, self.new_upload_id(Some(owner)))
             .await
     }
@@ -375,6 +377,7 @@ impl Registry {
         declared_len: Option<u64>,
         data: ByteStream,
     ) -> Result<BlobInfo> {
+        self.check_push(repo, "blob upload")?;
         let id = self.new_upload_id(None);
         self.put_blob_in(repo, digest, declared_len, data, id).await
     }
@@ -389,6 +392,7 @@ impl Registry {
         data: ByteStream,
         owner: &UploadOwner,
     ) -> Result<BlobInfo> {
+        self.check_push(repo, "blob upload")?;
         self.put_blob_in(
             repo,
             digest,
@@ -397,6 +401,19 @@ impl Registry {
             self.new_upload_id(Some(owner)),
         )
         .await
+    }
+
+    /// [`put_blob`](Self::put_blob) without the pull-through cache's refusal: how the
+    /// cache itself stores what it fetched.
+    pub(crate) async fn store_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        declared_len: Option<u64>,
+        data: ByteStream,
+    ) -> Result<BlobInfo> {
+        let id = self.new_upload_id(None);
+        self.put_blob_in(repo, digest, declared_len, data, id).await
     }
 
     async fn put_blob_in(
