@@ -13,6 +13,11 @@ FORBIDDEN = {
     # Layout import/export works on any Registry; it knows no store and no HTTP.
     "registry-layout": {"registry-http", "registry-store-fs", "registry-store-object"},
     "registry-store-postgres": {"registry-http", "registry-store-fs", "registry-store-object"},
+    # The remote client is an ImageSource/ImageSink like a Registry: core only.
+    "registry-remote": {
+        "registry-http", "registry-store-fs", "registry-store-object", "registry-store-postgres",
+        "registry-layout",
+    },
 }
 
 meta = json.loads(subprocess.check_output(

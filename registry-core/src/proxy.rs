@@ -19,6 +19,7 @@
 //!   them only if they match: nothing partial or unverified ever becomes visible. The
 //!   last byte reaches clients only once the whole blob has arrived and its source
 //!   vouched for it, so a failed fetch ends every client's body with an error.
+//! - **Tag listings** are the upstream's; the cached tags while it cannot be reached.
 //! - **Manifests may be sparse**: an index is cached without the platforms nobody
 //!   pulled, an image before its layers.
 //! - **Pushes** are refused ([`Error::Denied`]) unless the upstream
@@ -45,7 +46,7 @@ use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::names::{Reference, RepoName, Tag};
 use crate::registry::{
-    AllowAll, BlobBody, ListOptions, Manifest, PutManifestOptions, RangeRequest, Registry,
+    AllowAll, BlobBody, ListOptions, Manifest, Page, PutManifestOptions, RangeRequest, Registry,
 };
 use crate::store::{ByteRange, ByteStream, LinkOutcome};
 use crate::time::Timestamp;
@@ -558,6 +559,32 @@ impl Registry {
                 proxy.confirm(repo, tag);
                 self.mark_pulled(repo, &digest);
                 Ok(())
+            }
+        }
+    }
+
+    /// The tags of a cached repository are the upstream's (pulling one fetches it):
+    /// `None` when the upstream cannot be reached, to list the cached tags instead.
+    pub(crate) async fn proxy_list_tags(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        options: &ListOptions,
+    ) -> Result<Option<Page<Tag>>> {
+        let remote = upstream
+            .remote_repo(repo)
+            .ok_or_else(|| Error::NameUnknown { repo: repo.clone() })?;
+        let options = ListOptions {
+            n: Some(self.page_size(options.n)),
+            last: options.last.clone(),
+        };
+        match upstream.source.list_tags(&remote, &options).await {
+            Ok(page) => Ok(Some(page)),
+            Err(e @ Error::NameUnknown { .. }) => Err(e),
+            Err(e) => {
+                tracing::warn!(%repo, upstream = %upstream.name, error = %e,
+                    "upstream unreachable: listing the cached tags");
+                Ok(None)
             }
         }
     }

@@ -481,3 +481,26 @@ async fn prune_evicts_the_least_recently_pulled_over_the_budget() {
     assert_eq!(got.meta.digest, images[1].manifest.digest);
     assert_eq!(remote.manifest_gets.load(Ordering::SeqCst), 4);
 }
+
+#[tokio::test]
+async fn tags_are_listed_from_the_upstream_or_from_the_cache_when_it_is_down() {
+    let remote = Arc::new(Remote::default());
+    for (i, t) in ["v1", "v2", "v3"].into_iter().enumerate() {
+        fixtures::image()
+            .seed(i as u64)
+            .push(&remote.registry, &repo("app"), t)
+            .await
+            .unwrap();
+    }
+    let cache = cache_of(&remote, |u| u);
+    let local = repo("hub/app");
+    let names = |p: registry_core::registry::Page<Tag>| {
+        p.items.iter().map(ToString::to_string).collect::<Vec<_>>()
+    };
+    let listed = cache.list_tags(&local, &ListOptions::default()).await.unwrap();
+    assert_eq!(names(listed), ["v1", "v2", "v3"]);
+    cache.get_manifest(&local, &tag("v2")).await.unwrap();
+    remote.down.store(true, Ordering::SeqCst);
+    let listed = cache.list_tags(&local, &ListOptions::default()).await.unwrap();
+    assert_eq!(names(listed), ["v2"]);
+}

@@ -803,7 +803,7 @@ impl Registry {
 
     // ----- listings -----
 
-    fn page_size(&self, n: Option<usize>) -> usize {
+    pub(crate) fn page_size(&self, n: Option<usize>) -> usize {
         // Listings fetch one item more than the page to learn whether more remain: keep
         // that `n + 1` from overflowing when both `n` and the limit are `usize::MAX`.
         let max = self.inner.config.max_page_size.min(usize::MAX - 1);
@@ -812,6 +812,11 @@ impl Registry {
 
     /// Tags of `repo`, sorted. [`Error::NameUnknown`] if the repository does not exist.
     pub async fn list_tags(&self, repo: &RepoName, options: &ListOptions) -> Result<Page<Tag>> {
+        if let Some(upstream) = self.upstream_for(repo)
+            && let Some(page) = self.proxy_list_tags(upstream, repo, options).await?
+        {
+            return Ok(page);
+        }
         if self.inner.meta.repository(repo).await?.is_none() {
             return Err(Error::NameUnknown { repo: repo.clone() });
         }
