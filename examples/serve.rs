@@ -9,7 +9,9 @@
 //! N`, `--auth-max-failures-per-address N`, `--auth-lockout DURATION`, `--tls-cert FILE
 //! --tls-key FILE`, `--metrics-addr HOST:PORT`, `--no-access-log`, `--access-log FILE`, `--audit-log FILE`,
 //! `--audit-log-fsync`, `--notify URL[,OPTION...]` (repeatable), `--notify-secret-file
-//! FILE`, `--notify-retention DURATION`, `--notify-poll DURATION`. Logs go through
+//! FILE`, `--notify-retention DURATION`, `--notify-poll DURATION`, `--proxy
+//! PREFIX=URL[,OPTION...]` (repeatable), `--proxy-spool DIR`, `--mirror
+//! PREFIX=URL[,OPTION...]` (repeatable). Logs go through
 //! `tracing` (`RUST_LOG=debug` for more, or per target: `RUST_LOG=registry_http=debug,info`);
 //! credentials are never logged. On start it prints the URL, where the data is and how
 //! to stop; a failure (port in use, data directory not writable, object storage not
@@ -45,7 +47,10 @@
 //! - `serve import --repo NAME [--tag T]... PATH` and `serve export [--repo NAME [--tag
 //!   T]...] PATH` (with the storage flags above; fs while stopped) move images in from
 //!   and out to an OCI image layout directory, or an oci-archive when PATH ends in
-//!   `.tar` (crate `registry-layout`); each prints its report as the last line.
+//!   `.tar` (crate `registry-layout`); each prints its report as the last line;
+//! - `serve sync --from SRC --to DST` copies every tag of a repository between this
+//!   storage (`REPO`) and remote registries (`http(s)://HOST[:PORT]/REPO`); its last
+//!   line starts with `sync:`.
 //!
 //! Policies: `--immutable-tags PATTERN` (repeatable; `[REPO_PREFIX:]GLOB` with `*`, for
 //! example `v*` or `prod/app:release-*`; also honoured by `gc`), `--quota PREFIX=BYTES`
@@ -53,6 +58,9 @@
 //! `--keep-younger-than DURATION[:PATTERN]` (DURATION like `30d`, `12h`, `90m`, `45s`,
 //! `1w`, `1d 12h`; PATTERN defaults to `*`), each repeatable; the removed tags are printed before the
 //! report.
+
+#[path = "serve_remote.rs"]
+mod remote;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -302,6 +310,27 @@ struct Args {
     /// wake delivery at once).
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     notify_poll: Duration,
+    /// Make the repositories under PREFIX a pull-through cache of the registry at URL
+    /// (`PREFIX/library/app` is its `library/app`):
+    /// `PREFIX=URL[,remote=REPO_PREFIX][,credentials=file:PATH|env:VAR][,ttl=DURATION]
+    /// [,budget=BYTES][,push]` (repeatable). The credentials' first line is
+    /// `USER:PASSWORD`. Tags are re-checked after `ttl` (default 60s) and served from
+    /// the cache while the upstream is down; pushes there are refused unless `push`;
+    /// past `budget` bytes, the least recently pulled images are evicted (reclaimed by
+    /// the collector: set --gc-interval).
+    #[arg(long = "proxy", value_name = "PREFIX=URL[,OPTION...]", value_parser = remote::parse_proxy)]
+    proxy: Vec<remote::ProxySpec>,
+    /// Where blobs being fetched by the pull-through cache are spooled (default: the
+    /// system's temporary directory).
+    #[arg(long, value_name = "DIR")]
+    proxy_spool: Option<PathBuf>,
+    /// Copy every image pushed under PREFIX to the registry at URL, at least once, in
+    /// order, through restarts (from the outbox; several serve processes share one
+    /// cursor per URL): `PREFIX=URL[,remote=REPO_PREFIX][,credentials=file:PATH|env:VAR]
+    /// [,deletes][,no-referrers]` (repeatable). Starts with what is pushed from then on;
+    /// `serve sync` copies what was there before.
+    #[arg(long = "mirror", value_name = "PREFIX=URL[,OPTION...]", value_parser = remote::parse_mirror)]
+    mirror: Vec<remote::MirrorSpec>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -361,6 +390,27 @@ enum Command {
         tags: Vec<Tag>,
         /// The layout directory or .tar archive (created, or added to).
         path: PathBuf,
+    },
+    /// Copy every tag of a repository (with what the images reference and their
+    /// referrers) from --from to --to: each `http(s)://HOST[:PORT]/REPO` (a remote
+    /// registry) or `REPO` (this storage: --data-dir/--storage; fs while stopped).
+    Sync {
+        /// Where to copy from.
+        #[arg(long, value_parser = remote::parse_sync_end)]
+        from: remote::SyncEnd,
+        /// Where to copy to.
+        #[arg(long, value_parser = remote::parse_sync_end)]
+        to: remote::SyncEnd,
+        /// Credentials for a remote --from: `file:PATH` or `env:VAR` holding
+        /// `USER:PASSWORD`.
+        #[arg(long, value_name = "file:PATH|env:VAR")]
+        from_credentials: Option<String>,
+        /// Credentials for a remote --to.
+        #[arg(long, value_name = "file:PATH|env:VAR")]
+        to_credentials: Option<String>,
+        /// Leave referrers (signatures, SBOMs) behind.
+        #[arg(long)]
+        no_referrers: bool,
     },
     /// Make the token signing key (--token-key-file; kept if it exists) and write a
     /// self-signed certificate of it, for registries that trust our tokens (for
@@ -1035,6 +1085,31 @@ async fn run(args: &Args) -> Result<(), String> {
             return Ok(());
         }
         Some(Command::TokenKey { cert, days }) => return token_key(args, cert, *days),
+        Some(Command::Sync {
+            from,
+            to,
+            from_credentials,
+            to_credentials,
+            no_referrers,
+        }) => {
+            let line = remote::sync(
+                from,
+                from_credentials.as_deref(),
+                to,
+                to_credentials.as_deref(),
+                !no_referrers,
+                async || {
+                    Ok(
+                        with_policies(Registry::builder(open_storage(args).await?), args)
+                            .with_max_manifest_size(args.max_manifest_size)
+                            .build(),
+                    )
+                },
+            )
+            .await?;
+            println!("{line}");
+            return Ok(());
+        }
         Some(Command::Import { repo, tags, path }) => {
             let registry = with_policies(Registry::builder(open_storage(args).await?), args)
                 .with_max_manifest_size(args.max_manifest_size)
@@ -1088,7 +1163,12 @@ async fn run(args: &Args) -> Result<(), String> {
         metrics.as_ref(),
         audit.as_ref(),
     );
-    let registry = with_policies(Registry::builder(storage), args)
+    let builder = remote::with_upstreams(
+        Registry::builder(storage),
+        &args.proxy,
+        args.proxy_spool.as_deref(),
+    )?;
+    let registry = with_policies(builder, args)
         .with_max_manifest_size(args.max_manifest_size)
         .with_max_blob_size(args.max_blob_size.unwrap_or(u64::MAX))
         .with_max_open_uploads(args.max_uploads, args.max_uploads_per_repo)
@@ -1161,6 +1241,27 @@ async fn run(args: &Args) -> Result<(), String> {
         });
     }
 
+    if remote::any_budget(&args.proxy) {
+        let registry = registry.clone();
+        let mut stop = stop_rx.clone();
+        // Eviction deletes manifests; the collector (--gc-interval) frees their bytes.
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                }
+                match registry.prune_cache().await {
+                    Ok(report) if report.manifests_removed > 0 => {
+                        tracing::info!(?report, "pull-through cache over budget: evicted")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cache eviction failed; will retry"),
+                }
+            }
+        });
+    }
+
     let metrics_server = match (metrics_listener, &metrics) {
         (Some(listener), Some(m)) => {
             let at = listener
@@ -1181,6 +1282,17 @@ async fn run(args: &Args) -> Result<(), String> {
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let notifier = start_notifier(args, &registry, scheme, addr)?;
+    let instance = format!("{addr}/{}", std::process::id());
+    let mirrors = remote::start_mirrors(&registry, &args.mirror, &instance)?;
+    if let Some(metrics) = &metrics {
+        if !args.proxy.is_empty() {
+            metrics.register_encoder(registry_http::proxy_metrics(registry.clone()));
+        }
+        if !mirrors.is_empty() {
+            let watches = mirrors.iter().map(registry_core::Mirror::watch).collect();
+            metrics.register_encoder(registry_http::mirror_metrics(watches));
+        }
+    }
     if let (Some(notifier), Some(metrics)) = (&notifier, &metrics) {
         let collector = notifier.collector();
         metrics.register_encoder(Box::new(move |e| collector.encode_to(e)));
@@ -1206,6 +1318,12 @@ async fn run(args: &Args) -> Result<(), String> {
     for endpoint in &args.notify {
         println!("webhook: {} ({})", endpoint.url(), endpoint.format.as_str());
     }
+    for spec in &args.proxy {
+        println!("pull-through cache: {}", spec.describe());
+    }
+    for spec in &args.mirror {
+        println!("mirror: {}", spec.describe());
+    }
     println!("Ctrl-C to stop");
     tracing::info!(%addr, "registry ready");
     shutdown_signal().await;
@@ -1217,6 +1335,9 @@ async fn run(args: &Args) -> Result<(), String> {
     }
     if let Some(n) = notifier {
         n.shutdown().await;
+    }
+    for mirror in mirrors {
+        mirror.shutdown().await;
     }
     Ok(())
 }

@@ -10,10 +10,9 @@
 //! cache ([`Upstream`](crate::proxy::Upstream)) fetches what it misses from an
 //! `ImageSource`.
 //!
-//! Both traits speak [`Error`](crate::Error): a missing manifest is
-//! [`Error::ManifestUnknown`](crate::Error::ManifestUnknown), a missing blob
-//! [`Error::BlobUnknown`](crate::Error::BlobUnknown), a remote that cannot be reached
-//! or answers with a server error [`Error::Upstream`](crate::Error::Upstream).
+//! Both traits speak [`Error`]: a missing manifest is [`Error::ManifestUnknown`], a
+//! missing blob [`Error::BlobUnknown`], a remote that cannot be reached or answers
+//! with a server error [`Error::Upstream`].
 
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -84,13 +84,13 @@ pub use events::{ConsumerRecord, Event, EventPage, StoredEvent};
 pub use gc::{GcOptions, GcReport, RetentionRemoval, UntaggedPolicy};
 pub use manifest::{Descriptor, ManifestInfo, ManifestKind, media_type};
 pub use memory::{MemoryBlobStore, MemoryKv, MemoryStore};
+pub use mirror::{Mirror, MirrorStatus, MirrorTarget, MirrorWatch};
 pub use names::{Reference, RepoName, Tag};
 pub use policy::{Keep, Policy, Quota, RetentionRule, TagPattern};
-pub use mirror::{Mirror, MirrorStatus, MirrorTarget, MirrorWatch};
-pub use proxy::{ProxyStats, PruneReport, Upstream};
 pub use promote::{
     PromoteError, PromoteOptions, PromoteReport, SyncReport, promote, same_storage, sync, transfer,
 };
+pub use proxy::{ProxyStats, PruneReport, Upstream};
 pub use registry::{
     AllowAll, BlobBody, BlobInfo, ListOptions, Manifest, ManifestEntry, ManifestMeta, Page,
     PutManifestOptions, PutManifestResult, RangeRequest, ReadAccess, Registry, RegistryBuilder,

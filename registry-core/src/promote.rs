@@ -274,7 +274,16 @@ pub async fn promote(
     to_repo: &RepoName,
     options: &PromoteOptions,
 ) -> Result<PromoteReport, PromoteError> {
-    run(from, from_repo, digest, to, to_repo, options, same_storage(from, to)).await
+    run(
+        from,
+        from_repo,
+        digest,
+        to,
+        to_repo,
+        options,
+        same_storage(from, to),
+    )
+    .await
 }
 
 /// [`promote`] between any [`ImageSource`] and any [`ImageSink`]: a local [`Registry`]

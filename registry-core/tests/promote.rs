@@ -995,8 +995,17 @@ async fn sync_copies_every_tag_of_a_repository_and_a_second_sync_copies_nothing(
     assert_eq!(again.totals.manifests_copied, 0);
     assert_eq!(again.totals.bytes_streamed, 0);
 
-    let missing = registry_core::sync(&ci, &repo("ci/none"), &prod, &dst, &PromoteOptions::default())
-        .await
-        .unwrap_err();
-    assert!(matches!(missing, PromoteError::SourceTags { tag: None, .. }), "{missing:?}");
+    let missing = registry_core::sync(
+        &ci,
+        &repo("ci/none"),
+        &prod,
+        &dst,
+        &PromoteOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(missing, PromoteError::SourceTags { tag: None, .. }),
+        "{missing:?}"
+    );
 }

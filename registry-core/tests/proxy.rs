@@ -497,10 +497,16 @@ async fn tags_are_listed_from_the_upstream_or_from_the_cache_when_it_is_down() {
     let names = |p: registry_core::registry::Page<Tag>| {
         p.items.iter().map(ToString::to_string).collect::<Vec<_>>()
     };
-    let listed = cache.list_tags(&local, &ListOptions::default()).await.unwrap();
+    let listed = cache
+        .list_tags(&local, &ListOptions::default())
+        .await
+        .unwrap();
     assert_eq!(names(listed), ["v1", "v2", "v3"]);
     cache.get_manifest(&local, &tag("v2")).await.unwrap();
     remote.down.store(true, Ordering::SeqCst);
-    let listed = cache.list_tags(&local, &ListOptions::default()).await.unwrap();
+    let listed = cache
+        .list_tags(&local, &ListOptions::default())
+        .await
+        .unwrap();
     assert_eq!(names(listed), ["v2"]);
 }

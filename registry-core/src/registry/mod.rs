@@ -777,7 +777,10 @@ impl Registry {
     ) -> Result<Option<String>> {
         // A blob the cache does not hold yet is fetched through `get_blob`.
         if let Some(upstream) = self.upstream_for(repo)
-            && self.proxy_stat_blob(upstream, repo, digest).await?.is_some()
+            && self
+                .proxy_stat_blob(upstream, repo, digest)
+                .await?
+                .is_some()
         {
             return Ok(None);
         }
