@@ -761,6 +761,15 @@ impl Registry {
                 limit,
             });
         }
+        // Created on first use (and again if something removed it meanwhile).
+        tokio::fs::create_dir_all(&proxy.spool_dir)
+            .await
+            .map_err(|e| {
+                Error::storage(format!(
+                    "spool directory {}: {e}",
+                    proxy.spool_dir.display()
+                ))
+            })?;
         let path = proxy
             .spool_dir
             .join(format!("registry-fill-{}", uuid::Uuid::new_v4().simple()));

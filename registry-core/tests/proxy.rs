@@ -510,3 +510,36 @@ async fn tags_are_listed_from_the_upstream_or_from_the_cache_when_it_is_down() {
         .unwrap();
     assert_eq!(names(listed), ["v2"]);
 }
+
+#[tokio::test]
+async fn the_spool_directory_is_created_and_left_empty() {
+    let remote = Arc::new(Remote::default());
+    let image = fixtures::image()
+        .layers([200_000])
+        .push(&remote.registry, &repo("app"), "v1")
+        .await
+        .unwrap();
+    let spool =
+        std::env::temp_dir().join(format!("registry-proxy-test-{}/nested", std::process::id()));
+    let _ = std::fs::remove_dir_all(&spool);
+    let cache = Registry::builder(registry_core::MemoryStore::new())
+        .with_upstream(Upstream::new(repo("hub"), "test-upstream", remote.clone()))
+        .with_spool_dir(&spool)
+        .build();
+    let local = repo("hub/app");
+    let layer = &image.layers[0].digest;
+    let body = cache.get_blob(&local, layer, None).await.unwrap();
+    assert_eq!(Digest::sha256(&read_all(body).await.unwrap()), *layer);
+    assert!(wait_stored(&cache, &local, layer).await);
+    // The spool file goes with the fill's last reader (the store task).
+    let mut left = usize::MAX;
+    for _ in 0..100 {
+        left = std::fs::read_dir(&spool).unwrap().count();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(left, 0, "spool files left behind");
+    let _ = std::fs::remove_dir_all(spool.parent().unwrap());
+}
