@@ -126,6 +126,11 @@ struct Args {
     /// file corrupted on disk is then served as it is, until `check --verify-digests`).
     #[arg(long)]
     no_verify_reads: bool,
+    /// With fs storage, hash every full blob read, even of a file this process already
+    /// read whole and verified and that has not changed since (by default such reads
+    /// are not hashed again: see the README).
+    #[arg(long, conflicts_with = "no_verify_reads")]
+    verify_every_read: bool,
     /// Prefix of `Location` and `Link` headers when clients reach the registry through
     /// a proxy under another address (default: relative URLs).
     #[arg(long)]
@@ -896,6 +901,7 @@ async fn open_blob_storage(args: &Args) -> Result<Storage, String> {
         StorageKind::Fs => FsStore::open(&args.data_dir)
             .await
             .map_err(|e| fs_failure(&args.data_dir, &e))?
+            .remember_verified(!args.verify_every_read)
             .into_storage(),
         StorageKind::Object(url) => {
             let (store, signer, prefix) = registry_store_object::from_url_with_signer(url)

@@ -37,6 +37,99 @@ pub struct FsBlobStore {
     durable_fans: Arc<Mutex<HashSet<PathBuf>>>,
     /// The store's directories: durable before any write is acknowledged.
     skeleton: Arc<Skeleton>,
+    /// Files read whole and found to match their digest (docs/design.md §5, "Cost of
+    /// verified reads").
+    verified: Arc<VerifiedFiles>,
+}
+
+/// Blob files this process read whole and found to match their digest, by identity
+/// (device, inode, size, change time): a verified read of the same file, unchanged
+/// since, is not hashed again. Any write, truncation, replacement or `chmod` of the
+/// file changes its change time (or its inode), so it is hashed again; what changes
+/// bytes without the file system knowing (media rot) is found by `check
+/// --verify-digests`, or by the next process, which starts with no marks.
+#[derive(Debug, Default)]
+struct VerifiedFiles {
+    /// Off: every verified read is hashed.
+    off: AtomicBool,
+    /// Verified reads served without hashing, thanks to a mark.
+    skipped: std::sync::atomic::AtomicU64,
+    marks: Mutex<std::collections::HashMap<Digest, FileStamp>>,
+}
+
+/// At most this many marks (about 100 bytes each); past it, the marks are dropped and
+/// gathered again by the next reads.
+const MAX_MARKS: usize = 100_000;
+
+/// A file must have been changed at least this long before it was verified to be
+/// marked: file times tick at a few milliseconds, so a write in the same tick as the
+/// last one could otherwise leave the change time as it was (git's "racily clean"
+/// entries).
+const MARK_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A file's identity and version, as the file system reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl FileStamp {
+    /// The stamp of an open file, if it may be marked (Unix, changed long enough ago).
+    #[cfg(unix)]
+    fn of(meta: &fs::Metadata) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs() as i64;
+        if meta.ctime() > now - MARK_AFTER.as_secs() as i64 {
+            return None;
+        }
+        Some(FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            ctime: meta.ctime(),
+            ctime_nsec: meta.ctime_nsec(),
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn of(_: &fs::Metadata) -> Option<FileStamp> {
+        None
+    }
+}
+
+impl VerifiedFiles {
+    /// Whether `digest`'s file, as `stamp` says it is now, was verified whole.
+    fn holds(&self, digest: &Digest, stamp: &FileStamp) -> bool {
+        !self.off.load(Ordering::Relaxed)
+            && self.lock().get(digest).is_some_and(|mark| mark == stamp)
+    }
+
+    fn mark(&self, digest: Digest, stamp: FileStamp) {
+        if self.off.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut marks = self.lock();
+        if marks.len() >= MAX_MARKS {
+            marks.clear();
+        }
+        marks.insert(digest, stamp);
+    }
+
+    fn forget(&self, digest: &Digest) {
+        self.lock().remove(digest);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Digest, FileStamp>> {
+        // A plain map: a panic elsewhere cannot leave it inconsistent.
+        self.marks.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The directories of a store (`blobs/<algorithm>`, `blobs`, `uploads`) and the name
@@ -184,7 +277,24 @@ impl FsBlobStore {
             busy: Arc::default(),
             durable_fans: Arc::new(Mutex::new(durable_fans)),
             skeleton,
+            verified: Arc::default(),
         })
+    }
+
+    /// How many verified reads were served without hashing, their file having been
+    /// verified whole by this process and unchanged since.
+    pub fn reads_not_rehashed(&self) -> u64 {
+        self.verified.skipped.load(Ordering::Relaxed)
+    }
+
+    /// Whether a verified read of a file already read whole and verified by this
+    /// process, unchanged since, is served without hashing it again (default: yes;
+    /// `false` hashes every verified read).
+    pub fn remember_verified(&self, on: bool) {
+        self.verified.off.store(!on, Ordering::Relaxed);
+        if !on {
+            self.verified.lock().clear();
+        }
     }
 
     /// Where a blob's file lives.
@@ -455,6 +565,8 @@ struct FileReader {
     file: File,
     left: u64,
     check: Option<(Hasher, Digest)>,
+    /// Where to record the file as verified once its last block matched.
+    remember: Option<(Arc<VerifiedFiles>, FileStamp)>,
     /// Size of the next block: [`FIRST_BLOCK`], doubling up to [`BLOCK`].
     block: usize,
 }
@@ -473,6 +585,7 @@ impl FileReader {
             file,
             left: len,
             check: verify.map(|d| (Hasher::new(d.algorithm()), d)),
+            remember: None,
             block: FIRST_BLOCK,
         }
     }
@@ -508,6 +621,9 @@ impl FileReader {
                     io::ErrorKind::InvalidData,
                     format!("stored blob {digest} is corrupt"),
                 ));
+            }
+            if let Some((verified, stamp)) = self.remember.take() {
+                verified.mark(digest, stamp);
             }
         }
         Ok((self, Bytes::from(buf)))
@@ -567,21 +683,34 @@ impl BlobStore for FsBlobStore {
         verify: bool,
     ) -> Result<Option<BlobRead>> {
         let path = self.blob_path(digest);
-        let check = (verify && range.is_none()).then(|| digest.clone());
+        let mut check = (verify && range.is_none()).then(|| digest.clone());
+        let verified = self.verified.clone();
         let opened = blocking(move || {
             let mut file = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(io_err(e)),
             };
-            let size = file.metadata().map_err(io_err)?.len();
+            let meta = file.metadata().map_err(io_err)?;
+            let size = meta.len();
+            // Verified whole by this process, and unchanged since: not hashed again.
+            let stamp = check.as_ref().and_then(|_| FileStamp::of(&meta));
+            if let (Some(d), Some(s)) = (&check, &stamp)
+                && verified.holds(d, s)
+            {
+                check = None;
+                verified.skipped.fetch_add(1, Ordering::Relaxed);
+            }
             if let Some(r) = range {
                 if r.end >= size || r.start > r.end {
                     return Err(Error::RangeNotSatisfiable { size });
                 }
                 file.seek(SeekFrom::Start(r.start)).map_err(io_err)?;
             }
-            let reader = FileReader::new(file, range.map_or(size, |r| r.len()), check);
+            let mut reader = FileReader::new(file, range.map_or(size, |r| r.len()), check);
+            if reader.check.is_some() {
+                reader.remember = stamp.map(|s| (verified, s));
+            }
             // The first block in the same task as the open: a manifest or a small blob
             // is read in one hop to the blocking pool (a hop costs two thread wake-ups,
             // more than reading a few KiB from the page cache). A failed first block is
@@ -600,6 +729,7 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn delete(&self, digest: &Digest) -> Result<bool> {
+        self.verified.forget(digest);
         let path = self.blob_path(digest);
         blocking(move || match fs::remove_file(&path) {
             Ok(()) => Ok(true),

@@ -193,6 +193,21 @@ impl FsStore {
         self
     }
 
+    /// Whether a full read that [`Registry`](registry_core::Registry) asks to verify
+    /// (`verify_reads`) skips hashing a file this process already read whole and
+    /// verified, unchanged since (default: yes; see `docs/design.md` §5, "Cost of
+    /// verified reads"). `false`: every verified read is hashed.
+    pub fn remember_verified(self, on: bool) -> Self {
+        self.blobs.remember_verified(on);
+        self
+    }
+
+    /// Verified reads served without hashing (see
+    /// [`remember_verified`](Self::remember_verified)).
+    pub fn reads_not_rehashed(&self) -> u64 {
+        self.blobs.reads_not_rehashed()
+    }
+
     /// The data directory.
     pub fn root(&self) -> &Path {
         &self.root

@@ -531,3 +531,49 @@ async fn verified_multi_block_reads_are_exact_and_catch_corruption_in_any_block(
     );
     assert!(served < data.len(), "the last block must be withheld");
 }
+
+/// A file verified whole is not hashed again while it is unchanged; any change to it
+/// (here: same length, other bytes) makes the next read hash it, and catch it.
+#[tokio::test]
+async fn a_verified_file_is_hashed_once_until_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsStore::open(dir.path()).await.unwrap();
+    let r = Registry::builder(store.clone()).build();
+    let repo = repo("fs/marks");
+    let data: Vec<u8> = (0..(2 << 20) + 3).map(|i: u32| (i % 249) as u8).collect();
+    let d = push_blob(&r, &repo, &data).await;
+    // A file changed within the last 2 s is never marked (file times are coarse).
+    assert_eq!(read_blob(&r, &repo, &d).await.unwrap(), data);
+    assert_eq!(read_blob(&r, &repo, &d).await.unwrap(), data);
+    assert_eq!(store.reads_not_rehashed(), 0);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+
+    assert_eq!(read_blob(&r, &repo, &d).await.unwrap(), data); // hashed, marked
+    assert_eq!(read_blob(&r, &repo, &d).await.unwrap(), data); // not hashed
+    assert_eq!(read_blob(&r, &repo, &d).await.unwrap(), data);
+    assert_eq!(store.reads_not_rehashed(), 2);
+    // Ranges are never hashed, marked or not.
+    let part = r
+        .get_blob(&repo, &d, Some(registry_core::RangeRequest::FromTo(10, 19)))
+        .await
+        .unwrap();
+    assert_eq!(part.range.unwrap().len(), 10);
+    assert_eq!(store.reads_not_rehashed(), 2);
+
+    let mut tampered = data.clone();
+    tampered[(1 << 20) + 5] ^= 1;
+    std::fs::write(blob_file(dir.path(), &d), &tampered).unwrap();
+    assert!(
+        read_blob(&r, &repo, &d).await.is_err(),
+        "a changed file must be hashed again"
+    );
+    assert_eq!(store.reads_not_rehashed(), 2);
+
+    // Off: every verified read is hashed.
+    std::fs::write(blob_file(dir.path(), &d), &data).unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let store = store.remember_verified(false);
+    assert_eq!(read_blob(&r, &repo, &d).await.unwrap(), data);
+    assert_eq!(read_blob(&r, &repo, &d).await.unwrap(), data);
+    assert_eq!(store.reads_not_rehashed(), 2);
+}
