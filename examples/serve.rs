@@ -1288,8 +1288,7 @@ async fn run(args: &Args) -> Result<(), String> {
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let notifier = start_notifier(args, &registry, scheme, addr)?;
-    let instance = format!("{addr}/{}", std::process::id());
-    let mirrors = remote::start_mirrors(&registry, &args.mirror, &instance)?;
+    let mirrors = remote::start_mirrors(&registry, &args.mirror, &instance_name(args, addr))?;
     if let Some(metrics) = &metrics {
         if !args.proxy.is_empty() {
             metrics.register_encoder(registry_http::proxy_metrics(registry.clone()));
@@ -1346,6 +1345,23 @@ async fn run(args: &Args) -> Result<(), String> {
         mirror.shutdown().await;
     }
     Ok(())
+}
+
+/// This process's name among those sharing a storage, for the mirrors' leases. Stable
+/// across restarts, so a restarted process takes its lease back at once instead of
+/// waiting for it to expire: with fs or memory storage only one process can use the
+/// storage; otherwise the host and listening address tell processes apart.
+fn instance_name(args: &Args, addr: SocketAddr) -> String {
+    if matches!(args.storage, StorageKind::Fs | StorageKind::Memory) && args.metadata.is_none() {
+        return "local".to_owned();
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("pid-{}", std::process::id()));
+    format!("{host}/{addr}")
 }
 
 /// The webhook deliveries of `--notify`, if any.

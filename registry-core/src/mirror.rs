@@ -7,16 +7,19 @@
 //! - a manifest stored, or a tag moved, is [transferred](crate::promote::transfer) with
 //!   everything it references (and its referrers), then tagged;
 //! - with [deletes](MirrorTarget::with_deletes), a tag or manifest deleted here is
-//!   deleted there (a target that cannot delete, or no longer has it, is logged and
-//!   passed over);
+//!   deleted there (a target that no longer has it is fine; one that cannot delete a
+//!   tag gets the manifest deleted if no tag here points at it any more);
 //! - everything else is passed over.
 //!
 //! The cursor is acknowledged after the events it covers were copied, at most once a
 //! second, so a mirror killed at any point copies again, on restart, what it had not
 //! acknowledged: at least once, and a copy of what the target already holds writes
-//! nothing. A failed copy is retried, with backoff from 1 s to 60 s, without passing
-//! the event; processes sharing a storage share the consumer, one of them copying at a
-//! time through its lease.
+//! nothing. A copy that fails in a way a retry may fix (the target unreachable or
+//! failing, asking to slow down) is retried, with backoff from 1 s to 60 s, without
+//! passing the event; a refusal for good (denied, invalid, too large...) is logged,
+//! counted and passed over, so it never holds later pushes back. Processes sharing a
+//! storage share the consumer, one of them copying at a time through its lease (a
+//! process restarted under the same `instance` name takes its lease back at once).
 //!
 //! A new mirror starts at the outbox's head: it copies what is pushed from then on.
 //! What was there before is copied with [`sync`](crate::promote::sync) (`serve sync`).
@@ -395,6 +398,10 @@ impl Worker {
                         Err(e) => {
                             failures += 1;
                             self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                            if let Ok(head) = self.registry.events_head().await {
+                                let behind = head.saturating_sub(cursor);
+                                self.counters.lag.store(behind, Ordering::Relaxed);
+                            }
                             tracing::warn!(target = %self.target.name, seq = stored.seq, error = %e,
                                 "mirror: copy failed; will retry");
                             // Keep the lease while waiting.
@@ -421,13 +428,16 @@ impl Worker {
     }
 
     /// Copies (or deletes) what one event describes. `Err` only for what a retry may
-    /// fix: the target failing, or this registry's storage.
+    /// fix (see [`transient`]): anything else is logged, counted and passed over, so
+    /// that one event the target refuses never holds every later one back.
     async fn apply(&self, event: &Event) -> Result<()> {
         let (repo, digest, tag) = match event {
             Event::ManifestPut { repo, digest, .. } => (repo, digest, None),
             Event::TagMoved { repo, tag, to, .. } => (repo, to, Some(tag)),
-            Event::TagDeleted { repo, tag, .. } if self.target.deletes => {
-                return self.delete(repo, Reference::Tag(tag.clone())).await;
+            Event::TagDeleted {
+                repo, tag, digest, ..
+            } if self.target.deletes => {
+                return self.delete_tag(repo, tag, digest).await;
             }
             Event::ManifestDeleted { repo, digest, .. } if self.target.deletes => {
                 return self.delete(repo, Reference::Digest(digest.clone())).await;
@@ -458,24 +468,57 @@ impl Worker {
                 tracing::info!(target = %self.target.name, %repo, %digest, error = %e, "mirror: passed over");
                 Ok(())
             }
-            // The target refuses this image for good (a policy, a size limit): retrying
-            // cannot help, and holding every later push back would be worse.
-            Err(PromoteError::Destination { error, digest })
-                if matches!(
-                    error,
-                    Error::Denied { .. }
-                        | Error::ManifestInvalid { .. }
-                        | Error::TooLarge { .. }
-                        | Error::ImmutableTag { .. }
-                        | Error::QuotaExceeded { .. }
-                        | Error::Unsupported { .. }
-                ) =>
-            {
+            // Refused for good (by the target: a policy, a size limit; or the source
+            // cannot read it back): retrying cannot help, and holding every later push
+            // back would be worse.
+            Err(
+                PromoteError::Destination { error, digest }
+                | PromoteError::Source { error, digest },
+            ) if !transient(&error) => {
                 self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(target = %self.target.name, %repo, %digest, %error, "mirror: the target refuses this image; passed over");
+                tracing::error!(target = %self.target.name, %repo, %digest, %error, "mirror: refused for good; passed over");
                 Ok(())
             }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A tag deleted here: deleted there too, unless it exists here again by now (the
+    /// event that re-created it copies it). Registries that cannot delete tags
+    /// (Distribution answers 400) get the manifest deleted instead when no tag here
+    /// points at it any more; otherwise the delete is passed over.
+    async fn delete_tag(
+        &self,
+        repo: &RepoName,
+        tag: &crate::names::Tag,
+        digest: &crate::digest::Digest,
+    ) -> Result<()> {
+        if self.target.remote_repo(repo).is_none()
+            || self.registry.inner.meta.tag(repo, tag).await?.is_some()
+        {
+            return Ok(());
+        }
+        match self.delete(repo, Reference::Tag(tag.clone())).await {
+            Err(e) if !transient(&e) => {
+                let untagged = self
+                    .registry
+                    .inner
+                    .meta
+                    .manifest(repo, digest)
+                    .await?
+                    .is_some_and(|m| m.tags == 0);
+                if untagged {
+                    tracing::info!(target = %self.target.name, %repo, %tag, error = %e,
+                        "mirror: the target cannot delete tags; deleting the untagged manifest");
+                    self.delete(repo, Reference::Digest(digest.clone())).await
+                } else {
+                    self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(target = %self.target.name, %repo, %tag, error = %e,
+                        "mirror: the target refuses to delete the tag; passed over");
+                    Ok(())
+                }
+            }
+            other => other,
         }
     }
 
@@ -488,16 +531,29 @@ impl Worker {
                 self.counters.deleted.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(
-                Error::ManifestUnknown { .. }
-                | Error::NameUnknown { .. }
-                | Error::Unsupported { .. }
-                | Error::Denied { .. },
-            ) => {
-                tracing::info!(target = %self.target.name, %repo, %reference, "mirror: delete passed over");
-                Ok(())
-            }
-            Err(error) => Err(error),
+            // Already gone there.
+            Err(Error::ManifestUnknown { .. } | Error::NameUnknown { .. }) => Ok(()),
+            Err(error) if transient(&error) => Err(error),
+            Err(error) => match reference {
+                // The caller decides what to do instead.
+                Reference::Tag(_) => Err(error),
+                Reference::Digest(_) => {
+                    self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(target = %self.target.name, %repo, %reference, %error,
+                        "mirror: the target refuses the delete; passed over");
+                    Ok(())
+                }
+            },
         }
     }
+}
+
+/// Whether a retry may fix `error`: the target or this registry's storage failing, or
+/// asking to slow down. Refusals (denied, invalid, unsupported, too large, a digest
+/// the target computes otherwise...) are for good.
+fn transient(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Upstream { .. } | Error::TooManyRequests { .. } | Error::Storage(_)
+    )
 }

@@ -12,7 +12,8 @@
 //!   it. When the upstream cannot be reached, the cached tag is served (stale) rather
 //!   than failing; when the upstream says the tag does not exist, so does the cache.
 //! - **Blobs** missing from the repository are linked from any repository of this
-//!   registry that holds them, or else fetched. A fetch streams the upstream's bytes
+//!   registry that holds them (once the upstream confirms, with a HEAD, that its
+//!   repository has them), or else fetched. A fetch streams the upstream's bytes
 //!   into a spool file; every client asking for the blob meanwhile reads that file as
 //!   it grows (one upstream fetch however many clients, constant memory each), and the
 //!   same bytes are stored through the usual upload path, which hashes them and links
@@ -626,19 +627,34 @@ impl Registry {
     }
 
     /// Whether `repo` holds blob (or manifest) `digest`, linking it from another
-    /// repository of this registry if one holds it: that costs no fetch.
-    async fn hold_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+    /// repository of this registry if one holds it and the upstream confirms that its
+    /// repository has the blob: a HEAD instead of a fetch.
+    async fn hold_blob(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<bool> {
         let meta = &self.inner.meta;
         if meta.blob_link(repo, digest).await?.is_some()
             || meta.manifest(repo, digest).await?.is_some()
         {
             return Ok(true);
         }
-        // Any holder will do: whoever may read the cache may have the upstream's bytes,
-        // and the bytes were verified when the holder got them.
         let Some(holder) = self.readable_holder(digest, &AllowAll).await? else {
             return Ok(false);
         };
+        // The bytes here were verified when the holder got them, but whether this
+        // repository may have them is the upstream's to say: another repository (or
+        // another upstream) may be one this repository's readers cannot read there.
+        let Some(remote) = upstream.remote_repo(repo) else {
+            return Ok(false);
+        };
+        match upstream.source.stat_blob(&remote, digest).await {
+            Ok(info) if info.size == self.inner.blobs.stat(digest).await?.unwrap_or(u64::MAX) => {}
+            // Not there, or unreachable: no link; the fetch says what the upstream says.
+            _ => return Ok(false),
+        }
         let linked = meta
             .mount_blob(&holder, repo, digest, self.now(), &self.inner.config.policy)
             .await?;
@@ -663,7 +679,7 @@ impl Registry {
         digest: &Digest,
     ) -> Result<Option<u64>> {
         let proxy = self.proxy().expect("an upstream implies a proxy");
-        if self.hold_blob(repo, digest).await? {
+        if self.hold_blob(upstream, repo, digest).await? {
             return Ok(None);
         }
         let slot = lock(&proxy.fills)
@@ -689,7 +705,7 @@ impl Registry {
         range: Option<RangeRequest>,
     ) -> Result<Option<BlobBody>> {
         let proxy = self.proxy().expect("an upstream implies a proxy");
-        if self.hold_blob(repo, digest).await? {
+        if self.hold_blob(upstream, repo, digest).await? {
             bump(&proxy.counters.blob_hits);
             return Ok(None);
         }
@@ -746,7 +762,7 @@ impl Registry {
     ) -> Result<Option<Arc<Fill>>> {
         let proxy = self.proxy().expect("an upstream implies a proxy");
         // A fetch that just finished removes its slot after storing the blob.
-        if self.hold_blob(repo, digest).await? {
+        if self.hold_blob(upstream, repo, digest).await? {
             return Ok(None);
         }
         let remote = upstream

@@ -22,6 +22,8 @@ fn repo(s: &str) -> RepoName {
 struct Target {
     registry: Registry,
     down: AtomicBool,
+    /// Refuse tag deletes, as CNCF Distribution does (400 DIGEST_INVALID).
+    no_tag_deletes: AtomicBool,
 }
 
 impl Target {
@@ -29,6 +31,7 @@ impl Target {
         Arc::new(Target {
             registry: Registry::in_memory(),
             down: AtomicBool::new(false),
+            no_tag_deletes: AtomicBool::new(false),
         })
     }
     fn check(&self) -> Result<()> {
@@ -73,6 +76,11 @@ impl ImageSink for Target {
     }
     async fn delete_manifest(&self, r: &RepoName, reference: &Reference) -> Result<()> {
         self.check()?;
+        if matches!(reference, Reference::Tag(_)) && self.no_tag_deletes.load(Ordering::SeqCst) {
+            return Err(Error::ManifestInvalid {
+                reason: "tags cannot be deleted".into(),
+            });
+        }
         ImageSink::delete_manifest(&self.registry, r, reference).await
     }
 }
@@ -222,4 +230,77 @@ async fn a_target_down_is_retried_and_a_restarted_mirror_resumes_from_its_cursor
     );
     assert!(second.status().deleted >= 1);
     second.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_target_that_cannot_delete_tags_never_holds_later_pushes_back() {
+    let source = Registry::in_memory();
+    let target = Target::new();
+    target.no_tag_deletes.store(true, Ordering::SeqCst);
+    let mirror = Mirror::start(
+        source.clone(),
+        MirrorTarget::new(repo("prod"), "test-target", target.clone()).with_deletes(true),
+        "instance-1",
+    );
+    for _ in 0..100 {
+        if mirror.status().active {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let v1 = Reference::Tag(Tag::parse("v1").unwrap());
+    let untagged = fixtures::image()
+        .seed(1)
+        .push(&source, &repo("prod/a"), "v1")
+        .await
+        .unwrap();
+    let still_tagged = fixtures::image()
+        .seed(2)
+        .push(&source, &repo("prod/b"), "v1")
+        .await
+        .unwrap();
+    source
+        .tag_manifest(
+            &repo("prod/b"),
+            &Tag::parse("stable").unwrap(),
+            &still_tagged.manifest.digest,
+        )
+        .await
+        .unwrap();
+    caught_up(&source, &mirror).await;
+
+    // prod/a:v1 was the manifest's only tag: the target deletes the manifest instead.
+    source.delete_manifest(&repo("prod/a"), &v1).await.unwrap();
+    // prod/b:v1 was not: the target keeps both tags (it cannot delete one).
+    source.delete_manifest(&repo("prod/b"), &v1).await.unwrap();
+    let later = fixtures::image()
+        .seed(3)
+        .push(&source, &repo("prod/c"), "v1")
+        .await
+        .unwrap();
+    caught_up(&source, &mirror).await;
+
+    let t = &target.registry;
+    let held = |r: &'static str, d: &Digest| {
+        let d = d.clone();
+        async move {
+            ImageSink::held_manifest(t, &repo(r), &d)
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+    assert!(!held("prod/a", &untagged.manifest.digest).await);
+    assert_eq!(
+        tag_of(t, "prod/b", "stable").await,
+        Some(still_tagged.manifest.digest)
+    );
+    assert_eq!(tag_of(t, "prod/c", "v1").await, Some(later.manifest.digest));
+    let status = mirror.status();
+    assert_eq!(status.lag, 0, "{status:?}");
+    assert_eq!(
+        status.failures, 1,
+        "the refused tag delete of prod/b: {status:?}"
+    );
+    mirror.shutdown().await;
 }

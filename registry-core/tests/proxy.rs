@@ -543,3 +543,61 @@ async fn the_spool_directory_is_created_and_left_empty() {
     assert_eq!(left, 0, "spool files left behind");
     let _ = std::fs::remove_dir_all(spool.parent().unwrap());
 }
+
+#[tokio::test]
+async fn a_blob_held_elsewhere_is_linked_only_if_the_upstream_repository_has_it() {
+    let remote = Arc::new(Remote::default());
+    let image = fixtures::image()
+        .layers([100_000])
+        .push(&remote.registry, &repo("public"), "v1")
+        .await
+        .unwrap();
+    // The same layer, in another upstream repository.
+    let layer_bytes = read_all(
+        remote
+            .registry
+            .get_blob(&repo("public"), &image.layers[0].digest, None)
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    registry_core::testkit::push_blob(&remote.registry, &repo("other"), &layer_bytes).await;
+    let cache = cache_of(&remote, |u| u);
+    let layer = &image.layers[0].digest;
+    read_all(
+        cache
+            .get_blob(&repo("hub/public"), layer, None)
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(wait_stored(&cache, &repo("hub/public"), layer).await);
+    assert_eq!(remote.blob_gets.load(Ordering::SeqCst), 1);
+
+    // hub/other: the upstream has it there too, so it is linked without a fetch.
+    let body = cache
+        .get_blob(&repo("hub/other"), layer, None)
+        .await
+        .unwrap();
+    assert_eq!(Digest::sha256(&read_all(body).await.unwrap()), *layer);
+    assert_eq!(remote.blob_gets.load(Ordering::SeqCst), 1);
+
+    // hub/private: the upstream does not have it there; the cached copy is not served.
+    remote
+        .registry
+        .put_blob(
+            &repo("private"),
+            &Digest::sha256(b"x"),
+            Some(1),
+            futures::stream::iter([Ok(Bytes::from_static(b"x"))]).boxed(),
+        )
+        .await
+        .unwrap();
+    let err = cache
+        .get_blob(&repo("hub/private"), layer, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::BlobUnknown { .. }), "{err:?}");
+}

@@ -76,9 +76,16 @@ serve_binary() {
 PASSED=0
 FAILED=0
 check() {
-    local name=$1 out=$WORK/check.out
+    local name=$1 out=$WORK/check.out rc
     shift
-    if ( set -euo pipefail; "$@" ) >"$out" 2>&1; then
+    # Not as an `if` condition: bash ignores `set -e` there, and a check would pass
+    # whenever its last command succeeded.
+    (
+        set -euo pipefail
+        "$@"
+    ) >"$out" 2>&1
+    rc=$?
+    if [ "$rc" = 0 ]; then
         PASSED=$((PASSED + 1))
         echo "ok - $name"
         sed 's/^/    # /' "$out" | head -n 5
