@@ -24,7 +24,9 @@
 #                         and TLS (scripts/e2e-auth.sh), three processes on PostgreSQL
 #                         through a kill -9 and a database crash (scripts/e2e-scaleout.sh),
 #                         webhooks to a real receiver through a kill -9, the receiver
-#                         down and two processes on one bucket (scripts/e2e-notify.sh)
+#                         down and two processes on one bucket (scripts/e2e-notify.sh),
+#                         pull-through caches of Distribution and of serve, mirroring
+#                         through a kill -9, sync (scripts/e2e-proxy.sh)
 #   fuzz                  every cargo-fuzz target for FUZZ_SECONDS (default 25) each
 #
 # It keeps going after a failure (a failed build skips only the steps that need it),
@@ -260,6 +262,7 @@ if ((!deps_ok)); then
     skip "e2e: authentication (scripts/e2e-auth.sh)" "test dependencies missing"
     skip "e2e: three processes on PostgreSQL under crashes (scripts/e2e-scaleout.sh)" "test dependencies missing"
     skip "e2e: webhooks (scripts/e2e-notify.sh)" "test dependencies missing"
+    skip "e2e: pull-through cache and mirroring (scripts/e2e-proxy.sh)" "test dependencies missing"
 elif step "build serve (release) for the e2e steps" build_serve; then
     counted_step "e2e: real clients against serve (scripts/e2e-clients.sh)" "$LOGS/e2e-clients.counts" \
         env SERVE="$SERVE_BIN" E2E_COUNTS="$LOGS/e2e-clients.counts" scripts/e2e-clients.sh
@@ -278,6 +281,9 @@ elif step "build serve (release) for the e2e steps" build_serve; then
     counted_step "e2e: webhooks from the outbox to a real receiver, through a kill -9, the receiver down 30 s, two processes on one bucket (scripts/e2e-notify.sh)" \
         "$LOGS/e2e-notify.counts" \
         env SERVE="$SERVE_BIN" E2E_COUNTS="$LOGS/e2e-notify.counts" scripts/e2e-notify.sh
+    counted_step "e2e: pull-through caches of Distribution and serve with skopeo and podman, mirroring through a kill -9, sync (scripts/e2e-proxy.sh)" \
+        "$LOGS/e2e-proxy.counts" \
+        env SERVE="$SERVE_BIN" E2E_COUNTS="$LOGS/e2e-proxy.counts" scripts/e2e-proxy.sh
 else
     skip "e2e: real clients (scripts/e2e-clients.sh)" "the serve build failed"
     skip "e2e: two serve processes on one bucket (scripts/e2e-object.sh)" "the serve build failed"
@@ -285,6 +291,7 @@ else
     skip "e2e: authentication (scripts/e2e-auth.sh)" "the serve build failed"
     skip "e2e: three processes on PostgreSQL under crashes (scripts/e2e-scaleout.sh)" "the serve build failed"
     skip "e2e: webhooks (scripts/e2e-notify.sh)" "the serve build failed"
+    skip "e2e: pull-through cache and mirroring (scripts/e2e-proxy.sh)" "the serve build failed"
 fi
 
 if ((deps_ok)); then

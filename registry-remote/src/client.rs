@@ -741,6 +741,12 @@ pub(crate) fn error_for(
             Subject::None => {}
         }
     }
+    // Any other refusal of the request itself (CNCF Distribution answers a tag delete
+    // with 400 DIGEST_INVALID) is for good: the same request would be refused again.
+    // `Upstream` stays for what a retry may fix (5xx, timeouts, broken connections).
+    if status.is_client_error() && status != StatusCode::REQUEST_TIMEOUT {
+        return Error::Unsupported { what: reason };
+    }
     upstream(reason)
 }
 
@@ -864,10 +870,17 @@ mod tests {
             matches!(&e, Error::Upstream { reason } if reason.contains("GET /v2/team/app/x") && reason.contains("503")),
             "{e}"
         );
+        // Refusals for good, which a retry cannot fix (a 404 of no known subject: not a
+        // registry API; Distribution's answer to a tag delete).
         assert!(matches!(
             map(404, "", Subject::None),
-            Error::Upstream { .. }
+            Error::Unsupported { .. }
         ));
+        assert!(matches!(
+            map(400, &oci("DIGEST_INVALID", "invalid digest"), m),
+            Error::Unsupported { .. }
+        ));
+        assert!(matches!(map(408, "", m), Error::Upstream { .. }));
     }
 
     #[test]
