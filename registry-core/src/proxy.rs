@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures::stream::{self, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::watch;
 
 use crate::access::under_prefix;
@@ -56,7 +56,10 @@ use crate::time::Timestamp;
 pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(60);
 
 /// Bytes read from a spool file at a time by each reader.
-const SPOOL_CHUNK: u64 = 256 * 1024;
+const SPOOL_CHUNK: u64 = 1 << 20;
+
+/// Most bytes of the upstream's stream written to the spool file in one write.
+const SPOOL_BATCH: usize = 1 << 20;
 
 /// One upstream of a pull-through cache: a repository prefix of this registry, and the
 /// registry it mirrors.
@@ -406,31 +409,66 @@ impl Fill {
 /// Copies the upstream's stream into the spool file, publishing progress after each
 /// chunk is in the file.
 async fn spool(
-    mut file: tokio::fs::File,
+    file: tokio::fs::File,
     mut body: ByteStream,
     size: u64,
     progress: watch::Sender<FillState>,
     counters: &Counters,
 ) {
+    use futures::FutureExt;
+    let mut file = Some(file.into_std().await);
     let mut written = 0u64;
     let outcome: std::result::Result<(), String> = async {
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| format!("upstream stream failed: {e}"))?;
-            written += chunk.len() as u64;
-            if written > size {
+        let mut ended = false;
+        while !ended {
+            let Some(first) = body.next().await else {
+                break;
+            };
+            // Whatever else has already arrived, up to a batch, goes in the same write:
+            // a hop to a blocking thread per network chunk (16 KiB) would cost more
+            // than the copy.
+            let mut batch = vec![first];
+            let mut len = 0;
+            while len < SPOOL_BATCH {
+                match body.next().now_or_never() {
+                    Some(Some(chunk)) => batch.push(chunk),
+                    Some(None) => {
+                        ended = true;
+                        break;
+                    }
+                    None => break,
+                }
+                len = batch
+                    .iter()
+                    .map(|c| c.as_ref().map_or(0, |c| c.len()))
+                    .sum::<usize>();
+            }
+            let mut chunks = Vec::with_capacity(batch.len());
+            for chunk in batch {
+                chunks.push(chunk.map_err(|e| format!("upstream stream failed: {e}"))?);
+            }
+            let n: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+            if written + n > size {
                 return Err(format!(
                     "upstream sent more than the {size} bytes announced"
                 ));
             }
-            file.write_all(&chunk)
-                .await
-                .map_err(|e| format!("spool file: {e}"))?;
-            // tokio's file hands writes to a thread: flushing waits until the bytes
-            // are in the file, before readers are told they are there.
-            file.flush().await.map_err(|e| format!("spool file: {e}"))?;
-            counters
-                .upstream_bytes
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            let mut f = file.take().expect("the file is back after each write");
+            f = tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                for c in &chunks {
+                    f.write_all(c)?;
+                }
+                Ok::<_, std::io::Error>(f)
+            })
+            .await
+            .map_err(|e| format!("spool file: {e}"))?
+            .map_err(|e| format!("spool file: {e}"))?;
+            file = Some(f);
+            written += n;
+            counters.upstream_bytes.fetch_add(n, Ordering::Relaxed);
+            // The bytes are in the file (written by the call that returned): readers
+            // may read them now.
             progress.send_replace(FillState::Receiving(written));
         }
         if written != size {
