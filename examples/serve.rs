@@ -331,7 +331,7 @@ struct Args {
     proxy_spool: Option<PathBuf>,
     /// Copy every image pushed under PREFIX to the registry at URL, at least once, in
     /// order, through restarts (from the outbox; several serve processes share one
-    /// cursor per URL): `PREFIX=URL[,remote=REPO_PREFIX][,credentials=file:PATH|env:VAR]
+    /// cursor per prefix and URL): `PREFIX=URL[,remote=REPO_PREFIX][,credentials=file:PATH|env:VAR]
     /// [,deletes][,no-referrers]` (repeatable). Starts with what is pushed from then on;
     /// `serve sync` copies what was there before.
     #[arg(long = "mirror", value_name = "PREFIX=URL[,OPTION...]", value_parser = remote::parse_mirror)]
