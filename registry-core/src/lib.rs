@@ -50,6 +50,12 @@
 //! indexes, artifacts and signatures in one call; a [`ManualClock`] and
 //! [`RegistryBuilder::with_id_seed`] make a scenario replay exactly; [`fault`] wraps
 //! any storage to inject errors, latency and torn writes.
+//!
+//! Registries that talk to other registries: [`ImageSource`] and [`ImageSink`] are
+//! what an image copy reads from and writes to, a local [`Registry`] or a remote one
+//! (crate `registry-remote`); [`transfer`] and [`sync`] copy between any two;
+//! [`proxy`] makes a repository prefix a pull-through cache of an upstream, and
+//! [`mirror`] copies every push under a prefix to another registry, from the outbox.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
