@@ -6,6 +6,9 @@
 #        the access log, on by default, is filtered out);
 #   log: as on, plus the access log written (RUST_LOG=info; a line per request to
 #        stdout, redirected to a file): everything on, issue 18's target.
+#   notify: as off, plus a webhook (--notify) to a receiver started here (a Python
+#        server answering 204, its own process, so not counted): what delivering the
+#        outbox's events costs the server (issue 19).
 # Instruction counts, unlike time, do not move with other work on a shared machine (they
 # still move a little with thread scheduling and malloc: hence rounds and medians).
 #
@@ -16,8 +19,10 @@
 # Usage: bash benches/callgrind-overhead.sh            (both mixes, about 5 minutes)
 #        MIXES=small ROUNDS=5 bash benches/callgrind-overhead.sh
 #        MODES="off log" SERVE=/tmp/serve.before SKIP_BUILD=1 bash benches/callgrind-overhead.sh
-# Variables: MIXES (small blob), MODES (off on log; off is always run, first in each
-# round; the others are compared with it), ROUNDS (3; the modes alternate, the medians
+# Variables: MIXES (small blob), MODES (off on log notify; off is always run, first in
+# each round; the others are compared with it; default "on log"), STORAGE (memory, or
+# fs: a fresh data directory per run; its fsyncs are system time, which callgrind
+# does not count), ROUNDS (3; the modes alternate, the medians
 # are compared), PUTS (300), GETS (1500), BLOBS (200), BLOB_SIZE (64K), CONCURRENCY (2),
 # SERVE (the binary; default the release example, built first), OUT
 # (target/bench/callgrind), STEP_TIMEOUT (300 s, per run of load and per server stop),
@@ -37,6 +42,7 @@ MODES="off $(tr ' ' '\n' <<<"${MODES:-on log}" | grep -v '^off$' | tr '\n' ' ')"
 OUT=${OUT:-target/bench/callgrind}
 STEP_TIMEOUT=${STEP_TIMEOUT:-300}
 SKIP_BUILD=${SKIP_BUILD:-0}
+STORAGE=${STORAGE:-memory}
 
 command -v valgrind >/dev/null || {
     echo "valgrind is missing: apt-get install -y valgrind" >&2
@@ -49,6 +55,34 @@ fi
 SERVE=${SERVE:-${CARGO_TARGET_DIR:-target}/release/examples/serve}
 LOAD=${CARGO_TARGET_DIR:-target}/release/load
 mkdir -p "$OUT"
+
+RECEIVER_PID=
+RECEIVER_URL=
+# A webhook receiver for the notify mode: answers every POST with 204 and counts them.
+start_receiver() {
+    python3 -u - "$OUT/receiver.port" <<'PY' >"$OUT/receiver.log" 2>&1 &
+import http.server, sys
+class Hook(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(204)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+with open(sys.argv[1], "w") as f:
+    f.write(str(server.server_address[1]))
+server.serve_forever()
+PY
+    RECEIVER_PID=$!
+    for _ in $(seq 1 100); do
+        [ -s "$OUT/receiver.port" ] && break
+        sleep 0.1
+    done
+    [ -s "$OUT/receiver.port" ] || { echo "the webhook receiver did not start (see $OUT/receiver.log)" >&2; exit 1; }
+    RECEIVER_URL="http://127.0.0.1:$(cat "$OUT/receiver.port")/hook"
+}
 
 SERVER_PID=
 stop_server() {
@@ -66,7 +100,17 @@ stop_server() {
     fi
     SERVER_PID=
 }
-trap stop_server EXIT
+stop_all() {
+    stop_server
+    if [ -n "$RECEIVER_PID" ]; then
+        kill "$RECEIVER_PID" 2>/dev/null || true
+        wait "$RECEIVER_PID" 2>/dev/null || true
+    fi
+}
+trap stop_all EXIT
+case " $MODES " in
+    *" notify "*) rm -f "$OUT/receiver.port"; start_receiver ;;
+esac
 
 load() {
     timeout "$STEP_TIMEOUT" "$LOAD" --url "$URL" --max-seconds "$STEP_TIMEOUT" "$@" >>"$LOG.load" \
@@ -79,16 +123,21 @@ run() {
     local mix=$1 mode=$2
     LOG=$OUT/$mix-$mode-$3
     rm -f "$LOG".*
-    local args=(--storage memory --addr 127.0.0.1:0)
+    local args=(--storage "$STORAGE" --addr 127.0.0.1:0)
+    if [ "$STORAGE" = fs ]; then
+        rm -rf "$LOG.data"
+        args+=(--data-dir "$LOG.data")
+    fi
     local rust_log=error
     case $mode in
         off) args+=(--no-access-log) ;;
+        notify) args+=(--no-access-log --notify "$RECEIVER_URL") ;;
         on) args+=(--metrics-addr 127.0.0.1:0 --audit-log "$LOG.audit") ;;
         log)
             args+=(--metrics-addr 127.0.0.1:0 --audit-log "$LOG.audit")
             rust_log=info
             ;;
-        *) echo "unknown mode $mode (off, on, log)" >&2; exit 1 ;;
+        *) echo "unknown mode $mode (off, on, log, notify)" >&2; exit 1 ;;
     esac
     # Created here: the redirection below happens in the background job, maybe after
     # the first look for the address.
@@ -117,7 +166,10 @@ run() {
             load --workload pull --repo bench/blob --size "$BLOB_SIZE" --count "$BLOBS" --concurrency "$c"
             ;;
     esac
+    # Time for the webhook's last batch (the notify mode); every mode waits the same.
+    sleep 1
     stop_server
+    rm -rf "$LOG.data"
     if grep -q '"errors":[1-9]' "$LOG.load"; then
         echo "load reported errors (see $LOG.load)" >&2
         exit 1

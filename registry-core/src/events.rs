@@ -161,11 +161,10 @@ impl StoredEvent {
         use sha2::Digest as _;
         let body = serde_json::to_vec(&(self.at, &self.event)).unwrap_or_default();
         let hash = sha2::Sha256::digest(&body);
-        let mut id = format!("{}-", self.seq);
-        for b in &hash[..8] {
-            id.push_str(&format!("{b:02x}"));
-        }
-        id
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&hash[..8]);
+        // The first 8 bytes of the hash in hex, as `{:02x}` per byte would write them.
+        format!("{}-{:016x}", self.seq, u64::from_be_bytes(first))
     }
 
     /// The repository the change is in, if any.

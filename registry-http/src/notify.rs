@@ -21,7 +21,9 @@
 //!
 //! A new endpoint starts at the newest event (no history). A process wakes up as soon
 //! as it writes an event itself; events of other processes are seen by polling
-//! ([`NotifyConfig::poll`]). A periodic [`Registry::trim_events`] removes events that
+//! ([`NotifyConfig::poll`]). Once caught up, a task waits [`NotifyConfig::linger`]
+//! (25 ms) before reading again, so a burst of pushes travels in a few requests rather
+//! than one per push (a request costs the registry about as much as a push). A periodic [`Registry::trim_events`] removes events that
 //! every consumer has acknowledged and that are older than the registry's
 //! [`event_retention`](registry_core::RegistryConfig::event_retention) (or beyond its
 //! `max_events`), as the collector does on each run.
@@ -510,6 +512,12 @@ pub struct NotifyConfig {
     /// This process's id: Distribution's `source.instanceID`, and the lease owner.
     /// Default: random, new on each start.
     pub instance_id: String,
+    /// How long a worker that has caught up waits before reading again, so that the
+    /// events of a burst travel together: at most one request per endpoint per
+    /// `linger` while pushes trickle in, instead of one per push. It is the delay a
+    /// receiver may see on top of the request itself. Zero reads again at once.
+    /// Default 25 ms.
+    pub linger: Duration,
 }
 
 impl Default for NotifyConfig {
@@ -524,6 +532,7 @@ impl Default for NotifyConfig {
             source_addr: "localhost:5000".to_owned(),
             base_url: "http://localhost:5000".to_owned(),
             instance_id: random_id(),
+            linger: Duration::from_millis(25),
         }
     }
 }
@@ -537,6 +546,11 @@ impl NotifyConfig {
     /// Sets the poll interval.
     pub fn with_poll(mut self, poll: Duration) -> Self {
         self.poll = poll;
+        self
+    }
+    /// Sets the wait after catching up (see [`linger`](Self::linger)).
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
         self
     }
     /// Sets the lease.
@@ -592,6 +606,9 @@ pub(crate) fn backoff(failures: u32, initial: Duration, max: Duration) -> Durati
 #[derive(Debug, Clone)]
 pub(crate) struct Prepared<'a> {
     pub(crate) stored: &'a StoredEvent,
+    /// [`StoredEvent::id`], computed once: the payload and the delivery id both need
+    /// it, and it hashes the event.
+    pub(crate) id: String,
     pub(crate) media_type: Option<String>,
     pub(crate) size: Option<u64>,
 }
@@ -611,7 +628,7 @@ struct Envelope<'a> {
 
 #[derive(Serialize)]
 struct DistributionEvent<'a> {
-    id: String,
+    id: &'a str,
     timestamp: String,
     action: &'static str,
     target: Target<'a>,
@@ -724,7 +741,7 @@ fn distribution_event<'a>(p: &'a Prepared<'a>, src: &Source<'a>) -> Option<Distr
         _ => return None,
     };
     Some(DistributionEvent {
-        id: p.stored.id(),
+        id: &p.id,
         timestamp: rfc3339(p.stored.at),
         action: NotifyAction::of(ev).as_str(),
         target,
@@ -740,7 +757,7 @@ fn distribution_event<'a>(p: &'a Prepared<'a>, src: &Source<'a>) -> Option<Distr
 #[derive(Serialize)]
 struct CloudEvent<'a> {
     specversion: &'static str,
-    id: String,
+    id: &'a str,
     source: &'a str,
     #[serde(rename = "type")]
     kind: String,
@@ -792,7 +809,7 @@ fn cloud_event<'a>(p: &'a Prepared<'a>, src: &Source<'a>) -> CloudEvent<'a> {
     let ev = &p.stored.event;
     CloudEvent {
         specversion: "1.0",
-        id: p.stored.id(),
+        id: &p.id,
         source: src.base_url,
         kind: format!("{CLOUDEVENTS_TYPE_PREFIX}{}", event_kind(ev)),
         time: rfc3339(p.stored.at),
@@ -935,6 +952,7 @@ pub(crate) async fn prepare<'a>(
         }
         out.push(Prepared {
             stored,
+            id: stored.id(),
             media_type,
             size,
         });
@@ -978,7 +996,7 @@ fn delivery_id(consumer: &str, events: &[Prepared<'_>]) -> String {
     h.update(consumer.as_bytes());
     for p in events {
         h.update(b"\n");
-        h.update(p.stored.id().as_bytes());
+        h.update(p.id.as_bytes());
     }
     data_encoding::HEXLOWER.encode(&h.finalize()[..16])
 }
@@ -1579,8 +1597,14 @@ impl Worker {
             .batch_limit()
             .saturating_mul(4)
             .clamp(16, 1000);
+        // The last read returned less than a full page: there is time to let a few
+        // more events join the next request (see `NotifyConfig::linger`).
+        let mut caught_up = false;
         loop {
             if self.stopped() {
+                return Exit::Stopped(cursor);
+            }
+            if caught_up && !self.config.linger.is_zero() && self.sleep(self.config.linger).await {
                 return Exit::Stopped(cursor);
             }
             // Marked before reading: a change committed after this point wakes us.
@@ -1599,6 +1623,7 @@ impl Worker {
             }
             let mut events = page.events;
             let mut next_after = page.next_after;
+            caught_up = events.len() < page_limit;
             // A full page ending with a manifest push: its tag move may be the next
             // page's first event; leave it for the next page, so the two are merged.
             if events.len() >= page_limit
@@ -2128,6 +2153,7 @@ mod tests {
             .iter()
             .map(|stored| Prepared {
                 stored,
+                id: stored.id(),
                 media_type: None,
                 size: None,
             })
