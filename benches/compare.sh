@@ -13,7 +13,8 @@
 # BASE_SERVE=the same binary with other flags compares two settings), ONLY (a regex:
 # only the workloads whose name matches), OUT (default target/bench), BIG=1 (add a 4 GiB
 # push and pull), FLAT=1 (only the store-growth workloads; with FLAT_TARGET,
-# FLAT_FILL_SECONDS, FLAT_PUTS, FLAT_GETS).
+# FLAT_FILL_SECONDS, FLAT_PUTS, FLAT_GETS), STARTS (starts per server and round for the
+# startup figure, default 20; 0 skips it).
 # Each round starts a fresh server with a fresh temp data dir on 127.0.0.1, records
 # its PID, samples its CPU time and RSS from /proc around every workload and stops
 # exactly that PID. Raw JSON lines: $OUT/raw-*.jsonl (latest: $OUT/raw.jsonl);
@@ -62,8 +63,10 @@ fi
 DIST_VERSION=$(docker-registry --version 2>/dev/null || echo unknown)
 case $DIST_VERSION in *2.8.2*) ;; *) log "warning: expected Distribution 2.8.2, have: $DIST_VERSION" ;; esac
 
-log "building load (release)"
-cargo build --release -p registry-benches --bin load
+log "building load and ready (release)"
+cargo build --release -p registry-benches --bin load --bin ready
+READY=$TARGET_DIR/release/ready
+STARTS=${STARTS:-20}
 if [[ " $SERVERS " == *" base "* ]] && [ ! -x "${BASE_SERVE:-}" ]; then
     log "SERVERS names base: set BASE_SERVE to a serve binary built from the commit to compare with"
     exit 2
@@ -255,6 +258,47 @@ measure() {
     fi
 }
 
+# startup KIND ROUND: $STARTS starts of a fresh server on a fresh data dir, each timed
+# by `ready` from the new process's exec to its first 200 on GET /v2/ (fork, exec and
+# the poller's own start excluded: the process's own startup, issue 25's figure).
+startup() {
+    local kind=$1 round=$2 out dir cmd=() env=()
+    [ "$STARTS" -gt 0 ] || return 0
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/registry-bench-start.XXXXXX")
+    case $kind in
+        dist)
+            # The address and root come from the environment, new for every start.
+            cat >"$dir/config.yml" <<EOF
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: /nonexistent
+  delete:
+    enabled: true
+  cache:
+    blobdescriptor: inmemory
+http:
+  addr: 127.0.0.1:1
+EOF
+            env=(--env 'REGISTRY_HTTP_ADDR=127.0.0.1:{port}' --env 'REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY={dir}')
+            cmd=(docker-registry serve "$dir/config.yml")
+            ;;
+        ours) cmd=("$SERVE" --addr '127.0.0.1:{port}' --data-dir '{dir}/data' --storage "$OURS_STORAGE" "${OURS_ARGS[@]}") ;;
+        base) cmd=("$BASE_SERVE" --addr '127.0.0.1:{port}' --data-dir '{dir}/data' --storage "$OURS_STORAGE" "${BASE_ARGS[@]}") ;;
+    esac
+    if out=$(RUST_LOG=error "$READY" --runs "$STARTS" "${env[@]}" -- "${cmd[@]}"); then
+        echo "{\"server\":\"$kind\",\"round\":$round,\"name\":\"startup\",\"load\":$out}" >>"$RAW"
+        log "  startup ($STARTS starts): $out"
+    else
+        log "  startup of $kind failed"
+    fi
+    rm -rf "$dir"
+}
+
 # start_round KIND ROUND: a fresh server and its ready record; non-zero if it failed.
 start_round() {
     local kind=$1 round=$2 ready idle t0
@@ -355,6 +399,7 @@ for round in $(seq 1 "$ROUNDS"); do
         if [ "$FLAT" = 1 ]; then
             run_flat_round "$kind" "$round"
         else
+            startup "$kind" "$round"
             run_round "$kind" "$round"
         fi
     done

@@ -154,6 +154,7 @@ def flat_tables(flat, servers):
 def main(path):
     runs = defaultdict(list)  # (name, server) -> [metrics]
     ready = defaultdict(list)  # server -> [(ready_ms, idle_rss_kb)]
+    startup = defaultdict(list)  # server -> [median ready_ms of one round's starts]
     tcp = defaultdict(list)
     rounds = defaultdict(set)
     with open(path) as f:
@@ -171,6 +172,8 @@ def main(path):
             if server == "none":
                 if isinstance(rec.get("load"), dict):
                     tcp[name].append(rec["load"]["mb_per_s"])
+            elif name == "startup":
+                startup[server].append(rec["load"]["ready_ms"])
             elif name == "ready":
                 if not rec.get("failed"):
                     ready[server].append((rec["ready"]["ready_ms"], rec["idle_rss_kb"] / 1024))
@@ -257,12 +260,17 @@ def main(path):
 
     ro, rd = rmed(OURS, 0), rmed(DIST, 0)
     io, idd = rmed(OURS, 1), rmed(DIST, 1)
+    so, sd = median(startup.get(OURS, [])), median(startup.get(DIST, []))
     print()
     print("| server | ours | Distribution | ours/Dist | target | met |")
     print("|---|---:|---:|---:|---|---|")
-    print(f"| ready (ms, start to first 200 on /v2/) | {fmt(ro)} | {fmt(rd)} | "
-          f"{fmt(ro / rd if ro is not None and rd else None, 2)} | < 5 ms | "
-          f"{'' if ro is None else 'yes' if ro < 5 else 'NO'} |")
+    if startup:
+        print(f"| ready (ms, from exec to first 200 on /v2/, median of each round's starts) | "
+              f"{fmt(so)} | {fmt(sd)} | {fmt(so / sd if so is not None and sd else None, 2)} | "
+              f"< 5 ms | {'' if so is None else 'yes' if so < 5 else 'NO'} |")
+    print(f"| ready (ms, timed from the shell: fork, exec and a poller's start included) | "
+          f"{fmt(ro)} | {fmt(rd)} | {fmt(ro / rd if ro is not None and rd else None, 2)} | "
+          f"{'' if startup else '< 5 ms'} | {'' if startup or ro is None else 'yes' if ro < 5 else 'NO'} |")
     print(f"| idle RSS (MiB, 1 s after ready) | {fmt(io, 1)} | {fmt(idd, 1)} | "
           f"{fmt(io / idd if io is not None and idd else None, 2)} | below Distribution | "
           f"{'' if io is None or idd is None else 'yes' if io < idd else 'NO'} |")
