@@ -3,7 +3,9 @@
 //!
 //! Flags (kept stable, scripts use them): `--addr HOST:PORT`, `--data-dir DIR`,
 //! `--storage memory|fs|s3://BUCKET|az://CONTAINER|gs://BUCKET`, `--max-manifest-size BYTES`, `--gc-interval SECS`,
-//! `--gc-window SECS`, `--read-only`, `--no-deletes`, `--base-url URL`,
+//! `--gc-window SECS`, `--scrub-every DURATION` and `--scrub-rate BYTES` (fs storage: a
+//! background digest check of every blob file, by default daily at 32MiB/s),
+//! `--read-only`, `--no-deletes`, `--base-url URL`,
 //! `--auth-user NAME:file:PATH|NAME:env:VAR` (repeatable), `--htpasswd FILE`,
 //! `--auth-rules FILE`, `--anonymous-read`, the `--token-*` flags, `--auth-max-failures
 //! N`, `--auth-max-failures-per-address N`, `--auth-lockout DURATION`, `--tls-cert FILE
@@ -61,6 +63,8 @@
 
 #[path = "serve_remote.rs"]
 mod remote;
+#[path = "serve_scrub.rs"]
+mod scrub;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -131,6 +135,17 @@ struct Args {
     /// are not hashed again: see the README).
     #[arg(long, conflicts_with = "no_verify_reads")]
     verify_every_read: bool,
+    /// With fs storage, hash every blob file in the background once per DURATION (from
+    /// the start of one pass to the next; the first pass after 10 minutes, or DURATION if
+    /// shorter), to find bytes that rot on disk while serve runs; a file that does not
+    /// match is logged and refused by reads until its blob is pushed again. `0`: off.
+    /// Ignored with other storages.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    scrub_every: Duration,
+    /// The scrub's most bytes read per second (`32MiB`, `512KiB`, or a number of bytes).
+    /// Ignored with other storages.
+    #[arg(long, value_name = "BYTES", default_value = "32MiB", value_parser = scrub::parse_rate)]
+    scrub_rate: u64,
     /// Prefix of `Location` and `Link` headers when clients reach the registry through
     /// a proxy under another address (default: relative URLs).
     #[arg(long)]
@@ -898,11 +913,15 @@ async fn open_storage(args: &Args) -> Result<Storage, String> {
 async fn open_blob_storage(args: &Args) -> Result<Storage, String> {
     Ok(match &args.storage {
         StorageKind::Memory => registry_core::MemoryStore::new().into_storage(),
-        StorageKind::Fs => FsStore::open(&args.data_dir)
-            .await
-            .map_err(|e| fs_failure(&args.data_dir, &e))?
-            .remember_verified(!args.verify_every_read)
-            .into_storage(),
+        StorageKind::Fs => {
+            let store = FsStore::open(&args.data_dir)
+                .await
+                .map_err(|e| fs_failure(&args.data_dir, &e))?
+                .remember_verified(!args.verify_every_read);
+            // Runs only if `run` starts it (serving, not the one-shot commands).
+            scrub::keep(&store);
+            store.into_storage()
+        }
         StorageKind::Object(url) => {
             let (store, signer, prefix) = registry_store_object::from_url_with_signer(url)
                 .map_err(|e| object_failure(url, "cannot configure object storage", &e))?;
@@ -1223,6 +1242,12 @@ async fn run(args: &Args) -> Result<(), String> {
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    scrub::start(
+        args.scrub_every,
+        args.scrub_rate,
+        stop_rx.clone(),
+        metrics.as_ref(),
+    );
     if args.gc_interval > 0 {
         let registry = registry.clone();
         let mut stop = stop_rx.clone();

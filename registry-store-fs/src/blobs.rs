@@ -17,6 +17,8 @@ use registry_core::store::{
 use registry_core::{Algorithm, Digest, Error, Hasher, RepoName, Result, Timestamp};
 use serde::{Deserialize, Serialize};
 
+use crate::scrub::{FileStamp, VerifiedFiles, corrupt_error};
+
 /// Reads and writes move in blocks this large: few system calls, bounded memory.
 const BLOCK: usize = 1 << 20;
 
@@ -37,99 +39,9 @@ pub struct FsBlobStore {
     durable_fans: Arc<Mutex<HashSet<PathBuf>>>,
     /// The store's directories: durable before any write is acknowledged.
     skeleton: Arc<Skeleton>,
-    /// Files read whole and found to match their digest (docs/design.md §5, "Cost of
-    /// verified reads").
+    /// Files read whole and found to match their digest, and files a scrub found
+    /// corrupt (docs/design.md §5, "Cost of verified reads").
     verified: Arc<VerifiedFiles>,
-}
-
-/// Blob files this process read whole and found to match their digest, by identity
-/// (device, inode, size, change time): a verified read of the same file, unchanged
-/// since, is not hashed again. Any write, truncation, replacement or `chmod` of the
-/// file changes its change time (or its inode), so it is hashed again; what changes
-/// bytes without the file system knowing (media rot) is found by `check
-/// --verify-digests`, or by the next process, which starts with no marks.
-#[derive(Debug, Default)]
-struct VerifiedFiles {
-    /// Off: every verified read is hashed.
-    off: AtomicBool,
-    /// Verified reads served without hashing, thanks to a mark.
-    skipped: std::sync::atomic::AtomicU64,
-    marks: Mutex<std::collections::HashMap<Digest, FileStamp>>,
-}
-
-/// At most this many marks (about 100 bytes each); past it, the marks are dropped and
-/// gathered again by the next reads.
-const MAX_MARKS: usize = 100_000;
-
-/// A file must have been changed at least this long before it was verified to be
-/// marked: file times tick at a few milliseconds, so a write in the same tick as the
-/// last one could otherwise leave the change time as it was (git's "racily clean"
-/// entries).
-const MARK_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// A file's identity and version, as the file system reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    ctime: i64,
-    ctime_nsec: i64,
-}
-
-impl FileStamp {
-    /// The stamp of an open file, if it may be marked (Unix, changed long enough ago).
-    #[cfg(unix)]
-    fn of(meta: &fs::Metadata) -> Option<FileStamp> {
-        use std::os::unix::fs::MetadataExt;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()?
-            .as_secs() as i64;
-        if meta.ctime() > now - MARK_AFTER.as_secs() as i64 {
-            return None;
-        }
-        Some(FileStamp {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            len: meta.len(),
-            ctime: meta.ctime(),
-            ctime_nsec: meta.ctime_nsec(),
-        })
-    }
-
-    #[cfg(not(unix))]
-    fn of(_: &fs::Metadata) -> Option<FileStamp> {
-        None
-    }
-}
-
-impl VerifiedFiles {
-    /// Whether `digest`'s file, as `stamp` says it is now, was verified whole.
-    fn holds(&self, digest: &Digest, stamp: &FileStamp) -> bool {
-        !self.off.load(Ordering::Relaxed)
-            && self.lock().get(digest).is_some_and(|mark| mark == stamp)
-    }
-
-    fn mark(&self, digest: Digest, stamp: FileStamp) {
-        if self.off.load(Ordering::Relaxed) {
-            return;
-        }
-        let mut marks = self.lock();
-        if marks.len() >= MAX_MARKS {
-            marks.clear();
-        }
-        marks.insert(digest, stamp);
-    }
-
-    fn forget(&self, digest: &Digest) {
-        self.lock().remove(digest);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Digest, FileStamp>> {
-        // A plain map: a panic elsewhere cannot leave it inconsistent.
-        self.marks.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 /// The directories of a store (`blobs/<algorithm>`, `blobs`, `uploads`) and the name
@@ -216,6 +128,43 @@ fn make_durable_fan(fans: &Mutex<HashSet<PathBuf>>, dir: &Path) -> io::Result<()
     Ok(())
 }
 
+/// Whether `blob` is the file a scrub found corrupt for `digest`, unchanged since.
+fn is_corrupt_file(verified: &VerifiedFiles, digest: &Digest, blob: &Path) -> bool {
+    fs::metadata(blob).is_ok_and(|meta| verified.is_corrupt(digest, &meta))
+}
+
+/// Puts `source` (an upload of `digest`, just verified) under `blob`'s name if the file
+/// there is one a scrub found corrupt, unchanged since: pushing the blob again is how a
+/// corrupt file is repaired. Linked under a temporary name and renamed over the old
+/// one, so readers see the old file or the new one, never neither (a temporary name
+/// left by a crash is removed on open). Any other file there stays: blob files are
+/// immutable once named.
+fn replace_corrupt(
+    verified: &VerifiedFiles,
+    digest: &Digest,
+    source: &Path,
+    blob: &Path,
+    tmp: &Path,
+) -> io::Result<()> {
+    if !is_corrupt_file(verified, digest, blob) {
+        return Ok(());
+    }
+    fs::hard_link(source, tmp)?;
+    if let Err(e) = fs::rename(tmp, blob) {
+        let _ = fs::remove_file(tmp);
+        return Err(e);
+    }
+    replaced(verified, digest, blob);
+    Ok(())
+}
+
+/// A corrupt file was replaced: its bytes are hashed again by its next verified read.
+fn replaced(verified: &VerifiedFiles, digest: &Digest, blob: &Path) {
+    verified.clear_corrupt(digest);
+    tracing::warn!(%digest, path = %blob.display(),
+        "a blob file a scrub found corrupt was replaced by a new upload of its bytes");
+}
+
 /// Releases a session's busy mark when dropped.
 struct BusyGuard {
     busy: Arc<Mutex<HashSet<UploadId>>>,
@@ -293,8 +242,18 @@ impl FsBlobStore {
     pub fn remember_verified(&self, on: bool) {
         self.verified.off.store(!on, Ordering::Relaxed);
         if !on {
-            self.verified.lock().clear();
+            self.verified.clear_marks();
         }
+    }
+
+    /// What this process knows about its files' content (for the scrub).
+    pub(crate) fn verified(&self) -> &Arc<VerifiedFiles> {
+        &self.verified
+    }
+
+    /// The data directory.
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
     }
 
     /// Where a blob's file lives.
@@ -322,6 +281,14 @@ impl FsBlobStore {
     /// crash never leaves half a session behind under a session's name.
     fn upload_dir(&self, id: &UploadId) -> PathBuf {
         self.root.join("uploads").join(id.as_str())
+    }
+
+    /// A fresh temporary name (`uploads/.tmp-<random>`): never a session's, and removed
+    /// on open if a crash leaves it.
+    fn tmp_path(&self) -> PathBuf {
+        self.root
+            .join("uploads")
+            .join(format!(".tmp-{}", UploadId::random()))
     }
 
     fn upload_data(&self, id: &UploadId) -> PathBuf {
@@ -685,6 +652,8 @@ impl BlobStore for FsBlobStore {
         let path = self.blob_path(digest);
         let mut check = (verify && range.is_none()).then(|| digest.clone());
         let verified = self.verified.clone();
+        // Only while a scrub has found some file corrupt (rare): the digest to look up.
+        let gate = verified.any_corrupt().then(|| digest.clone());
         let opened = blocking(move || {
             let mut file = match File::open(&path) {
                 Ok(f) => f,
@@ -692,6 +661,13 @@ impl BlobStore for FsBlobStore {
                 Err(e) => return Err(io_err(e)),
             };
             let meta = file.metadata().map_err(io_err)?;
+            // Found corrupt by a scrub, and unchanged since: refused before any byte,
+            // ranges included (a full read would only fail at its end).
+            if let Some(d) = &gate
+                && verified.is_corrupt(d, &meta)
+            {
+                return Err(corrupt_error(d, &path));
+            }
             let size = meta.len();
             // Verified whole by this process, and unchanged since: not hashed again.
             let stamp = check.as_ref().and_then(|_| FileStamp::of(&meta));
@@ -893,6 +869,11 @@ impl BlobStore for FsBlobStore {
         let unknown = Error::UploadUnknown { id: id.to_string() };
         let fans = self.durable_fans.clone();
         let skeleton = self.skeleton.clone();
+        let verified = self.verified.clone();
+        // Only while a scrub has found some file corrupt: what a replacement needs.
+        let gate = verified
+            .any_corrupt()
+            .then(|| (digest.clone(), self.tmp_path()));
         blocking(move || {
             skeleton.ensure_durable().map_err(io_err)?;
             if !committed.exists() {
@@ -918,7 +899,12 @@ impl BlobStore for FsBlobStore {
             make_durable_fan(&fans, dir).map_err(io_err)?;
             let outcome = match fs::hard_link(&committed, &blob) {
                 Ok(()) => CommitOutcome::Stored,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => CommitOutcome::AlreadyPresent,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    if let Some((d, tmp)) = &gate {
+                        replace_corrupt(&verified, d, &committed, &blob, tmp).map_err(io_err)?;
+                    }
+                    CommitOutcome::AlreadyPresent
+                }
                 Err(e) => return Err(io_err(e)),
             };
             // Also when the name was already there: whoever linked it (a concurrent
@@ -941,18 +927,21 @@ impl BlobStore for FsBlobStore {
         bytes: Bytes,
         _now: Timestamp,
     ) -> Result<CommitOutcome> {
-        let tmp = self
-            .root
-            .join("uploads")
-            .join(format!(".tmp-{}", UploadId::random()));
+        let tmp = self.tmp_path();
         let blob = self.blob_path(digest);
         let fans = self.durable_fans.clone();
         let skeleton = self.skeleton.clone();
+        let verified = self.verified.clone();
+        let gate = verified.any_corrupt().then(|| digest.clone());
         blocking(move || {
             skeleton.ensure_durable().map_err(io_err)?;
             let dir = blob.parent().expect("blob paths have a parent");
             make_durable_fan(&fans, dir).map_err(io_err)?;
-            if fs::symlink_metadata(&blob).is_ok() {
+            // A file a scrub found corrupt is replaced by these bytes (just verified).
+            let replace = gate
+                .as_ref()
+                .is_some_and(|d| is_corrupt_file(&verified, d, &blob));
+            if !replace && fs::symlink_metadata(&blob).is_ok() {
                 // Blob files are immutable once named: nothing to write. Their name may
                 // not be durable yet (a concurrent commit), hence the fsync.
                 fsync_dir(dir).map_err(io_err)?;
@@ -965,6 +954,12 @@ impl BlobStore for FsBlobStore {
                     .open(&tmp)?;
                 f.write_all(&bytes)?;
                 f.sync_all()?;
+                if let (true, Some(d)) = (replace, &gate) {
+                    fs::rename(&tmp, &blob)?;
+                    fsync_dir(dir)?;
+                    replaced(&verified, d, &blob);
+                    return Ok(CommitOutcome::AlreadyPresent);
+                }
                 let outcome = match fs::hard_link(&tmp, &blob) {
                     Ok(()) => CommitOutcome::Stored,
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {

@@ -76,12 +76,15 @@
 //!   removes them too.
 //!
 //! [`FsStore::check`] verifies the rest: counts and indexes against the links, records
-//! against files, and on request every file's digest.
+//! against files, and on request every file's digest. [`FsStore::scrubber`] checks the
+//! digests of a running store in the background, at a bounded rate, and makes reads
+//! refuse the files it finds corrupt.
 
 #![forbid(unsafe_code)]
 
 mod blobs;
 mod redb_kv;
+mod scrub;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -90,12 +93,13 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use registry_core::kv::{KvEngine, KvMetadata, Table};
 use registry_core::registry::DEFAULT_DELETION_LEASE;
-use registry_core::store::{BlobRecord, BlobStore, MetadataStore, Storage};
+use registry_core::store::{BlobRecord, BlobStore, MetadataStore, Storage, stored_bytes_match};
 use registry_core::{Digest, Error, Result, Timestamp};
 
 pub use blobs::FsBlobStore;
 use blobs::Skeleton;
 pub use redb_kv::RedbKv;
+pub use scrub::{DEFAULT_SCRUB_RATE, ScrubOptions, ScrubReport, ScrubStats, Scrubber};
 
 /// How old an orphan file must be before [`FsStore::check`] with `repair` removes it:
 /// younger ones may belong to a commit whose metadata is being written right now.
@@ -108,6 +112,8 @@ pub struct FsStore {
     blobs: Arc<FsBlobStore>,
     metadata: Arc<KvMetadata<RedbKv>>,
     orphan_grace: Duration,
+    /// The scrub's counters, shared by every [`Scrubber`] of this store.
+    scrub: Arc<scrub::Shared>,
 }
 
 /// Knobs for [`FsStore::check`].
@@ -169,6 +175,7 @@ impl FsStore {
                     blobs: Arc::new(blobs),
                     metadata: Arc::new(KvMetadata::new(kv)),
                     orphan_grace: DEFAULT_ORPHAN_GRACE,
+                    scrub: Arc::default(),
                 })
             }
         })
@@ -211,6 +218,18 @@ impl FsStore {
     /// The data directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// A handle that runs scrub passes over this store's blob files: each file hashed
+    /// at a bounded rate, matching files marked as verified, corrupt ones refused by
+    /// every read until they are replaced. This is what finds bytes that change below
+    /// the file system while the process runs, which the marks of
+    /// [`remember_verified`](Self::remember_verified) would otherwise keep serving (see
+    /// [`Scrubber::run_pass`]). Take it before [`into_storage`](Self::into_storage):
+    /// it keeps working on the same files afterwards. Nothing runs until a pass is
+    /// asked for; scheduling passes is the caller's.
+    pub fn scrubber(&self) -> Scrubber {
+        Scrubber::new(self.blobs.clone(), self.scrub.clone())
     }
 
     /// Both halves, ready for [`registry_core::Registry::builder`].
@@ -269,8 +288,14 @@ impl FsStore {
                     }
                 }
             }
+            // A file a scrub found corrupt is refused by reads: not a failed check.
             if options.verify_digests
-                && !registry_core::store::stored_bytes_match(self.blobs.as_ref(), &d).await?
+                && !stored_bytes_match(self.blobs.as_ref(), &d)
+                    .await
+                    .or_else(|e| match e {
+                        Error::Storage(_) if self.blobs.verified().knows_corrupt(&d) => Ok(false),
+                        e => Err(e),
+                    })?
             {
                 report
                     .problems

@@ -16,7 +16,7 @@ use registry_core::{
     Algorithm, AllowAll, Digest, Error, GcOptions, ListOptions, PutManifestOptions, Reference,
     Registry, RepoName, Timestamp, UploadId, media_type,
 };
-use registry_store_fs::{CheckOptions, CheckReport, FsStore};
+use registry_store_fs::{CheckOptions, CheckReport, FsStore, ScrubOptions, ScrubStats};
 
 const REPORT: CheckOptions = CheckOptions {
     verify_digests: true,
@@ -576,4 +576,288 @@ async fn a_verified_file_is_hashed_once_until_it_changes() {
     assert_eq!(read_blob(&r, &repo, &d).await.unwrap(), data);
     assert_eq!(read_blob(&r, &repo, &d).await.unwrap(), data);
     assert_eq!(store.reads_not_rehashed(), 2);
+}
+
+/// Bytes of a blob spanning several scrub chunks and read blocks.
+fn pattern(len: usize, modulo: u32) -> Vec<u8> {
+    (0..len as u32).map(|i| (i % modulo) as u8).collect()
+}
+
+/// A scrub pass hashes every blob file (not upload files) and marks those that match,
+/// as a verified read would: the verified reads after it are not hashed again.
+#[tokio::test]
+async fn a_scrub_pass_checks_every_blob_and_marks_the_good_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsStore::open(dir.path()).await.unwrap();
+    let scrubber = store.scrubber();
+    let r = Registry::builder(store.clone()).build();
+    let repo = repo("fs/scrub-good");
+    let big = pattern((2 << 20) + 3, 247);
+    let blobs = [
+        push_blob(&r, &repo, &big).await,
+        push_blob(&r, &repo, b"small one").await,
+        push_blob(&r, &repo, b"").await,
+    ];
+    // An upload in progress is not a blob file.
+    let s = r.start_upload(&repo, Algorithm::Sha256).await.unwrap();
+    r.append_upload(&repo, &s.id, Some(0), None, body(&[b"half"]))
+        .await
+        .unwrap();
+    assert_eq!(scrubber.stats(), ScrubStats::default());
+    // Only files changed more than 2 s ago are marked (as by verified reads).
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+
+    let report = scrubber
+        .run_pass(&ScrubOptions::default().unpaced())
+        .await
+        .unwrap();
+    assert_eq!(report.files, 3, "{report}");
+    assert_eq!(report.bytes, big.len() as u64 + 9);
+    assert!(
+        report.corrupt.is_empty() && report.errors.is_empty(),
+        "{report:?}"
+    );
+    assert!(!report.stopped);
+    assert!(report.to_string().starts_with("3 files, "), "{report}");
+    let stats = store.scrubber().stats();
+    assert_eq!(
+        (
+            stats.passes,
+            stats.files,
+            stats.bytes,
+            stats.corrupt_files,
+            stats.read_errors
+        ),
+        (1, 3, big.len() as u64 + 9, 0, 0)
+    );
+    assert!(stats.last_pass_end > 1_700_000_000, "{stats:?}");
+
+    assert_eq!(store.reads_not_rehashed(), 0);
+    assert_eq!(read_blob(&r, &repo, &blobs[0]).await.unwrap(), big);
+    assert_eq!(read_blob(&r, &repo, &blobs[1]).await.unwrap(), b"small one");
+    assert_eq!(read_blob(&r, &repo, &blobs[2]).await.unwrap(), b"");
+    assert_eq!(store.reads_not_rehashed(), 3, "marked by the scrub");
+}
+
+/// A file that does not match its digest is refused by every read before any byte,
+/// until it changes: a push of the blob replaces it, a change by hand makes the next
+/// verified read hash it, deleting the blob forgets it.
+#[tokio::test]
+async fn a_blob_found_corrupt_by_a_scrub_is_refused_until_it_is_pushed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsStore::open(dir.path()).await.unwrap();
+    let scrubber = store.scrubber();
+    let r = Registry::builder(store.clone()).build();
+    let unverified = Registry::builder(store.clone())
+        .with_verify_reads(false)
+        .build();
+    let repo = repo("fs/scrub-corrupt");
+    let data = pattern((2 << 20) + 3, 241);
+    let d = push_blob(&r, &repo, &data).await;
+    let good = push_blob(&r, &repo, b"good neighbour").await;
+    let path = blob_file(dir.path(), &d);
+    // Same length, other bytes, changed long enough ago to look settled.
+    let mut tampered = data.clone();
+    tampered[(1 << 20) + 9] ^= 1;
+    std::fs::write(&path, &tampered).unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+
+    let pass = ScrubOptions::default().unpaced();
+    let report = scrubber.run_pass(&pass).await.unwrap();
+    assert_eq!(
+        report.corrupt,
+        vec![(d.clone(), path.clone())],
+        "{report:?}"
+    );
+    assert_eq!(report.files, 2);
+    assert!(
+        report.to_string().contains(", 1 corrupt, 0 errors"),
+        "{report}"
+    );
+    assert_eq!(scrubber.stats().corrupt_files, 1);
+
+    let refused = |read: Result<registry_core::BlobBody, Error>| {
+        let Err(e) = read else {
+            panic!("a read of a corrupt file was served");
+        };
+        let text = e.to_string();
+        assert!(matches!(e, Error::Storage(_)), "{e:?}");
+        assert!(text.contains(d.as_str()), "{text}");
+        assert!(text.contains("scrub"), "{text}");
+        assert!(text.contains("serve check --verify-digests"), "{text}");
+        assert!(text.contains("push the blob again"), "{text}");
+    };
+    // Refused before any byte: the read itself fails, not its stream.
+    for registry in [&r, &unverified] {
+        refused(registry.get_blob(&repo, &d, None).await);
+        let range = Some(registry_core::RangeRequest::FromTo(0, 9));
+        refused(registry.get_blob(&repo, &d, range).await);
+    }
+    assert_eq!(
+        read_blob(&r, &repo, &good).await.unwrap(),
+        b"good neighbour"
+    );
+    // `check` reports it as any corrupt file (and is not failed by the refusal).
+    let report = check(&store, REPORT).await;
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(report.problems[0].contains("does not match its digest"));
+
+    // Pushed again, the way clients push: the file is replaced and served.
+    push_blob(&r, &repo, &data).await;
+    assert_eq!(scrubber.stats().corrupt_files, 0);
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    assert_eq!(read_blob(&r, &repo, &d).await.unwrap(), data);
+    let report = scrubber.run_pass(&pass).await.unwrap();
+    assert_eq!((report.files, report.corrupt.len()), (2, 0), "{report:?}");
+    let stats = scrubber.stats();
+    assert_eq!((stats.passes, stats.corrupt_files), (2, 0), "{stats:?}");
+    assert!(check(&store, REPORT).await.problems.is_empty());
+
+    // Changed by other means: no longer the file found corrupt, hashed by the next
+    // verified read like any changed file.
+    std::fs::write(&path, &tampered).unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    scrubber.run_pass(&pass).await.unwrap();
+    assert_eq!(scrubber.stats().corrupt_files, 1);
+    std::fs::write(&path, &data).unwrap();
+    assert_eq!(read_blob(&r, &repo, &d).await.unwrap(), data);
+    assert_eq!(scrubber.stats().corrupt_files, 0);
+    std::fs::write(&path, &tampered).unwrap();
+    assert!(
+        read_blob(&r, &repo, &d).await.is_err(),
+        "a changed file is hashed again"
+    );
+
+    // Deleted: forgotten.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    scrubber.run_pass(&pass).await.unwrap();
+    assert_eq!(scrubber.stats().corrupt_files, 1);
+    r.delete_blob(&repo, &d).await.unwrap();
+    r.collect_garbage(&GcOptions {
+        window: Some(Duration::ZERO),
+        ..GcOptions::default()
+    })
+    .await
+    .unwrap();
+    assert!(!path.exists());
+    assert_eq!(scrubber.stats().corrupt_files, 0);
+}
+
+/// The pace is a ceiling on bytes over time (a lower bound on a pass's duration, not a
+/// speed test), and a stop signal ends a slow pass early with what it has.
+#[tokio::test]
+async fn a_scrub_pass_keeps_to_its_rate_and_stops_when_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsStore::open(dir.path()).await.unwrap();
+    let scrubber = store.scrubber();
+    let r = Registry::builder(store.clone()).build();
+    let repo = repo("fs/scrub-pace");
+    push_blob(&r, &repo, &pattern(2 << 20, 239)).await;
+    push_blob(&r, &repo, &pattern(2 << 20, 233)).await;
+
+    let started = std::time::Instant::now();
+    let report = scrubber
+        .run_pass(&ScrubOptions::default().with_max_bytes_per_sec(2 << 20))
+        .await
+        .unwrap();
+    assert_eq!((report.files, report.bytes), (2, 4 << 20), "{report:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "4 MiB at 2 MiB/s took {:?}",
+        started.elapsed()
+    );
+
+    // At 512 KiB/s this pass would take 8 s.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let slow = ScrubOptions::default()
+        .with_max_bytes_per_sec(512 << 10)
+        .with_stop(stop_rx);
+    let started = std::time::Instant::now();
+    let pass = tokio::spawn({
+        let scrubber = scrubber.clone();
+        let slow = slow.clone();
+        async move { scrubber.run_pass(&slow).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    stop_tx.send(true).unwrap();
+    let report = pass.await.unwrap().unwrap();
+    assert!(report.stopped, "{report:?}");
+    assert!(report.bytes < 4 << 20, "{report:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(report.to_string().ends_with("(stopped)"), "{report}");
+    // A stopped pass is not a completed one.
+    assert_eq!(scrubber.stats().passes, 1);
+    // Told to stop before it starts: nothing hashed.
+    let report = scrubber.run_pass(&slow).await.unwrap();
+    assert!(report.stopped && report.bytes == 0, "{report:?}");
+}
+
+/// Files removed while a pass runs (by the collector) are skipped, not errors.
+#[tokio::test]
+async fn a_scrub_pass_skips_files_removed_during_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsStore::open(dir.path()).await.unwrap();
+    let scrubber = store.scrubber();
+    let r = Registry::builder(store.clone()).build();
+    let repo = repo("fs/scrub-vanish");
+    let a = push_blob(&r, &repo, &pattern(1 << 20, 229)).await;
+    let b = push_blob(&r, &repo, &pattern(1 << 20, 227)).await;
+    // At 1 MiB/s, the first chunk is due after a second: both files are gone by then.
+    let pass = tokio::spawn({
+        let scrubber = scrubber.clone();
+        async move {
+            scrubber
+                .run_pass(&ScrubOptions::default().with_max_bytes_per_sec(1 << 20))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::remove_file(blob_file(dir.path(), &a)).unwrap();
+    std::fs::remove_file(blob_file(dir.path(), &b)).unwrap();
+    let report = pass.await.unwrap().unwrap();
+    assert_eq!(report.files, 0, "{report:?}");
+    assert!(
+        report.errors.is_empty() && report.corrupt.is_empty(),
+        "{report:?}"
+    );
+    assert!(!report.stopped);
+    assert_eq!(scrubber.stats().passes, 1);
+}
+
+/// Manifests are blob files too: one found corrupt is refused, and storing its bytes
+/// again (here by pushing the image to another repository: the bytes-only path, without
+/// an upload session) replaces its file.
+#[tokio::test]
+async fn a_manifest_found_corrupt_by_a_scrub_is_replaced_when_its_bytes_are_stored_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsStore::open(dir.path()).await.unwrap();
+    let scrubber = store.scrubber();
+    let r = Registry::builder(store.clone()).build();
+    let (repo, other) = (repo("fs/scrub-manifest"), repo("fs/scrub-other"));
+    let (m, _) = push_image(&r, &repo, "v1", b"{}", &[b"layer"]).await;
+    let manifest = image_manifest_with(b"{}", &[b"layer"], None, None);
+    let path = blob_file(dir.path(), &m);
+    std::fs::write(&path, manifest.replace("layer", "LAYER")).unwrap();
+
+    let report = scrubber
+        .run_pass(&ScrubOptions::default().unpaced())
+        .await
+        .unwrap();
+    assert_eq!(
+        report.corrupt,
+        vec![(m.clone(), path.clone())],
+        "{report:?}"
+    );
+    assert!(r.get_manifest(&repo, &tag_ref("v1")).await.is_err());
+
+    let (again, _) = push_image(&r, &other, "v1", b"{}", &[b"layer"]).await;
+    assert_eq!(again, m);
+    assert_eq!(scrubber.stats().corrupt_files, 0);
+    let got = r.get_manifest(&repo, &tag_ref("v1")).await.unwrap();
+    assert_eq!(got.bytes, manifest.as_bytes());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), manifest);
 }
