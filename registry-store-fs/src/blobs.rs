@@ -95,6 +95,17 @@ struct Sidecar {
     started_at: Timestamp,
 }
 
+/// An upload session's record, if it exists and is whole. One that does not parse was
+/// torn by a power loss (sessions are not fsynced): the session is as good as unknown.
+fn read_sidecar(path: &Path) -> Result<Option<Sidecar>> {
+    let record = match fs::read(path) {
+        Ok(r) => r,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(e)),
+    };
+    Ok(serde_json::from_slice(&record).ok())
+}
+
 fn io_err(e: io::Error) -> Error {
     Error::storage(e)
 }
@@ -756,16 +767,15 @@ impl BlobStore for FsBlobStore {
             fs::create_dir(&tmp).map_err(io_err)?;
             let mut s = File::create(tmp.join("info.json")).map_err(io_err)?;
             s.write_all(&record).map_err(io_err)?;
-            s.sync_all().map_err(io_err)?;
-            // Empty: nothing of its own to fsync; its name is made durable with the
-            // directory's.
             let f = File::create(tmp.join("data")).map_err(io_err)?;
             f.set_modified(now.to_system_time()).map_err(io_err)?;
-            fsync_dir(&tmp).map_err(io_err)?;
-            // A session must survive a restart (the client may continue it), and must
-            // appear whole or not at all.
-            fs::rename(&tmp, &dir).map_err(io_err)?;
-            fsync_dir(&uploads).map_err(io_err)
+            // A session appears whole or not at all. It is not fsynced: it survives a
+            // restart of the process (the page cache keeps it), and a power loss may
+            // forget it or tear its record, as it may tear an append: the client's next
+            // request then gets BLOB_UPLOAD_UNKNOWN and it starts the upload again
+            // (design.md §5). Nothing acknowledged as stored depends on it: the commit
+            // makes the bytes durable. Three fsyncs a blob push paid before.
+            fs::rename(&tmp, &dir).map_err(io_err)
         })
         .await
     }
@@ -774,12 +784,9 @@ impl BlobStore for FsBlobStore {
         let (sidecar, candidates) = (self.upload_sidecar(id), self.session_files(id));
         let id = id.clone();
         blocking(move || {
-            let record = match fs::read(&sidecar) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(io_err(e)),
+            let Some(record) = read_sidecar(&sidecar)? else {
+                return Ok(None);
             };
-            let record: Sidecar = serde_json::from_slice(&record).map_err(Error::storage)?;
             let Some(meta) = open_session_file(&candidates, |p| fs::metadata(p))? else {
                 return Ok(None);
             };
@@ -917,8 +924,8 @@ impl BlobStore for FsBlobStore {
     }
 
     /// One temporary file, fsynced, hard-linked to the blob's name, the directory
-    /// fsynced: two fsyncs, where a session costs six (its creation three, its commit
-    /// three). The temporary name (`uploads/.tmp-<random>`) is never a session's, and
+    /// fsynced: two fsyncs, where a session's commit costs three (its creation is
+    /// not fsynced). The temporary name (`uploads/.tmp-<random>`) is never a session's, and
     /// one left by a crash is removed on open.
     async fn put_bytes(
         &self,
@@ -1015,6 +1022,14 @@ impl BlobStore for FsBlobStore {
         for id in ids {
             if let Some(info) = self.upload_info(&id).await? {
                 out.push(info);
+                continue;
+            }
+            // A session whose record a power loss tore can never be continued (no
+            // repository): nobody would remove it otherwise.
+            let sidecar = self.upload_sidecar(&id);
+            if blocking(move || Ok(sidecar.exists())).await? {
+                tracing::warn!(%id, "upload session without a readable record (torn by a crash): removed");
+                self.delete_upload(&id).await?;
             }
         }
         Ok(out)

@@ -861,3 +861,47 @@ async fn a_manifest_found_corrupt_by_a_scrub_is_replaced_when_its_bytes_are_stor
     assert_eq!(got.bytes, manifest.as_bytes());
     assert_eq!(std::fs::read_to_string(&path).unwrap(), manifest);
 }
+
+/// Sessions are created without fsync (a power loss may forget one, or tear its record):
+/// a torn record makes the session unknown, never an error, and the next listing (what
+/// expiry and the session limits read) removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_record_was_torn_is_unknown_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsStore::open(dir.path()).await.unwrap();
+    let blobs = store.clone().into_storage().blobs;
+    let repo = RepoName::parse("fs/torn").unwrap();
+    let now = Timestamp(1_700_000_000_000);
+    let (torn, whole) = (UploadId::random(), UploadId::random());
+    blobs.create_upload(&torn, &repo, now).await.unwrap();
+    blobs.create_upload(&whole, &repo, now).await.unwrap();
+    let record = dir
+        .path()
+        .join("uploads")
+        .join(torn.to_string())
+        .join("info.json");
+    // As a power loss leaves a file whose size was written but not its bytes.
+    std::fs::write(&record, b"{\"repo\":\"fs/to").unwrap();
+
+    assert!(blobs.upload_info(&torn).await.unwrap().is_none());
+    let listed: Vec<_> = blobs
+        .list_uploads()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.id)
+        .collect();
+    assert_eq!(listed, vec![whole.clone()]);
+    assert!(
+        !dir.path().join("uploads").join(torn.to_string()).exists(),
+        "the torn session is removed by the listing"
+    );
+    // The whole one is untouched and still takes bytes.
+    assert_eq!(
+        blobs
+            .append_upload(&whole, 0, body(&[b"abc"]), now)
+            .await
+            .unwrap(),
+        3
+    );
+}
