@@ -1014,19 +1014,26 @@ type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connec
 type Connector = hyper_util::client::legacy::connect::HttpConnector;
 type Client = hyper_util::client::legacy::Client<Connector, Full<Bytes>>;
 
-fn client() -> Client {
+/// The client for every endpoint; `https` says whether any endpoint needs TLS.
+fn client(https: bool) -> Client {
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.set_connect_timeout(Some(Duration::from_secs(10)));
     http.set_nodelay(true);
+    #[cfg(not(feature = "tls"))]
+    let _ = https;
     #[cfg(feature = "tls")]
     let connector = {
         http.enforce_http(false);
         let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for e in &native.errors {
-            tracing::warn!(error = %e, "webhooks: cannot read some of the system's root certificates");
+        // Only for https endpoints: reading and parsing the system's roots takes tens of
+        // milliseconds (about 18 million instructions), a process's whole start.
+        if https {
+            let native = rustls_native_certs::load_native_certs();
+            for e in &native.errors {
+                tracing::warn!(error = %e, "webhooks: cannot read some of the system's root certificates");
+            }
+            let (_added, _ignored) = roots.add_parsable_certificates(native.certs);
         }
-        let (_added, _ignored) = roots.add_parsable_certificates(native.certs);
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -1341,7 +1348,11 @@ impl Notifier {
     pub fn start(registry: Registry, config: NotifyConfig) -> Notifier {
         let (stop, stop_rx) = watch::channel(false);
         let config = Arc::new(config);
-        let client = client();
+        let https = config
+            .endpoints
+            .iter()
+            .any(|e| e.url.scheme_str() == Some("https"));
+        let client = client(https);
         let mut tasks = Vec::new();
         let mut endpoints = Vec::new();
         for endpoint in &config.endpoints {
