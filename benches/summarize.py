@@ -17,24 +17,25 @@ from collections import defaultdict
 
 OURS, DIST, BASE = "ours", "dist", "base"
 
-# Workload -> targets from issue 7: minimum ratio ours/Distribution of the throughput,
-# and for ours the most server CPU s/GB and the most peak RSS (MiB).
+# Workload -> targets of issue 25 (which raised issue 7's): minimum ratio
+# ours/Distribution of the throughput, and for ours the most server CPU s/GB and the
+# most peak RSS (MiB). Rows without a target of their own in issue 25 keep issue 7's.
 TARGETS = {
-    "push-1m-c1": {"ratio": 3.0},
+    "push-1m-c1": {"ratio": 2.5},
     "push-1m-c8": {"ratio": 3.0},
-    "push-64m-c4": {"ratio": 2.0, "cpu_gb": 0.7},
+    "push-64m-c4": {"ratio": 2.0, "cpu_gb": 2.5},
     "push-chunked-64m": {"ratio": 2.0},
     "pull-1m-c1": {"ratio": 3.0},
     "pull-1m-c8": {"ratio": 3.0},
-    "pull-64m-c1": {"ratio": 1.0, "note": ">= 90% of TCP"},
-    "pull-64m-c4": {"ratio": 1.0},
+    "pull-64m-c1": {"ratio": 1.3, "note": ">= 90% of TCP"},
+    "pull-64m-c4": {"ratio": 1.3},
     "pull-64m-c1-raw": {"ratio": 1.0, "note": ">= 90% of TCP"},
     "pull-chunked-64m": {"ratio": 1.0},
     "manifest-put": {"ratio": 4.0},
-    "manifest-get-tag": {"ratio": 5.0},
-    "manifest-get-digest": {"ratio": 5.0},
-    "manifest-head": {"ratio": 5.0},
-    "tag-list": {"ratio": 5.0},
+    "manifest-get-tag": {"ratio": 10.0},
+    "manifest-get-digest": {"ratio": 10.0},
+    "manifest-head": {"ratio": 10.0},
+    "tag-list": {"ratio": 10.0},
     "push-4g": {"rss_mib": 64},
     "pull-4g": {"rss_mib": 64},
 }
