@@ -178,6 +178,26 @@ free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
+# dist_config FILE ROOT ADDR: Distribution's configuration, as every run here uses it.
+dist_config() {
+    cat >"$1" <<EOF
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $2
+  delete:
+    enabled: true
+  cache:
+    blobdescriptor: inmemory
+http:
+  addr: $3
+EOF
+}
+
 # start_server KIND: fresh data dir and port; sets PID, PORT, WORK; the ready JSON
 # goes to $WORK/ready.json. Not to be called in a subshell (PID must be ours).
 start_server() {
@@ -188,22 +208,7 @@ start_server() {
     local cmd
     case $kind in
         dist)
-            cat >"$WORK/config.yml" <<EOF
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $WORK/data
-  delete:
-    enabled: true
-  cache:
-    blobdescriptor: inmemory
-http:
-  addr: 127.0.0.1:$PORT
-EOF
+            dist_config "$WORK/config.yml" "$WORK/data" "127.0.0.1:$PORT"
             cmd=(docker-registry serve "$WORK/config.yml")
             ;;
         ours)
@@ -268,22 +273,7 @@ startup() {
     case $kind in
         dist)
             # The address and root come from the environment, new for every start.
-            cat >"$dir/config.yml" <<EOF
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: /nonexistent
-  delete:
-    enabled: true
-  cache:
-    blobdescriptor: inmemory
-http:
-  addr: 127.0.0.1:1
-EOF
+            dist_config "$dir/config.yml" /nonexistent 127.0.0.1:1
             env=(--env 'REGISTRY_HTTP_ADDR=127.0.0.1:{port}' --env 'REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY={dir}')
             cmd=(docker-registry serve "$dir/config.yml")
             ;;
