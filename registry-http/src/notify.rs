@@ -23,8 +23,9 @@
 //! as it writes an event itself; events of other processes are seen by polling
 //! ([`NotifyConfig::poll`]). Once caught up, a task waits [`NotifyConfig::linger`]
 //! (25 ms) before reading again, so a burst of pushes travels in a few requests rather
-//! than one per push (a request costs the registry about as much as a push). A periodic [`Registry::trim_events`] removes events that
-//! every consumer has acknowledged and that are older than the registry's
+//! than one per push (a request costs the registry about as much as a push). A
+//! periodic [`Registry::trim_events`] removes events that every consumer has
+//! acknowledged and that are older than the registry's
 //! [`event_retention`](registry_core::RegistryConfig::event_retention) (or beyond its
 //! `max_events`), as the collector does on each run.
 //!
