@@ -23,54 +23,21 @@ Standard library only, plus scaleout.py beside it (the same pushes).
 import argparse
 import json
 import os
-import random
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scaleout import Clean, Conn, Wrong, push_image  # noqa: E402
+from scaleout import burst, push_image  # noqa: E402
 
 
 def push(args):
     targets = args.targets.split(",")
-    deadline = time.monotonic() + args.seconds
-    lock = threading.Lock()
-    counts = {"acked": 0, "abandoned": 0, "wrong": 0}
-    out = open(args.acked, "a", buffering=1, encoding="utf-8")
 
-    def worker(n):
-        rng = random.Random(f"{args.prefix}-{n}")
-        c = Conn()
-        i = 0
-        while time.monotonic() < deadline:
-            i += 1
-            repo = f"{args.prefix}{rng.randrange(4)}"
-            tag = f"w{n}-{i}"
-            try:
-                rec = push_image(c, targets, rng, repo, tag, f"{args.prefix}-{n}-{i}")
-            except Clean:
-                with lock:
-                    counts["abandoned"] += 1
-                time.sleep(0.2)
-                continue
-            except Wrong as e:
-                with lock:
-                    counts["wrong"] += 1
-                print(f"wrong answer: {e}", file=sys.stderr)
-                continue
-            with lock:
-                counts["acked"] += 1
-                out.write(json.dumps({"repo": rec["repo"], "tag": rec["tag"],
-                                      "digest": rec["digest"]}) + "\n")
+    def push_one(c, rng, n, i):
+        repo = f"{args.prefix}{rng.randrange(4)}"
+        return push_image(c, targets, rng, repo, f"w{n}-{i}", f"{args.prefix}-{n}-{i}")
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(args.threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    print(json.dumps(counts))
-    return 0 if counts["wrong"] == 0 and counts["acked"] > 0 else 1
+    return burst(args.threads, args.seconds, args.acked, args.prefix, push_one)
 
 
 def read_jsonl(path):

@@ -33,16 +33,15 @@
 import argparse
 import base64
 import gzip
-import hashlib
-import http.client
 import io
 import json
 import os
-import random
 import sys
 import tarfile
-import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scaleout import Clean, Conn, Wrong, burst, sha  # noqa: E402
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -51,10 +50,6 @@ OCI_LAYER_GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
 ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX,
                     "application/vnd.docker.distribution.manifest.v2+json",
                     "application/vnd.docker.distribution.manifest.list.v2+json"])
-
-
-def sha(data):
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def tar_of(name, content):
@@ -140,94 +135,39 @@ def layout(args):
 
 
 # ---------------------------------------------------------------- burst of pushes
-class Clean(Exception):
-    """The registry went away or is restarting: abandon this image."""
-
-
-class Wrong(Exception):
-    """An answer no registry in trouble should give."""
-
-
-class Conn:
-    def __init__(self, target):
-        self.host, self.port = target.rsplit(":", 1)
-        self.conn = None
-
-    def request(self, method, path, body=None, headers=None):
-        if self.conn is None:
-            self.conn = http.client.HTTPConnection(self.host, int(self.port), timeout=30)
-        try:
-            self.conn.request(method, path, body=body, headers=headers or {})
-            resp = self.conn.getresponse()
-            data = resp.read()
-        except (OSError, http.client.HTTPException) as e:
-            self.conn.close()
-            self.conn = None
-            raise Clean(f"{method} {path}: {type(e).__name__}")
-        if resp.status >= 500 or resp.status == 429:
-            raise Clean(f"{method} {path}: {resp.status}")
-        return resp, data
-
-
-def upload(c, repo, blob):
-    resp, data = c.request("POST", f"/v2/{repo}/blobs/uploads/", b"", {"Content-Length": "0"})
+def upload(c, target, repo, blob):
+    resp, data = c.request(target, "POST", f"/v2/{repo}/blobs/uploads/", b"",
+                           {"Content-Length": "0"})
     if resp.status != 202:
         raise Wrong(f"POST upload in {repo}: {resp.status} {data[:200]!r}")
     loc = resp.getheader("Location") or ""
     if loc.startswith("http"):
         loc = "/" + loc.split("/", 3)[3]
     loc += ("&" if "?" in loc else "?") + "digest=" + sha(blob)
-    resp, data = c.request("PUT", loc, blob, {"Content-Type": "application/octet-stream",
-                                              "Content-Length": str(len(blob))})
+    resp, data = c.request(target, "PUT", loc, blob, {
+        "Content-Type": "application/octet-stream", "Content-Length": str(len(blob))})
     if resp.status != 201:
         raise Wrong(f"PUT upload in {repo}: {resp.status} {data[:200]!r}")
 
 
-def burst(args):
-    deadline = time.monotonic() + args.seconds
-    lock = threading.Lock()
-    counts = {"acked": 0, "abandoned": 0, "wrong": 0}
-    out = open(args.acked, "a", buffering=1, encoding="utf-8")
+def burst_command(args):
+    """Images with real tar layers (skopeo pulls some of them later), through
+    scaleout.py's burst loop."""
+    def push_one(c, rng, n, i):
+        repo = f"{args.prefix}{rng.randrange(4)}"
+        tag = f"t{os.getpid()}-{n}-{i}"
+        manifest, blobs = image(os.urandom(rng.randrange(20_000, 60_000)), "f.bin",
+                                ident=f"{repo}:{tag}")
+        for b in blobs.values():
+            upload(c, args.target, repo, b)
+        resp, data = c.request(args.target, "PUT", f"/v2/{repo}/manifests/{tag}", manifest, {
+            "Content-Type": OCI_MANIFEST, "Content-Length": str(len(manifest))})
+        if resp.status != 201:
+            raise Wrong(f"manifest PUT {repo}:{tag}: {resp.status} {data[:200]!r}")
+        return {"repo": repo, "tag": tag, "digest": sha(manifest)}
 
-    def worker(n):
-        rng = random.Random(f"{args.prefix}-{n}-{os.getpid()}")
-        c = Conn(args.target)
-        i = 0
-        while time.monotonic() < deadline:
-            i += 1
-            repo = f"{args.prefix}{rng.randrange(4)}"
-            tag = f"t{os.getpid()}-{n}-{i}"
-            manifest, blobs = image(os.urandom(rng.randrange(20_000, 60_000)), "f.bin",
-                                    ident=f"{repo}:{tag}")
-            try:
-                for b in blobs.values():
-                    upload(c, repo, b)
-                resp, data = c.request("PUT", f"/v2/{repo}/manifests/{tag}", manifest, {
-                    "Content-Type": OCI_MANIFEST, "Content-Length": str(len(manifest))})
-                if resp.status != 201:
-                    raise Wrong(f"manifest PUT {repo}:{tag}: {resp.status} {data[:200]!r}")
-            except Clean:
-                with lock:
-                    counts["abandoned"] += 1
-                time.sleep(0.2)
-                continue
-            except Wrong as e:
-                with lock:
-                    counts["wrong"] += 1
-                print(f"wrong answer: {e}", file=sys.stderr)
-                continue
-            with lock:
-                counts["acked"] += 1
-                out.write(json.dumps({"repo": repo, "tag": tag, "digest": sha(manifest)}) + "\n")
-            time.sleep(args.pause)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(args.threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    print(json.dumps(counts))
-    return 0 if counts["wrong"] == 0 and counts["acked"] > 0 else 1
+    return burst(args.threads, args.seconds, args.acked, f"{args.prefix}-{os.getpid()}",
+                 push_one, pause=args.pause)
 
 
 # ---------------------------------------------------------------- mirrored everywhere?
@@ -247,7 +187,7 @@ def mirrored(args):
         remotes.append({
             "url": url, "src": src, "dst": dst,
             "auth": "Basic " + base64.b64encode(creds.encode()).decode(),
-            "conn": Conn(url.split("://", 1)[1].rstrip("/")),
+            "target": url.split("://", 1)[1].rstrip("/"), "conn": Conn(),
             "missing": {(r["repo"], r["tag"]): r["digest"] for r in acked},
             "wrong": {}, "took": None,
         })
@@ -260,7 +200,7 @@ def mirrored(args):
             for (repo, tag), digest in list(r["missing"].items()):
                 name = r["dst"] + repo[len(r["src"]):] if repo.startswith(r["src"]) else repo
                 try:
-                    resp, data = r["conn"].request("GET", f"/v2/{name}/manifests/{tag}", headers={
+                    resp, data = r["conn"].request(r["target"], "GET", f"/v2/{name}/manifests/{tag}", headers={
                         "Accept": ACCEPT, "Authorization": r["auth"]})
                 except Clean:
                     break  # the remote is restarting: next round
@@ -310,7 +250,7 @@ def main():
     m.add_argument("--remote", nargs=4, action="append", required=True,
                    metavar=("URL", "CREDS_FILE", "FROM", "TO"))
     args = p.parse_args()
-    return {"layout": layout, "burst": burst, "mirrored": mirrored}[args.cmd](args)
+    return {"layout": layout, "burst": burst_command, "mirrored": mirrored}[args.cmd](args)
 
 
 if __name__ == "__main__":

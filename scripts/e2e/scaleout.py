@@ -121,6 +121,54 @@ class Stats:
                 self.wrong.append(str(e))
 
 
+def burst(threads, seconds, acked_path, seed, push_one, pause=0.0):
+    """Runs `threads` pushers until `seconds` have passed: each calls
+    push_one(conn, rng, thread, i) with its own connection and seeded rng, for i = 1, 2,
+    ... A push that returns its record {repo, tag, digest} (its manifest acknowledged)
+    is appended to `acked_path` as a JSON line; one that raises Clean (the registry in
+    trouble) is abandoned and counted; Wrong is counted and printed. Prints the counts;
+    returns the exit status: 1 if any answer was wrong or nothing was acknowledged.
+    Shared by notify.py and proxy_oci.py (their pushes differ, not the loop)."""
+    deadline = time.monotonic() + seconds
+    lock = threading.Lock()
+    counts = {"acked": 0, "abandoned": 0, "wrong": 0}
+    out = open(acked_path, "a", buffering=1, encoding="utf-8")
+
+    def worker(n):
+        rng = random.Random(f"{seed}-{n}")
+        c = Conn()
+        i = 0
+        while time.monotonic() < deadline:
+            i += 1
+            try:
+                rec = push_one(c, rng, n, i)
+            except Clean:
+                with lock:
+                    counts["abandoned"] += 1
+                time.sleep(0.2)
+                continue
+            except Wrong as e:
+                with lock:
+                    counts["wrong"] += 1
+                print(f"wrong answer: {e}", file=sys.stderr)
+                continue
+            with lock:
+                counts["acked"] += 1
+                out.write(json.dumps({"repo": rec["repo"], "tag": rec["tag"],
+                                      "digest": rec["digest"]}) + "\n")
+            if pause:
+                time.sleep(pause)
+
+    workers = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    out.close()
+    print(json.dumps(counts))
+    return 0 if counts["wrong"] == 0 and counts["acked"] > 0 else 1
+
+
 def push_image(c, targets, rng, repo, tag, ident):
     """Pushes one image; returns its record once the manifest PUT is acknowledged."""
     pick = lambda: rng.choice(targets)  # noqa: E731
