@@ -42,7 +42,8 @@
 //! ## Layout under the data directory
 //! - `meta.redb`: all metadata, one redb table per [`registry_core::kv::Table`] (see
 //!   `docs/design.md` for the tables and invariants);
-//! - `blobs/<algorithm>/<first two hex>/<hex>`: blob bytes, immutable once named;
+//! - `blobs/<algorithm>/<first two hex>/<hex>`: blob bytes, immutable once named (but
+//!   for a file the scrub found corrupt, which an upload of the same bytes replaces);
 //! - `uploads/<id>/`: one upload session: `info.json` (repository, start time), and
 //!   `data` (the bytes so far; its modification time is the session's last activity),
 //!   renamed `data.committed` when committed; `uploads/.tmp-<id>`: a manifest being
@@ -64,7 +65,10 @@
 //! ## After a crash
 //! Nothing acknowledged is lost, nothing partial is visible. What may be left:
 //! - upload sessions: kept on purpose, since a client may continue a chunked upload
-//!   after the restart (the registry re-hashes what is there). Sessions idle longer
+//!   after the restart (the registry re-hashes what is there). Their creation is not
+//!   fsynced: after a power loss (not a crash of the process) a session may be gone or
+//!   its record torn, and it is then unknown to clients (who start the upload again)
+//!   and removed when sessions are next listed. Sessions idle longer
 //!   than the registry's upload expiry are deleted by
 //!   [`Registry::collect_garbage`](registry_core::Registry::collect_garbage)
 //!   (through `list_uploads` / `delete_upload`); sessions half-created or
