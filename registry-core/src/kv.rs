@@ -28,6 +28,7 @@ use crate::time::Timestamp;
 // The mark-and-sweep audit (`MetadataStore::audit`) and the quota accounting done
 // inside the link transactions: private parts of this module, in kv/.
 mod audit;
+mod event_codec;
 pub mod outbox;
 mod quota;
 

@@ -12,9 +12,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::event_codec::{decode_entry, encode_entry, entry_time};
 use super::{KvRead, KvWrite, Table, decode, encode, get, put};
 use crate::error::{Error, Result};
-use crate::events::{ConsumerRecord, Event, OutboxEntry, OutboxRead, StoredEvent};
+use crate::events::{ConsumerRecord, Event, OutboxRead, StoredEvent};
 use crate::time::Timestamp;
 
 /// [`Table::OutboxState`] key: the next sequence number (counting engines only).
@@ -80,11 +81,7 @@ fn wall_clock() -> Timestamp {
 
 /// Appends `event` to the outbox of the transaction `t` is in.
 pub(super) fn record_event(t: &mut dyn KvWrite, event: Event) -> Result<()> {
-    let entry = OutboxEntry {
-        at: wall_clock(),
-        event,
-    };
-    t.append_event(&encode(&entry)?)
+    t.append_event(&encode_entry(wall_clock(), &event))
 }
 
 /// Outbox entries after `after`, at most `limit`, with what a reader needs to judge
@@ -94,7 +91,7 @@ pub(super) fn read(t: &dyn KvRead, after: u64, limit: usize) -> Result<OutboxRea
     let trimmed_through = get::<u64>(t, Table::OutboxState, TRIMMED)?.unwrap_or(0);
     let mut events = Vec::new();
     for (k, v) in t.scan(Table::Outbox, b"", Some(&seq_key(after)), limit)? {
-        let entry: OutboxEntry = decode(&v)?;
+        let entry = decode_entry(&v)?;
         events.push(StoredEvent {
             seq: key_seq(&k)?,
             at: entry.at,
@@ -207,8 +204,7 @@ pub(super) fn trim(
         if seq > hold {
             break;
         }
-        let entry: OutboxEntry = decode(&v)?;
-        if entry.at > cutoff && total - removed <= max_events {
+        if entry_time(&v)? > cutoff && total - removed <= max_events {
             break;
         }
         t.delete(Table::Outbox, &k)?;
