@@ -19,11 +19,16 @@
 # Usage: bash benches/callgrind-overhead.sh            (both mixes, about 5 minutes)
 #        MIXES=small ROUNDS=5 bash benches/callgrind-overhead.sh
 #        MODES="off log" SERVE=/tmp/serve.before SKIP_BUILD=1 bash benches/callgrind-overhead.sh
+# Mixes: small (manifest PUTs by tag, then GETs by tag), blob (monolithic pushes of
+# BLOB_SIZE blobs, then their pulls), image (compare.sh's ci-mix: IMAGES images of 5
+# layers and a config over IMAGE_REPOS repositories, each blob HEAD-checked, mounted or
+# uploaded, then the manifest PUT by tag: what a CI pushing images sends).
 # Variables: MIXES (small blob), MODES (off on log notify; off is always run, first in
 # each round; the others are compared with it; default "on log"), STORAGE (memory, or
 # fs: a fresh data directory per run; its fsyncs are system time, which callgrind
 # does not count), ROUNDS (3; the modes alternate, the medians
-# are compared), PUTS (300), GETS (1500), BLOBS (200), BLOB_SIZE (64K), CONCURRENCY (2),
+# are compared), PUTS (300), GETS (1500), BLOBS (200), BLOB_SIZE (64K), IMAGES (50),
+# IMAGE_REPOS (10), CONCURRENCY (2),
 # SERVE (the binary; default the release example, built first), OUT
 # (target/bench/callgrind), STEP_TIMEOUT (300 s, per run of load and per server stop),
 # SKIP_BUILD (0). TOKIO_WORKER_THREADS=1 passes through to serve and makes rounds
@@ -36,6 +41,8 @@ PUTS=${PUTS:-300}
 GETS=${GETS:-1500}
 BLOBS=${BLOBS:-200}
 BLOB_SIZE=${BLOB_SIZE:-64K}
+IMAGES=${IMAGES:-50}
+IMAGE_REPOS=${IMAGE_REPOS:-10}
 CONCURRENCY=${CONCURRENCY:-2}
 ROUNDS=${ROUNDS:-3}
 MODES="off $(tr ' ' '\n' <<<"${MODES:-on log}" | grep -v '^off$' | tr '\n' ' ')"
@@ -165,6 +172,10 @@ run() {
             load --workload push-mono --repo bench/blob --size "$BLOB_SIZE" --count "$BLOBS" --concurrency "$c"
             load --workload pull --repo bench/blob --size "$BLOB_SIZE" --count "$BLOBS" --concurrency "$c"
             ;;
+        image)
+            load --workload ci-mix --repo bench/ci --count "$IMAGES" --repos "$IMAGE_REPOS" --concurrency "$c"
+            ;;
+        *) echo "unknown mix $mix (small, blob, image)" >&2; exit 1 ;;
     esac
     # Time for the webhook's last batch (the notify mode); every mode waits the same.
     sleep 1
@@ -210,7 +221,7 @@ for mix in $MIXES; do
         [ "$mode" = off ] && continue
         on=$(median ${NET[$mix-$mode]})
         awk -v m="$mix" -v mode="$mode" -v on="$on" -v off="$off" -v r="$ROUNDS" 'BEGIN {
-            printf "%s (medians of %d rounds, minus idle): %s %d, off %d, %s/off = %.4f (%+.2f%%)\n",
+            printf "%s (medians of %d rounds, minus idle): %s %.0f, off %.0f, %s/off = %.4f (%+.2f%%)\n",
                 m, r, mode, on, off, mode, on / off, (on / off - 1) * 100
         }'
     done
