@@ -11,7 +11,8 @@
 //! N`, `--auth-max-failures-per-address N`, `--auth-lockout DURATION`, `--tls-cert FILE
 //! --tls-key FILE`, `--metrics-addr HOST:PORT`, `--no-access-log`, `--access-log FILE`, `--audit-log FILE`,
 //! `--audit-log-fsync`, `--notify URL[,OPTION...]` (repeatable), `--notify-secret-file
-//! FILE`, `--notify-retention DURATION`, `--notify-poll DURATION`, `--proxy
+//! FILE`, `--notify-retention DURATION`, `--notify-poll DURATION`, `--notify-linger
+//! DURATION`, `--proxy
 //! PREFIX=URL[,OPTION...]` (repeatable), `--proxy-spool DIR`, `--mirror
 //! PREFIX=URL[,OPTION...]` (repeatable). Logs go through
 //! `tracing` (`RUST_LOG=debug` for more, or per target: `RUST_LOG=registry_http=debug,info`);
@@ -330,6 +331,11 @@ struct Args {
     /// wake delivery at once).
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     notify_poll: Duration,
+    /// How long a caught-up webhook waits before its next read, so that the changes of
+    /// a burst travel in one request: more delay per event, fewer requests (0 sends
+    /// each change as soon as it commits).
+    #[arg(long, value_name = "DURATION", default_value = "25ms", value_parser = parse_duration)]
+    notify_linger: Duration,
     /// Make the repositories under PREFIX a pull-through cache of the registry at URL
     /// (`PREFIX/library/app` is its `library/app`):
     /// `PREFIX=URL[,remote=REPO_PREFIX][,credentials=file:PATH|env:VAR][,ttl=DURATION]
@@ -1415,6 +1421,7 @@ fn start_notifier(
         .unwrap_or_else(|| format!("{scheme}://{addr}"));
     let mut config = registry_http::NotifyConfig::default()
         .with_poll(args.notify_poll)
+        .with_linger(args.notify_linger)
         .with_source(addr.to_string(), base_url);
     for endpoint in &args.notify {
         config = config.with_endpoint(endpoint.clone().with_secret(secret.clone()));

@@ -73,6 +73,7 @@
 //! event as [`registry_core::Event`] serializes it (`kind`, `repo`, `digest`, `tag`,
 //! `to`, ...).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -610,7 +611,7 @@ pub(crate) struct Prepared<'a> {
     /// [`StoredEvent::id`], computed once: the payload and the delivery id both need
     /// it, and it hashes the event.
     pub(crate) id: String,
-    pub(crate) media_type: Option<String>,
+    pub(crate) media_type: Option<Cow<'a, str>>,
     pub(crate) size: Option<u64>,
 }
 
@@ -689,7 +690,7 @@ fn write_envelope(out: &mut Vec<u8>, events: &[DistributionEvent<'_>]) {
         }
         if let Some(url) = &t.url {
             key(out, b"url");
-            json_str(out, url);
+            url.write_json(out);
         }
         if let Some(tag) = t.tag {
             key(out, b"tag");
@@ -741,7 +742,7 @@ struct Target<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     from_repository: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    url: Option<String>,
+    url: Option<TargetUrl<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tag: Option<&'a str>,
 }
@@ -752,8 +753,60 @@ fn rfc3339(at: registry_core::Timestamp) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-fn url_of(base: &str, repo: &RepoName, kind: &str, reference: &str) -> String {
-    format!("{base}/v2/{repo}/{kind}/{reference}")
+/// `{base}/v2/{repo}/{kind}/{reference}`, kept in parts and written straight into the
+/// payload (formatting it into a `String` first was a third of an event's payload).
+#[derive(Clone, Copy)]
+struct TargetUrl<'a> {
+    base: &'a str,
+    repo: &'a str,
+    kind: &'static str,
+    reference: &'a str,
+}
+
+impl std::fmt::Display for TargetUrl<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let TargetUrl {
+            base,
+            repo,
+            kind,
+            reference,
+        } = self;
+        write!(f, "{base}/v2/{repo}/{kind}/{reference}")
+    }
+}
+
+impl Serialize for TargetUrl<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl TargetUrl<'_> {
+    /// As a JSON string. Only the base (configuration) may need escaping: the repository
+    /// and the reference (a digest) come from checked grammars.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        use crate::audit::json_str;
+        json_str(out, self.base);
+        out.pop(); // the base's closing quote: the path follows inside the string
+        for part in ["/v2/", self.repo, "/", self.kind, "/", self.reference] {
+            out.extend_from_slice(part.as_bytes());
+        }
+        out.push(b'"');
+    }
+}
+
+fn url_of<'a>(
+    base: &'a str,
+    repo: &'a RepoName,
+    kind: &'static str,
+    reference: &'a str,
+) -> TargetUrl<'a> {
+    TargetUrl {
+        base,
+        repo: repo.as_str(),
+        kind,
+        reference,
+    }
 }
 
 /// The Distribution event of `p`, or `None` when Distribution has no form for it.
@@ -947,13 +1000,15 @@ fn has_form(format: PayloadFormat, event: &Event) -> bool {
         )
 }
 
-/// Manifest media types and sizes by repository and digest, from the manifest pushes
-/// seen, so that tag moves can carry them without reading the store.
+/// Manifest media types and sizes by digest (and the repository that pushed it), from
+/// the manifest pushes seen, so that tag moves can carry them without reading the
+/// store.
 #[derive(Default)]
 pub(crate) struct ManifestCache {
-    // Keyed by the typed values: formatting them to strings for every lookup cost more
-    // than the lookup.
-    map: HashMap<(RepoName, registry_core::Digest), (String, u64)>,
+    // By digest alone, the repository checked on a hit: a lookup then needs no key
+    // built (cloning both names per lookup cost more than the lookup). A digest pushed
+    // to two repositories keeps the later one; a tag move in the other reads the store.
+    map: HashMap<registry_core::Digest, (RepoName, String, u64)>,
 }
 
 impl ManifestCache {
@@ -972,12 +1027,15 @@ impl ManifestCache {
                 self.map.clear();
             }
             self.map
-                .insert((repo.clone(), digest.clone()), (media_type.clone(), *size));
+                .insert(digest.clone(), (repo.clone(), media_type.clone(), *size));
         }
     }
 
     fn get(&self, repo: &RepoName, digest: &registry_core::Digest) -> Option<(String, u64)> {
-        self.map.get(&(repo.clone(), digest.clone())).cloned()
+        self.map
+            .get(digest)
+            .filter(|(r, _, _)| r == repo)
+            .map(|(_, mt, size)| (mt.clone(), *size))
     }
 }
 
@@ -993,11 +1051,17 @@ pub(crate) async fn prepare<'a>(
     let mut out = Vec::with_capacity(events.len());
     for (i, stored) in events.iter().enumerate() {
         cache.learn(&stored.event);
+        if endpoint.format.is_distribution() && merged_into_tag_move(events, i) {
+            continue;
+        }
+        if !has_form(endpoint.format, &stored.event) {
+            continue;
+        }
         let (media_type, size) = match &stored.event {
             Event::ManifestPut {
                 media_type, size, ..
-            } => (Some(media_type.clone()), Some(*size)),
-            Event::BlobStored { size, .. } => (Some(BLOB_MEDIA_TYPE.to_owned()), Some(*size)),
+            } => (Some(Cow::Borrowed(media_type.as_str())), Some(*size)),
+            Event::BlobStored { size, .. } => (Some(Cow::Borrowed(BLOB_MEDIA_TYPE)), Some(*size)),
             Event::TagMoved { repo, to, .. } => {
                 let found = match cache.get(repo, to) {
                     Some(hit) => Some(hit),
@@ -1011,18 +1075,12 @@ pub(crate) async fn prepare<'a>(
                     },
                 };
                 match found {
-                    Some((mt, size)) => (Some(mt), Some(size)),
+                    Some((mt, size)) => (Some(Cow::Owned(mt)), Some(size)),
                     None => (None, None),
                 }
             }
             _ => (None, None),
         };
-        if endpoint.format.is_distribution() && merged_into_tag_move(events, i) {
-            continue;
-        }
-        if !has_form(endpoint.format, &stored.event) {
-            continue;
-        }
         if !endpoint
             .filter
             .matches(&stored.event, media_type.as_deref())
