@@ -93,6 +93,7 @@ WORKLOADS=(
     "pull-64m-c1|--workload pull --size 64M --count $N64 --concurrency 1 --seed 13 --repo bench/p64m"
     "pull-64m-c4|--workload pull --size 64M --count $N64 --concurrency 4 --seed 13 --repo bench/p64m"
     "pull-64m-c1-raw|--workload pull --size 64M --count $N64 --concurrency 1 --seed 13 --repo bench/p64m --no-verify"
+    "pull-64m-c4-raw|--workload pull --size 64M --count $N64 --concurrency 4 --seed 13 --repo bench/p64m --no-verify"
     "pull-chunked-64m|--workload pull --size 64M --count $NCH --concurrency 1 --seed 14 --repo bench/chunked"
     "manifest-put|--workload manifest-put --count $NMAN --concurrency 4 --seed 21 --repo bench/manifests"
     "manifest-get-tag|--workload manifest-get-tag --count $NMAN --concurrency 4 --seed 21 --repo bench/manifests"

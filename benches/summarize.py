@@ -29,7 +29,10 @@ TARGETS = {
     "pull-1m-c8": {"ratio": 3.0},
     "pull-64m-c1": {"ratio": 1.3, "note": ">= 90% of TCP"},
     "pull-64m-c4": {"ratio": 1.3},
-    "pull-64m-c1-raw": {"ratio": 1.0, "note": ">= 90% of TCP"},
+    # The raw rows hold issue 25's 1.3x too: the verified rows cannot show it, since
+    # the client's sha256 caps both servers (tcp-baseline-sha256, below the table).
+    "pull-64m-c1-raw": {"ratio": 1.3, "note": ">= 90% of TCP"},
+    "pull-64m-c4-raw": {"ratio": 1.3},
     "pull-chunked-64m": {"ratio": 1.0},
     "manifest-put": {"ratio": 4.0},
     "manifest-get-tag": {"ratio": 10.0},
@@ -42,8 +45,8 @@ TARGETS = {
 ORDER = [
     "push-1m-c1", "push-1m-c8", "push-64m-c4", "push-chunked-64m",
     "pull-1m-c1", "pull-1m-c8", "pull-64m-c1", "pull-64m-c4", "pull-64m-c1-raw",
-    "pull-chunked-64m", "manifest-put", "manifest-get-tag", "manifest-get-digest",
-    "manifest-head", "tag-list", "ci-mix", "push-4g", "pull-4g",
+    "pull-64m-c4-raw", "pull-chunked-64m", "manifest-put", "manifest-get-tag",
+    "manifest-get-digest", "manifest-head", "tag-list", "ci-mix", "push-4g", "pull-4g",
 ]
 
 

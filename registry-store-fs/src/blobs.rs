@@ -1,7 +1,7 @@
 //! Blobs as files: `blobs/<algorithm>/<2 hex>/<hex>`, written once through upload files
 //! under `uploads/`, made visible by a hard link after an fsync.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -42,6 +42,11 @@ pub struct FsBlobStore {
     /// Files read whole and found to match their digest, and files a scrub found
     /// corrupt (docs/design.md §5, "Cost of verified reads").
     verified: Arc<VerifiedFiles>,
+    /// Sessions committed as a new blob file and not deleted yet, with the digest and
+    /// the file's stamp at the commit: deleting the session unlinks its name for the
+    /// file, which moves the file's change time, so the file is marked verified after
+    /// that ([`mark_committed`]).
+    committed: Arc<Mutex<HashMap<UploadId, (Digest, FileStamp)>>>,
 }
 
 /// The directories of a store (`blobs/<algorithm>`, `blobs`, `uploads`) and the name
@@ -176,6 +181,24 @@ fn replaced(verified: &VerifiedFiles, digest: &Digest, blob: &Path) {
         "a blob file a scrub found corrupt was replaced by a new upload of its bytes");
 }
 
+/// Marks the file under `blob` as verified for `digest` if it is still the file that
+/// `committed` stamped (same device and inode), at its current stamp. Its bytes are the
+/// ones the registry hashed on their way in (a commit's contract), so its first read
+/// need not hash them again; the exact stamp is taken because nothing of the registry
+/// writes a named blob file, and a later change through the file system still moves it
+/// (docs/design.md §5, "Hashed once per file and process").
+fn mark_committed(verified: &VerifiedFiles, digest: Digest, blob: &Path, committed: FileStamp) {
+    if let Some(now) = fs::metadata(blob).ok().and_then(|m| FileStamp::exact(&m))
+        && now.same_file(&committed)
+    {
+        verified.mark(digest, now);
+    }
+}
+
+/// At most this many sessions committed and not yet deleted are remembered for
+/// [`mark_committed`]; past it they are forgotten (their first read hashes them).
+const MAX_COMMITTED: usize = 10_000;
+
 /// Releases a session's busy mark when dropped.
 struct BusyGuard {
     busy: Arc<Mutex<HashSet<UploadId>>>,
@@ -238,6 +261,7 @@ impl FsBlobStore {
             durable_fans: Arc::new(Mutex::new(durable_fans)),
             skeleton,
             verified: Arc::default(),
+            committed: Arc::default(),
         })
     }
 
@@ -680,14 +704,17 @@ impl BlobStore for FsBlobStore {
                 return Err(corrupt_error(d, &path));
             }
             let size = meta.len();
-            // Verified whole by this process, and unchanged since: not hashed again.
-            let stamp = check.as_ref().and_then(|_| FileStamp::of(&meta));
-            if let (Some(d), Some(s)) = (&check, &stamp)
+            // Verified whole by this process (or committed by it), and unchanged since:
+            // not hashed again. A mark is looked up by the exact stamp; one is only
+            // made from a read if the file changed long enough ago (`FileStamp::of`).
+            let exact = check.as_ref().and_then(|_| FileStamp::exact(&meta));
+            if let (Some(d), Some(s)) = (&check, &exact)
                 && verified.holds(d, s)
             {
                 check = None;
                 verified.skipped.fetch_add(1, Ordering::Relaxed);
             }
+            let stamp = check.as_ref().and_then(|_| FileStamp::of(&meta));
             if let Some(r) = range {
                 if r.end >= size || r.start > r.end {
                     return Err(Error::RangeNotSatisfiable { size });
@@ -918,9 +945,25 @@ impl BlobStore for FsBlobStore {
             // commit, or a process that crashed) may not have made it durable yet, and
             // our caller is about to acknowledge the blob.
             fsync_dir(dir).map_err(io_err)?;
-            Ok(outcome)
+            let stamp = match outcome {
+                CommitOutcome::Stored => {
+                    fs::metadata(&blob).ok().and_then(|m| FileStamp::exact(&m))
+                }
+                _ => None,
+            };
+            Ok((outcome, stamp))
         })
         .await
+        .map(|(outcome, stamp)| {
+            if let Some(stamp) = stamp {
+                let mut committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+                if committed.len() >= MAX_COMMITTED {
+                    committed.clear();
+                }
+                committed.insert(id.clone(), (digest.clone(), stamp));
+            }
+            outcome
+        })
     }
 
     /// One temporary file, fsynced, hard-linked to the blob's name, the directory
@@ -940,6 +983,7 @@ impl BlobStore for FsBlobStore {
         let skeleton = self.skeleton.clone();
         let verified = self.verified.clone();
         let gate = verified.any_corrupt().then(|| digest.clone());
+        let digest_owned = digest.clone();
         blocking(move || {
             skeleton.ensure_durable().map_err(io_err)?;
             let dir = blob.parent().expect("blob paths have a parent");
@@ -985,6 +1029,13 @@ impl BlobStore for FsBlobStore {
                 }
                 _ => {}
             }
+            // A new file holds the bytes the caller hashed: verified, now that its last
+            // other name is gone.
+            if let Ok(CommitOutcome::Stored) = stored
+                && let Some(stamp) = fs::metadata(&blob).ok().and_then(|m| FileStamp::exact(&m))
+            {
+                mark_committed(&verified, digest_owned, &blob, stamp);
+            }
             stored.map_err(io_err)
         })
         .await
@@ -993,6 +1044,13 @@ impl BlobStore for FsBlobStore {
     async fn delete_upload(&self, id: &UploadId) -> Result<bool> {
         let dir = self.upload_dir(id);
         let trash = self.root.join("uploads").join(format!(".trash-{id}"));
+        let committed = self
+            .committed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        let blob = committed.as_ref().map(|(d, _)| self.blob_path(d));
+        let verified = self.verified.clone();
         blocking(move || {
             // Gone from the session's name in one step; the files follow.
             match fs::rename(&dir, &trash) {
@@ -1001,6 +1059,9 @@ impl BlobStore for FsBlobStore {
                 Err(e) => return Err(io_err(e)),
             }
             fs::remove_dir_all(&trash).map_err(io_err)?;
+            if let (Some((digest, stamp)), Some(blob)) = (committed, blob) {
+                mark_committed(&verified, digest, &blob, stamp);
+            }
             Ok(true)
         })
         .await

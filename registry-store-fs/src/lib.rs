@@ -206,8 +206,9 @@ impl FsStore {
 
     /// Whether a full read that [`Registry`](registry_core::Registry) asks to verify
     /// (`verify_reads`) skips hashing a file this process already read whole and
-    /// verified, unchanged since (default: yes; see `docs/design.md` §5, "Cost of
-    /// verified reads"). `false`: every verified read is hashed.
+    /// verified, or stored itself from bytes the registry hashed, unchanged since
+    /// (default: yes; see `docs/design.md` §5, "Cost of verified reads"). `false`:
+    /// every verified read is hashed.
     pub fn remember_verified(self, on: bool) -> Self {
         self.blobs.remember_verified(on);
         self

@@ -97,6 +97,11 @@ impl FileStamp {
     pub(crate) fn exact(_: &fs::Metadata) -> Option<FileStamp> {
         None
     }
+
+    /// Whether both stamps are of one file (device and inode), whatever its version.
+    pub(crate) fn same_file(&self, other: &FileStamp) -> bool {
+        (self.dev, self.ino) == (other.dev, other.ino)
+    }
 }
 
 impl VerifiedFiles {

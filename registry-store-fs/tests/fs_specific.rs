@@ -7,7 +7,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use redb::ReadableTable;
 use registry_core::kv::Table;
-use registry_core::store::{BlobLink, BlobRecord, CommitOutcome, RepoRecord};
+use registry_core::store::{BlobLink, BlobRecord, BlobStore, CommitOutcome, RepoRecord};
 use registry_core::testkit::{
     assert_cleans_up, body, image_manifest_with, index_manifest, push_blob, push_image, read_blob,
     repo, tag_ref,
@@ -16,7 +16,9 @@ use registry_core::{
     Algorithm, AllowAll, Digest, Error, GcOptions, ListOptions, PutManifestOptions, Reference,
     Registry, RepoName, Timestamp, UploadId, media_type,
 };
-use registry_store_fs::{CheckOptions, CheckReport, FsStore, ScrubOptions, ScrubStats};
+use registry_store_fs::{
+    CheckOptions, CheckReport, FsBlobStore, FsStore, ScrubOptions, ScrubStats,
+};
 
 const REPORT: CheckOptions = CheckOptions {
     verify_digests: true,
@@ -542,6 +544,9 @@ async fn a_verified_file_is_hashed_once_until_it_changes() {
     let repo = repo("fs/marks");
     let data: Vec<u8> = (0..(2 << 20) + 3).map(|i: u32| (i % 249) as u8).collect();
     let d = push_blob(&r, &repo, &data).await;
+    // Rewritten with the same bytes outside the registry: no longer the file the push
+    // committed, so not marked by it.
+    std::fs::write(blob_file(dir.path(), &d), &data).unwrap();
     // A file changed within the last 2 s is never marked (file times are coarse).
     assert_eq!(read_blob(&r, &repo, &d).await.unwrap(), data);
     assert_eq!(read_blob(&r, &repo, &d).await.unwrap(), data);
@@ -576,6 +581,87 @@ async fn a_verified_file_is_hashed_once_until_it_changes() {
     assert_eq!(read_blob(&r, &repo, &d).await.unwrap(), data);
     assert_eq!(read_blob(&r, &repo, &d).await.unwrap(), data);
     assert_eq!(store.reads_not_rehashed(), 2);
+}
+
+/// A blob file this process committed holds the bytes the registry hashed on their way
+/// in: it is marked at once (a monolithic push, a chunked one, a manifest), and its
+/// first read is not hashed. A change to it afterwards is still caught, and with marks
+/// off every read is hashed.
+#[tokio::test]
+async fn a_file_this_process_committed_is_not_hashed_on_its_first_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsStore::open(dir.path()).await.unwrap();
+    let r = Registry::builder(store.clone()).build();
+    let repo = repo("fs/committed");
+    let data = pattern((2 << 20) + 5, 241);
+    let d = push_blob(&r, &repo, &data).await;
+    assert_eq!(read_blob(&r, &repo, &d).await.unwrap(), data);
+    assert_eq!(
+        store.reads_not_rehashed(),
+        1,
+        "a pushed blob is not hashed again"
+    );
+
+    // Chunked: two appends, then the commit.
+    let chunked = pattern((1 << 20) + 9, 239);
+    let cd = Digest::sha256(&chunked);
+    let session = r.start_upload(&repo, Algorithm::Sha256).await.unwrap();
+    let (a, b) = chunked.split_at(1 << 19);
+    r.append_upload(&repo, &session.id, Some(0), None, body(&[a]))
+        .await
+        .unwrap();
+    r.append_upload(&repo, &session.id, Some(a.len() as u64), None, body(&[b]))
+        .await
+        .unwrap();
+    r.finish_upload(&repo, &session.id, &cd, None)
+        .await
+        .unwrap();
+    assert_eq!(read_blob(&r, &repo, &cd).await.unwrap(), chunked);
+    assert_eq!(store.reads_not_rehashed(), 2);
+
+    // Changed after the commit: hashed, and caught.
+    let mut tampered = data.clone();
+    tampered[1 << 20] ^= 1;
+    std::fs::write(blob_file(dir.path(), &d), &tampered).unwrap();
+    assert!(read_blob(&r, &repo, &d).await.is_err());
+    assert_eq!(store.reads_not_rehashed(), 2);
+
+    // Marks off: a new push is hashed on its first read.
+    let store = store.remember_verified(false);
+    let other = pattern(70_000, 233);
+    let od = push_blob(&r, &repo, &other).await;
+    assert_eq!(read_blob(&r, &repo, &od).await.unwrap(), other);
+    assert_eq!(store.reads_not_rehashed(), 2);
+
+    // Stored in one call (manifests): marked too; already present: not by this call.
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = FsBlobStore::open(dir.path()).unwrap();
+    let bytes = Bytes::from(pattern(3000, 229));
+    let md = Digest::sha256(&bytes);
+    let stored = blobs
+        .put_bytes(&repo, &md, bytes.clone(), Timestamp(0))
+        .await
+        .unwrap();
+    assert_eq!(stored, CommitOutcome::Stored);
+    let read = blobs.read_verified(&md, None, true).await.unwrap().unwrap();
+    let chunks: Vec<_> = read.stream.collect().await;
+    assert_eq!(chunks.concat_ok(), bytes);
+    assert_eq!(blobs.reads_not_rehashed(), 1);
+}
+
+/// The chunks of a stream that did not fail, joined.
+trait ConcatOk {
+    fn concat_ok(self) -> Bytes;
+}
+
+impl ConcatOk for Vec<std::io::Result<Bytes>> {
+    fn concat_ok(self) -> Bytes {
+        let mut out = Vec::new();
+        for c in self {
+            out.extend_from_slice(&c.expect("no read error"));
+        }
+        Bytes::from(out)
+    }
 }
 
 /// Bytes of a blob spanning several scrub chunks and read blocks.
