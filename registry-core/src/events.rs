@@ -168,7 +168,7 @@ impl StoredEvent {
     /// the event, so that two storages' events with one number still differ.
     ///
     /// The hash takes the time and every field of the event, each length-prefixed, in
-    /// a fixed order. It is a 64-bit multiply-rotate hash ([`IdHash`]), not a
+    /// a fixed order. It is a 64-bit multiply-rotate hash (`IdHash` below), not a
     /// cryptographic one: it only has to tell apart events of two storages that share
     /// a number, and no one gains by making two of them collide, while a webhook
     /// computes an id for every event it delivers (a SHA-256 here was a quarter of what

@@ -390,7 +390,7 @@ fn needs_escape(s: &str) -> bool {
 /// A string whose grammar leaves nothing to escape: event names, request ids (checked
 /// or made by the router), repository names, digests and tags (parsed types). Copied
 /// as it is: most of a line, and checking it byte by byte was most of its cost.
-fn plain_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn plain_str(out: &mut Vec<u8>, s: &str) {
     debug_assert!(!needs_escape(s), "{s:?} needs escaping");
     out.push(b'"');
     out.extend_from_slice(s.as_bytes());

@@ -637,12 +637,7 @@ struct Envelope<'a> {
 /// digests, tags, ids and times come from checked grammars and need no escaping; media
 /// types, URLs and the source's fields are escaped.
 fn write_envelope(out: &mut Vec<u8>, events: &[DistributionEvent<'_>]) {
-    use crate::audit::{json_str, write_num};
-    fn plain(out: &mut Vec<u8>, s: &str) {
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-    }
+    use crate::audit::{json_str, plain_str as plain, write_num};
     out.extend_from_slice(b"{\"events\":[");
     for (i, e) in events.iter().enumerate() {
         if i > 0 {
