@@ -29,6 +29,12 @@ use crate::time::Timestamp;
 // inside the link transactions: private parts of this module, in kv/.
 mod audit;
 mod event_codec;
+
+/// The stored record of an event made at `at` (what the outbox keeps): the canonical
+/// bytes of an event, which [`StoredEvent::id`](crate::StoredEvent::id) hashes.
+pub(crate) fn event_record(at: crate::Timestamp, event: &crate::Event) -> Vec<u8> {
+    event_codec::encode_entry(at, event)
+}
 pub mod outbox;
 mod quota;
 
