@@ -1030,11 +1030,13 @@ impl BlobStore for FsBlobStore {
                 _ => {}
             }
             // A new file holds the bytes the caller hashed: verified, now that its last
-            // other name is gone.
+            // other name is gone (which moved its change time). One stat: whatever file
+            // is under the name now was stored by this store from hashed bytes, unless
+            // written from outside in the microseconds since.
             if let Ok(CommitOutcome::Stored) = stored
                 && let Some(stamp) = fs::metadata(&blob).ok().and_then(|m| FileStamp::exact(&m))
             {
-                mark_committed(&verified, digest_owned, &blob, stamp);
+                verified.mark(digest_owned, stamp);
             }
             stored.map_err(io_err)
         })

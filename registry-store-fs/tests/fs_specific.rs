@@ -223,6 +223,57 @@ async fn a_blob_altered_on_disk_is_detected_and_never_served_as_valid() {
     assert!(read_blob(&r, &repo, &d).await.is_err());
 }
 
+/// Outbox entries written as JSON by an earlier version, in a real redb file, are read
+/// back among the binary records of this one, in order, and numbering goes on after
+/// them.
+#[tokio::test]
+async fn outbox_entries_written_as_json_by_an_earlier_version_are_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo("fs/legacy");
+    let before = {
+        let r = Registry::builder(FsStore::open(dir.path()).await.unwrap()).build();
+        push_blob(&r, &repo, b"first").await;
+        r.events_after(0, 100).await.unwrap().events
+    };
+    assert!(!before.is_empty());
+    let legacy = registry_core::Event::TagMoved {
+        repo: repo.clone(),
+        tag: registry_core::Tag::parse("old").unwrap(),
+        from: None,
+        to: Digest::sha256(b"m"),
+    };
+    let seq = before.last().unwrap().seq + 1;
+    {
+        let db = redb::Database::open(dir.path().join("meta.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let def = redb::TableDefinition::<&[u8], &[u8]>::new(Table::Outbox.name());
+            let mut outbox = txn.open_table(def).unwrap();
+            // The form earlier versions wrote: `{"at":...,"event":{"kind":...}}`.
+            let json =
+                serde_json::to_vec(&serde_json::json!({"at": 42, "event": &legacy})).unwrap();
+            assert_eq!(json[0], b'{');
+            outbox
+                .insert(&seq.to_be_bytes()[..], json.as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let r = Registry::builder(FsStore::open(dir.path()).await.unwrap()).build();
+    push_blob(&r, &repo, b"second").await;
+    let all = r.events_after(0, 100).await.unwrap().events;
+    assert_eq!(&all[..before.len()], &before[..]);
+    let old = &all[before.len()];
+    assert_eq!((old.seq, old.at, &old.event), (seq, Timestamp(42), &legacy));
+    let after = &all[before.len() + 1..];
+    assert!(!after.is_empty(), "the new push's events follow");
+    assert!(after.iter().all(|e| e.seq > seq));
+    assert!(matches!(
+        after.last().unwrap().event,
+        registry_core::Event::BlobStored { .. }
+    ));
+}
+
 /// Drift written straight into redb, behind the registry's back, as a bug or a torn
 /// write would leave it.
 #[tokio::test]
@@ -643,25 +694,13 @@ async fn a_file_this_process_committed_is_not_hashed_on_its_first_read() {
         .await
         .unwrap();
     assert_eq!(stored, CommitOutcome::Stored);
-    let read = blobs.read_verified(&md, None, true).await.unwrap().unwrap();
-    let chunks: Vec<_> = read.stream.collect().await;
-    assert_eq!(chunks.concat_ok(), bytes);
-    assert_eq!(blobs.reads_not_rehashed(), 1);
-}
-
-/// The chunks of a stream that did not fail, joined.
-trait ConcatOk {
-    fn concat_ok(self) -> Bytes;
-}
-
-impl ConcatOk for Vec<std::io::Result<Bytes>> {
-    fn concat_ok(self) -> Bytes {
-        let mut out = Vec::new();
-        for c in self {
-            out.extend_from_slice(&c.expect("no read error"));
-        }
-        Bytes::from(out)
+    let mut read = blobs.read_verified(&md, None, true).await.unwrap().unwrap();
+    let mut got = Vec::new();
+    while let Some(chunk) = read.stream.next().await {
+        got.extend_from_slice(&chunk.unwrap());
     }
+    assert_eq!(got, bytes);
+    assert_eq!(blobs.reads_not_rehashed(), 1);
 }
 
 /// Bytes of a blob spanning several scrub chunks and read blocks.
