@@ -1,5 +1,7 @@
 //! Blobs as files: `blobs/<algorithm>/<2 hex>/<hex>`, written once through upload files
-//! under `uploads/`, made visible by a hard link after an fsync.
+//! under `uploads/`, made visible by a hard link after an fsync. In an
+//! [`FsStore`](crate::FsStore), small bytes stored whole (manifests) are kept in the
+//! metadata database instead ([`crate::inline`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -17,6 +19,8 @@ use registry_core::store::{
 use registry_core::{Algorithm, Digest, Error, Hasher, RepoName, Result, Timestamp};
 use serde::{Deserialize, Serialize};
 
+use crate::inline::{INLINE_MAX, InlineBlobs};
+use crate::redb_kv::RedbKv;
 use crate::scrub::{FileStamp, VerifiedFiles, corrupt_error};
 
 /// Reads and writes move in blocks this large: few system calls, bounded memory.
@@ -47,6 +51,9 @@ pub struct FsBlobStore {
     /// file, which moves the file's change time, so the file is marked verified after
     /// that ([`mark_committed`]).
     committed: Arc<Mutex<HashMap<UploadId, (Digest, FileStamp)>>>,
+    /// In an [`FsStore`](crate::FsStore): where `put_bytes` keeps small bytes. Every
+    /// read, stat, listing and deletion looks there first, then at the files.
+    inline: Option<InlineBlobs>,
 }
 
 /// The directories of a store (`blobs/<algorithm>`, `blobs`, `uploads`) and the name
@@ -262,7 +269,15 @@ impl FsBlobStore {
             skeleton,
             verified: Arc::default(),
             committed: Arc::default(),
+            inline: None,
         })
+    }
+
+    /// Keeps small bytes stored whole in `kv`'s database from now on (see
+    /// [`crate::inline`]).
+    pub(crate) fn with_inline(mut self, kv: RedbKv) -> Self {
+        self.inline = Some(InlineBlobs::new(kv));
+        self
     }
 
     /// How many verified reads were served without hashing, their file having been
@@ -302,7 +317,15 @@ impl FsBlobStore {
 
     /// When a blob file's bytes were last written (the upload's last append: the
     /// commit links the same file), `None` if there is no such file.
+    /// An inline blob has no such time: it reads as the epoch, old enough for any
+    /// grace (which only saves work; the deletion lease is what keeps a concurrent
+    /// commit safe).
     pub(crate) async fn modified(&self, d: &Digest) -> Result<Option<std::time::SystemTime>> {
+        if let Some(inline) = &self.inline
+            && inline.size(d)?.is_some()
+        {
+            return Ok(Some(std::time::SystemTime::UNIX_EPOCH));
+        }
         let path = self.blob_path(d);
         blocking(move || match fs::metadata(&path) {
             Ok(m) => m.modified().map(Some).map_err(io_err),
@@ -661,9 +684,47 @@ fn file_stream(reader: FileReader, first: Option<Bytes>) -> ByteStream {
         .boxed()
 }
 
+/// A read of an inline blob: whole in memory already, so a read to be verified is
+/// hashed before anything is returned, and a mismatch is an error instead of a body
+/// that fails at its end.
+fn inline_read(
+    digest: &Digest,
+    bytes: Bytes,
+    range: Option<ByteRange>,
+    verify: bool,
+) -> Result<BlobRead> {
+    let size = bytes.len() as u64;
+    let body = match range {
+        Some(r) => {
+            if r.end >= size || r.start > r.end {
+                return Err(Error::RangeNotSatisfiable { size });
+            }
+            bytes.slice(r.start as usize..=r.end as usize)
+        }
+        None => {
+            if verify && !digest.verify(&bytes) {
+                return Err(Error::storage(format!(
+                    "blob {digest}: the bytes kept for it in meta.redb do not match its digest"
+                )));
+            }
+            bytes
+        }
+    };
+    Ok(BlobRead {
+        size,
+        range,
+        stream: stream::once(futures::future::ready(Ok(body))).boxed(),
+    })
+}
+
 #[async_trait]
 impl BlobStore for FsBlobStore {
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
+        if let Some(inline) = &self.inline
+            && let Some(size) = inline.size(digest)?
+        {
+            return Ok(Some(size));
+        }
         let path = self.blob_path(digest);
         blocking(move || match fs::metadata(&path) {
             Ok(m) => Ok(Some(m.len())),
@@ -684,6 +745,11 @@ impl BlobStore for FsBlobStore {
         range: Option<ByteRange>,
         verify: bool,
     ) -> Result<Option<BlobRead>> {
+        if let Some(inline) = &self.inline
+            && let Some(bytes) = inline.get(digest)?
+        {
+            return inline_read(digest, bytes, range, verify).map(Some);
+        }
         let path = self.blob_path(digest);
         let mut check = (verify && range.is_none()).then(|| digest.clone());
         let verified = self.verified.clone();
@@ -745,18 +811,33 @@ impl BlobStore for FsBlobStore {
     async fn delete(&self, digest: &Digest) -> Result<bool> {
         self.verified.forget(digest);
         let path = self.blob_path(digest);
-        blocking(move || match fs::remove_file(&path) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(io_err(e)),
+        let (inline, digest) = (self.inline.clone(), digest.clone());
+        blocking(move || {
+            // Both places: bytes stored whole and later uploaded are in both.
+            let inline = match &inline {
+                Some(inline) => inline.delete(&digest)?,
+                None => false,
+            };
+            match fs::remove_file(&path) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(inline),
+                Err(e) => Err(io_err(e)),
+            }
         })
         .await
     }
 
     async fn list(&self) -> Result<BoxStream<'static, Result<Digest>>> {
         let root = self.root.join("blobs");
+        let inline = self.inline.clone();
         let digests = blocking(move || {
-            let mut out = Vec::new();
+            let inline = match &inline {
+                Some(inline) => inline.list()?,
+                None => Vec::new(),
+            };
+            // Each digest once, wherever its bytes are.
+            let listed: HashSet<Digest> = inline.iter().cloned().collect();
+            let mut out: Vec<Result<Digest>> = inline.into_iter().map(Ok).collect();
             for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
                 let dir = root.join(algorithm.name());
                 let Ok(fans) = fs::read_dir(&dir) else {
@@ -768,7 +849,9 @@ impl BlobStore for FsBlobStore {
                         let name = entry.map_err(io_err)?.file_name();
                         let name = name.to_string_lossy();
                         // Anything else in there is not ours to report.
-                        if let Ok(d) = Digest::parse(&format!("{}:{name}", algorithm.name())) {
+                        if let Ok(d) = Digest::parse(&format!("{}:{name}", algorithm.name()))
+                            && !listed.contains(&d)
+                        {
                             out.push(Ok(d));
                         }
                     }
@@ -984,7 +1067,16 @@ impl BlobStore for FsBlobStore {
         let verified = self.verified.clone();
         let gate = verified.any_corrupt().then(|| digest.clone());
         let digest_owned = digest.clone();
+        let inline = self.inline.clone().filter(|_| bytes.len() <= INLINE_MAX);
         blocking(move || {
+            // Small bytes go to the metadata database, unless a file already holds
+            // this blob (stored before, or uploaded): then the file path below answers
+            // (`AlreadyPresent`, or the replacement of a corrupt file).
+            if let Some(inline) = &inline
+                && matches!(fs::symlink_metadata(&blob), Err(e) if e.kind() == io::ErrorKind::NotFound)
+            {
+                return inline.put(&digest_owned, &bytes);
+            }
             skeleton.ensure_durable().map_err(io_err)?;
             let dir = blob.parent().expect("blob paths have a parent");
             make_durable_fan(&fans, dir).map_err(io_err)?;

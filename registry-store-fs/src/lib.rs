@@ -41,7 +41,8 @@
 //!
 //! ## Layout under the data directory
 //! - `meta.redb`: all metadata, one redb table per [`registry_core::kv::Table`] (see
-//!   `docs/design.md` for the tables and invariants);
+//!   `docs/design.md` for the tables and invariants), and `inline_blobs`: the bytes
+//!   of blobs up to 256 KiB stored whole (`put_bytes`: manifests), by digest;
 //! - `blobs/<algorithm>/<first two hex>/<hex>`: blob bytes, immutable once named (but
 //!   for a file the scrub found corrupt, which an upload of the same bytes replaces);
 //! - `uploads/<id>/`: one upload session: `info.json` (repository, start time), and
@@ -56,8 +57,11 @@
 //! blob), hard-links it to its blob name (an existing name means `AlreadyPresent`) and
 //! fsyncs the directory; only then does the registry commit the metadata that makes
 //! the blob visible. The upload stays readable until it is deleted, so a commit can be
-//! repeated. Manifests skip the session: `put_bytes` writes a temporary file, fsyncs
-//! it, hard-links it to the blob name and fsyncs the directory. Metadata commits are
+//! repeated. Manifests skip the session: `put_bytes` keeps bytes up to 256 KiB in
+//! `meta.redb`, committed like metadata (no file, no inode, a shared fsync); larger
+//! ones it writes to a temporary file, fsyncs, hard-links to the blob name and fsyncs
+//! the directory. Manifest files of a store written by an earlier version are still
+//! read. Metadata commits are
 //! durable before they return (group commit: see [`RedbKv`]). The store's own
 //! directories are made durable in the background after open, and every write waits
 //! for that before it is acknowledged (`docs/design.md` §5).
@@ -87,6 +91,7 @@
 #![forbid(unsafe_code)]
 
 mod blobs;
+mod inline;
 mod redb_kv;
 mod scrub;
 
@@ -171,8 +176,8 @@ impl FsStore {
             let skeleton = skeleton.clone();
             move || {
                 std::fs::create_dir_all(&root).map_err(Error::storage)?;
-                let blobs = FsBlobStore::open_with(&root, skeleton.clone())?;
-                let kv = RedbKv::open_with(&root.join("meta.redb"), Some(skeleton))?;
+                let kv = RedbKv::open_with(&root.join("meta.redb"), Some(skeleton.clone()))?;
+                let blobs = FsBlobStore::open_with(&root, skeleton)?.with_inline(kv.clone());
                 tracing::debug!(root = %root.display(), "fs store opened");
                 Ok::<_, Error>(FsStore {
                     root,

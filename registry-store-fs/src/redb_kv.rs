@@ -233,7 +233,7 @@ fn visit_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
 
 struct Read(redb::ReadTransaction);
 
-struct Write(redb::WriteTransaction);
+struct Write<'a>(&'a redb::WriteTransaction);
 
 /// Reads are the same in both kinds of transaction; only the table types differ.
 macro_rules! kv_read {
@@ -285,9 +285,9 @@ macro_rules! kv_read {
 }
 
 kv_read!(Read);
-kv_read!(Write);
+kv_read!(Write<'_>);
 
-impl KvWrite for Write {
+impl KvWrite for Write<'_> {
     /// The next number after the outbox's last entry (write transactions are serial):
     /// no counter to read and write in a second table on every event, which measurably
     /// slowed manifest pushes (the counter is still honoured when the table is empty).
@@ -368,39 +368,52 @@ impl KvEngine for RedbKv {
         F: FnOnce(&mut dyn KvWrite) -> Result<R> + Send + 'static,
         R: Send + 'static,
     {
-        let (db, group) = (self.db.clone(), self.group.clone());
-        let skeleton = self.skeleton.clone();
-        blocking(move || {
-            if let Some(s) = &skeleton {
-                s.ensure_durable().map_err(storage_error)?;
-            }
-            let writing = group.begin();
-            let committed = (|| {
-                let mut txn = Write(db.begin_write().map_err(storage_error)?);
-                match f(&mut txn) {
-                    Ok(r) => {
-                        // Not fsynced here: `wait_durable` shares one fsync among the
-                        // writers that committed meanwhile, and returns only once it is
-                        // done.
-                        txn.0
-                            .set_durability(Durability::None)
-                            .map_err(storage_error)?;
-                        let seq = group.next_seq();
-                        txn.0.commit().map_err(storage_error)?;
-                        Ok((r, seq))
-                    }
-                    Err(e) => {
-                        txn.0.abort().map_err(storage_error)?;
-                        Err(e)
-                    }
+        let kv = self.clone();
+        blocking(move || kv.write_durable(|txn| f(&mut Write(txn)))).await
+    }
+}
+
+impl RedbKv {
+    /// Runs `f` in a write transaction, commits it and returns once the change is
+    /// durable (group commit, see the type's docs). Nothing is committed if `f` fails.
+    /// Blocks: call it from the blocking pool. Also used for the fs store's inline
+    /// blobs, which share the database and its fsyncs.
+    pub(crate) fn write_durable<R>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<R>,
+    ) -> Result<R> {
+        if let Some(s) = &self.skeleton {
+            s.ensure_durable().map_err(storage_error)?;
+        }
+        let writing = self.group.begin();
+        let committed = (|| {
+            let mut txn = self.db.begin_write().map_err(storage_error)?;
+            match f(&txn) {
+                Ok(r) => {
+                    // Not fsynced here: `wait_durable` shares one fsync among the
+                    // writers that committed meanwhile, and returns only once it is
+                    // done.
+                    txn.set_durability(Durability::None)
+                        .map_err(storage_error)?;
+                    let seq = self.group.next_seq();
+                    txn.commit().map_err(storage_error)?;
+                    Ok((r, seq))
                 }
-            })();
-            drop(writing);
-            let (r, seq) = committed?;
-            group.wait_durable(&db, seq)?;
-            Ok(r)
-        })
-        .await
+                Err(e) => {
+                    txn.abort().map_err(storage_error)?;
+                    Err(e)
+                }
+            }
+        })();
+        drop(writing);
+        let (r, seq) = committed?;
+        self.group.wait_durable(&self.db, seq)?;
+        Ok(r)
+    }
+
+    /// The database, for reads outside the metadata tables (the inline blobs).
+    pub(crate) fn database(&self) -> &Database {
+        &self.db
     }
 }
 

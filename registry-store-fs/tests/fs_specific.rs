@@ -959,12 +959,21 @@ async fn a_scrub_pass_skips_files_removed_during_it() {
 #[tokio::test]
 async fn a_manifest_found_corrupt_by_a_scrub_is_replaced_when_its_bytes_are_stored_again() {
     let dir = tempfile::tempdir().unwrap();
+    let (repo, other) = (repo("fs/scrub-manifest"), repo("fs/scrub-other"));
+    let manifest = image_manifest_with(b"{}", &[b"layer"], None, None);
+    // A manifest file, as earlier versions stored every manifest (and this one stores
+    // those over the inline limit): the push below finds it and keeps it.
+    let md = Digest::sha256(manifest.as_bytes());
+    FsBlobStore::open(dir.path())
+        .unwrap()
+        .put_bytes(&repo, &md, Bytes::from(manifest.clone()), Timestamp(0))
+        .await
+        .unwrap();
     let store = FsStore::open(dir.path()).await.unwrap();
     let scrubber = store.scrubber();
     let r = Registry::builder(store.clone()).build();
-    let (repo, other) = (repo("fs/scrub-manifest"), repo("fs/scrub-other"));
     let (m, _) = push_image(&r, &repo, "v1", b"{}", &[b"layer"]).await;
-    let manifest = image_manifest_with(b"{}", &[b"layer"], None, None);
+    assert_eq!(m, md);
     let path = blob_file(dir.path(), &m);
     std::fs::write(&path, manifest.replace("layer", "LAYER")).unwrap();
 
@@ -985,6 +994,154 @@ async fn a_manifest_found_corrupt_by_a_scrub_is_replaced_when_its_bytes_are_stor
     let got = r.get_manifest(&repo, &tag_ref("v1")).await.unwrap();
     assert_eq!(got.bytes, manifest.as_bytes());
     assert_eq!(std::fs::read_to_string(&path).unwrap(), manifest);
+}
+
+/// Small bytes stored whole (manifests) are kept in meta.redb, not as files: stat,
+/// whole and ranged reads, listing and deletion see them, a reopened store still has
+/// them, and `check` counts them like files. Bytes over the inline limit, and
+/// uploads, are files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_bytes_stored_whole_are_kept_in_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsStore::open(dir.path()).await.unwrap();
+    let blobs = store.clone().into_storage().blobs;
+    let repo = repo("fs/inline");
+    let small = Bytes::from(pattern(3000, 229));
+    let sd = Digest::sha256(&small);
+    let put = |d: Digest, b: Bytes| {
+        let blobs = blobs.clone();
+        let repo = repo.clone();
+        async move { blobs.put_bytes(&repo, &d, b, Timestamp(0)).await.unwrap() }
+    };
+    assert_eq!(put(sd.clone(), small.clone()).await, CommitOutcome::Stored);
+    assert_eq!(
+        put(sd.clone(), small.clone()).await,
+        CommitOutcome::AlreadyPresent
+    );
+    assert!(
+        !blob_file(dir.path(), &sd).exists(),
+        "no file for small bytes"
+    );
+    assert_eq!(blobs.stat(&sd).await.unwrap(), Some(3000));
+    let range = registry_core::store::ByteRange { start: 10, end: 19 };
+    let mut read = blobs.read(&sd, Some(range)).await.unwrap().unwrap();
+    assert_eq!((read.size, read.range), (3000, Some(range)));
+    let mut got = Vec::new();
+    while let Some(chunk) = read.stream.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(got, &small[10..20]);
+    let past = registry_core::store::ByteRange {
+        start: 2990,
+        end: 3000,
+    };
+    assert!(matches!(
+        blobs.read(&sd, Some(past)).await,
+        Err(Error::RangeNotSatisfiable { size: 3000 })
+    ));
+
+    // Over the limit: a file, as before.
+    let big = Bytes::from(pattern(256 * 1024 + 1, 227));
+    let bd = Digest::sha256(&big);
+    assert_eq!(put(bd.clone(), big.clone()).await, CommitOutcome::Stored);
+    assert!(blob_file(dir.path(), &bd).exists());
+    // Uploaded too (a file under the same name): listed once, deleted from both.
+    let layer = push_blob(&Registry::builder(store.clone()).build(), &repo, &small).await;
+    assert_eq!(layer, sd);
+    assert!(blob_file(dir.path(), &sd).exists());
+    let mut listed: Vec<Digest> = blobs
+        .list()
+        .await
+        .unwrap()
+        .map(|d| d.unwrap())
+        .collect()
+        .await;
+    listed.sort_by_key(|d| d.to_string());
+    let mut want = vec![sd.clone(), bd.clone()];
+    want.sort_by_key(|d| d.to_string());
+    assert_eq!(listed, want);
+    assert!(blobs.delete(&sd).await.unwrap());
+    assert_eq!(blobs.stat(&sd).await.unwrap(), None);
+    assert!(!blob_file(dir.path(), &sd).exists());
+    assert!(!blobs.delete(&sd).await.unwrap());
+    assert!(blobs.delete(&bd).await.unwrap());
+    assert!(blobs.list().await.unwrap().next().await.is_none());
+    drop((blobs, store));
+
+    // Through the registry (a new store: the one above lost bytes behind its
+    // records' back): the manifest is inline, and survives a reopen.
+    let dir = tempfile::tempdir().unwrap();
+    let (m, manifest) = {
+        let r = Registry::builder(FsStore::open(dir.path()).await.unwrap()).build();
+        let (m, _) = push_image(&r, &repo, "v1", b"{}", &[b"layer"]).await;
+        (m, image_manifest_with(b"{}", &[b"layer"], None, None))
+    };
+    assert!(!blob_file(dir.path(), &m).exists());
+    let store = FsStore::open(dir.path()).await.unwrap();
+    let r = Registry::builder(store.clone()).build();
+    let got = r.get_manifest(&repo, &tag_ref("v1")).await.unwrap();
+    assert_eq!(got.bytes, manifest.as_bytes());
+    let report = check(&store, REPORT).await;
+    assert!(report.problems.is_empty(), "{report:?}");
+    assert_eq!((report.blobs, report.manifests, report.orphans), (3, 1, 0));
+    // Collected like any blob once nothing references it.
+    r.delete_manifest(&repo, &Reference::Digest(m.clone()))
+        .await
+        .unwrap();
+    let gc = GcOptions {
+        window: Some(Duration::ZERO),
+        ..GcOptions::default()
+    };
+    r.collect_garbage(&gc).await.unwrap();
+    assert_eq!(
+        store.clone().into_storage().blobs.stat(&m).await.unwrap(),
+        None
+    );
+}
+
+/// An inline row damaged behind the registry's back (written straight into redb) is
+/// refused by reads, reported by `check`, and replaced when its bytes are stored again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_inline_blob_is_refused_reported_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, other) = (repo("fs/inline-damaged"), repo("fs/inline-other"));
+    let manifest = image_manifest_with(b"{}", &[b"layer"], None, None);
+    let m = {
+        let r = Registry::builder(FsStore::open(dir.path()).await.unwrap()).build();
+        push_image(&r, &repo, "v1", b"{}", &[b"layer"]).await.0
+    };
+    {
+        let db = redb::Database::open(dir.path().join("meta.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let def = redb::TableDefinition::<&str, &[u8]>::new("inline_blobs");
+            let mut t = txn.open_table(def).unwrap();
+            let damaged = manifest.replace("layer", "LAYER");
+            assert!(t.get(m.to_string().as_str()).unwrap().is_some());
+            t.insert(m.to_string().as_str(), damaged.as_bytes())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = FsStore::open(dir.path()).await.unwrap();
+    let r = Registry::builder(store.clone()).build();
+    assert!(r.get_manifest(&repo, &tag_ref("v1")).await.is_err());
+    let blobs = store.clone().into_storage().blobs;
+    assert!(
+        blobs.read_verified(&m, None, true).await.is_err(),
+        "a verified read fails before any byte"
+    );
+    let report = check(&store, REPORT).await;
+    assert_eq!(
+        report.problems,
+        vec![format!("blob {m}: file content does not match its digest")]
+    );
+
+    let (again, _) = push_image(&r, &other, "v1", b"{}", &[b"layer"]).await;
+    assert_eq!(again, m);
+    let got = r.get_manifest(&repo, &tag_ref("v1")).await.unwrap();
+    assert_eq!(got.bytes, manifest.as_bytes());
+    assert!(check(&store, REPORT).await.problems.is_empty());
 }
 
 /// Sessions are created without fsync (a power loss may forget one, or tear its record):
