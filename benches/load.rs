@@ -833,9 +833,16 @@ async fn tag_list(ctx: &Ctx, repo: &str, want: u64) -> Result<u64, String> {
             .and_then(|v| Some(v[v.find('<')? + 1..v.find('>')?].to_owned()));
         let body = ctx.read(r, &what).await?;
         bytes += body.len() as u64;
-        let v: Value =
+        // Borrowed from the body, no value per tag: the client's own cost per listing
+        // is paid for every server alike and would otherwise cap the ratio.
+        #[derive(serde::Deserialize)]
+        struct TagList<'a> {
+            #[serde(borrow, default)]
+            tags: Option<Vec<std::borrow::Cow<'a, str>>>,
+        }
+        let list: TagList =
             serde_json::from_slice(&body).map_err(|e| format!("{what}: bad JSON: {e}"))?;
-        tags += v["tags"].as_array().map_or(0, |a| a.len() as u64);
+        tags += list.tags.map_or(0, |t| t.len() as u64);
         match next {
             Some(n) if n.starts_with('/') => path = n,
             Some(n) => return Err(format!("{what}: cannot follow Link {n:?}")),

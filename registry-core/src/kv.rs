@@ -717,18 +717,32 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
         after: Option<&Tag>,
         limit: usize,
     ) -> Result<Vec<Tag>> {
-        let p = prefix(&[repo.as_str()]);
-        let after = after.map(|a| key(&[repo.as_str(), a.as_str()]));
-        self.engine
-            .read(move |t| {
-                let mut tags = Vec::with_capacity(limit.min(1024));
+        // The first names are read as a lookup (in place, on redb): most repositories
+        // have fewer tags than that, and the hop to the blocking pool cost about a
+        // tenth of a 1,000-tag listing's CPU. A longer listing goes on through `read`
+        // after the last name read, in a second snapshot: a listing's pages never were
+        // one snapshot either.
+        const IN_PLACE: usize = 1024;
+        let scan = |after: Option<Vec<u8>>, limit: usize| {
+            let p = prefix(&[repo.as_str()]);
+            move |t: &dyn KvRead| {
+                let mut tags = Vec::with_capacity(limit.min(IN_PLACE));
                 t.for_each_key(Table::Tags, &p, after.as_deref(), limit, &mut |k| {
                     tags.push(parse_stored(Tag::parse(last_part(k)?))?);
                     Ok(())
                 })?;
                 Ok(tags)
-            })
-            .await
+            }
+        };
+        let first = limit.min(IN_PLACE);
+        let after = after.map(|a| key(&[repo.as_str(), a.as_str()]));
+        let mut tags = self.engine.lookup(scan(after, first)).await?;
+        if let Some(last) = tags.last().filter(|_| tags.len() == first && limit > first) {
+            let after = key(&[repo.as_str(), last.as_str()]);
+            let rest = self.engine.read(scan(Some(after), limit - first)).await?;
+            tags.extend(rest);
+        }
+        Ok(tags)
     }
 
     async fn list_tag_entries(
@@ -1475,6 +1489,43 @@ mod tests {
     use crate::memory::MemoryKv;
     use crate::testkit::{push_image, repo};
     use crate::{MemoryBlobStore, Registry, Storage};
+
+    /// A listing longer than the part read in place goes on after its last name: every
+    /// name once, in order, whatever the limit and the starting point.
+    #[tokio::test]
+    async fn long_tag_listings_continue_after_the_part_read_in_place() {
+        let meta = KvMetadata::new(MemoryKv::default());
+        let names: Vec<String> = (0..1100).map(|i| format!("t{i:05}")).collect();
+        let written = names.clone();
+        meta.engine()
+            .write(move |t| {
+                for n in &written {
+                    t.put(Table::Tags, &key(&["long/x", n]), b"")?;
+                }
+                // A neighbour whose names must not leak into the listing.
+                t.put(Table::Tags, &key(&["long/y", "a"]), b"")
+            })
+            .await
+            .unwrap();
+        let repo = repo("long/x");
+        let list = |after: Option<&str>, limit: usize| {
+            let after = after.map(|a| Tag::parse(a).unwrap());
+            let (meta, repo) = (&meta, &repo);
+            async move {
+                let tags = meta
+                    .list_tag_names(repo, after.as_ref(), limit)
+                    .await
+                    .unwrap();
+                tags.iter().map(|t| t.to_string()).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(list(None, 10_001).await, names);
+        assert_eq!(list(None, 1024).await, names[..1024]);
+        assert_eq!(list(None, 1025).await, names[..1025]);
+        assert_eq!(list(Some("t00049"), 2000).await, names[50..]);
+        assert_eq!(list(Some("t00049"), 1030).await, names[50..1080]);
+        assert!(list(Some("t01099"), 2000).await.is_empty());
+    }
 
     /// Tag index entries written before tagging times were recorded (empty values, as
     /// in older stores and after an audit rebuilt the index) fall back to the manifest's
