@@ -14,7 +14,9 @@
 # only the workloads whose name matches), OUT (default target/bench), BIG=1 (add a 4 GiB
 # push and pull), FLAT=1 (only the store-growth workloads; with FLAT_TARGET,
 # FLAT_FILL_SECONDS, FLAT_PUTS, FLAT_GETS), STARTS (starts per server and round for the
-# startup figure, default 20; 0 skips it).
+# startup figure, default 20; 0 skips it), SERVER_CPUS (a `taskset -c` list: every
+# server, ours and Distribution, runs on those CPUs only; `load` is not pinned; the
+# startup figure is not pinned either).
 # Each round starts a fresh server with a fresh temp data dir on 127.0.0.1, records
 # its PID, samples its CPU time and RSS from /proc around every workload and stops
 # exactly that PID. Raw JSON lines: $OUT/raw-*.jsonl (latest: $OUT/raw.jsonl);
@@ -222,6 +224,8 @@ start_server() {
             ;;
         *) log "unknown server $kind"; return 1 ;;
     esac
+    # taskset execs the server: $! is still the server's PID.
+    [ -z "${SERVER_CPUS:-}" ] || cmd=(taskset -c "$SERVER_CPUS" "${cmd[@]}")
     t0=$EPOCHREALTIME
     RUST_LOG=error "${cmd[@]}" >"$WORK/server.log" 2>&1 &
     PID=$!
@@ -400,7 +404,7 @@ cp "$RAW" "$OUT/raw.jsonl"
     echo "# Load benchmark: ours vs CNCF Distribution"
     echo
     echo "$(date -u +%Y-%m-%dT%H:%MZ), commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo '+dirty'), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)."
-    echo "Servers: ours = serve --storage $OURS_STORAGE${OURS_ARGS[*]:+ ${OURS_ARGS[*]}}; dist = $DIST_VERSION. Rounds: $ROUNDS each, alternating; QUICK=$QUICK BIG=${BIG:-0} FLAT=$FLAT; run took $(($(date +%s) - START)) s."
+    echo "Servers: ours = serve --storage $OURS_STORAGE${OURS_ARGS[*]:+ ${OURS_ARGS[*]}}; dist = $DIST_VERSION. Rounds: $ROUNDS each, alternating; QUICK=$QUICK BIG=${BIG:-0} FLAT=$FLAT${SERVER_CPUS:+ SERVER_CPUS=$SERVER_CPUS}; run took $(($(date +%s) - START)) s."
     echo
     python3 "$ROOT/benches/summarize.py" "$RAW"
 } >"$OUT/summary.md"
