@@ -44,7 +44,9 @@ def read_jsonl(path):
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        # A last line without its newline is still being written: skip it, the
+        # next poll reads it whole.
+        return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
 
 def delivered_tag(format_, e):

@@ -56,7 +56,10 @@ RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:
 class State:
     def __init__(self, args):
         self.lock = threading.Lock()
-        self.out = open(args.out, "a", buffering=1, encoding="utf-8")
+        # Unbuffered appends under `lock`: each line goes out in one write(2),
+        # so a reader polling the file never sees half a line from a buffer
+        # split, and `close` (also under the lock) never cuts one.
+        self.out = open(args.out, "ab", buffering=0)
         self.secret = None
         if args.secret_file:
             with open(args.secret_file, "rb") as f:
@@ -69,6 +72,14 @@ class State:
         self.failed = 0
         self.events = 0
         self.bad = 0
+
+    def write_line(self, line):
+        self.out.write((json.dumps(line) + "\n").encode("utf-8"))
+
+    def close(self):
+        with self.lock:
+            self.out.close()
+            self.out = None
 
     def failing(self):
         """The status to answer now instead of 200, if any (consumes --fail-first)."""
@@ -192,6 +203,9 @@ def make_handler(state):
             with state.lock:
                 state.requests += 1
                 status = state.failing() or 200
+                if state.out is None:
+                    # Stopping: nothing can be recorded, so nothing is accepted.
+                    status = 503
                 if state.strict and bad and status == 200:
                     status = 400
                 if status >= 300:
@@ -210,12 +224,13 @@ def make_handler(state):
                     "shape_ok": shape_ok,
                     "received_at": time.time(),
                 }
-                if events is None:
-                    line = dict(base, problems=problems, event=None)
-                    state.out.write(json.dumps(line) + "\n")
-                for e, p in zip(events or [], per_event):
-                    line = dict(base, problems=problems + p, event=e)
-                    state.out.write(json.dumps(line) + "\n")
+                if state.out is None:
+                    pass
+                elif events is None:
+                    state.write_line(dict(base, problems=problems, event=None))
+                else:
+                    for e, p in zip(events, per_event):
+                        state.write_line(dict(base, problems=problems + p, event=e))
             if status == 503:
                 self.send_response(status)
                 self.send_header("Retry-After", "1")
@@ -273,7 +288,7 @@ def main():
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     server.serve_forever()
-    state.out.close()
+    state.close()
     return 0
 
 
