@@ -274,6 +274,10 @@ measure() {
 startup() {
     local kind=$1 round=$2 out dir cmd=() env=()
     [ "$STARTS" -gt 0 ] || return 0
+    # What the previous round wrote (Distribution does not fsync) is flushed first:
+    # otherwise our store's first fsyncs (creating meta.redb) wait behind that
+    # write-back, and the figure measures the disk's backlog, not the process.
+    timeout 300 sync || true
     dir=$(mktemp -d "${TMPDIR:-/tmp}/registry-bench-start.XXXXXX")
     case $kind in
         dist)

@@ -899,23 +899,25 @@ async fn finish_upload(
         let data = body_stream(req.into_body(), state.config.body_idle_timeout);
         state
             .registry
-            .append_upload(repo, id, offset, declared, data)
+            .finish_upload_with_chunk(repo, id, &digest, offset, declared, data)
             .await?;
-    } else if let Some(o) = offset {
-        // An empty final chunk may still claim a position: check it.
-        let status = state.registry.upload_status(repo, id).await?;
-        if o != status.offset {
-            return Err(registry_core::Error::UploadOffset {
-                expected: status.offset,
-                got: o,
+    } else {
+        if let Some(o) = offset {
+            // An empty final chunk may still claim a position: check it.
+            let status = state.registry.upload_status(repo, id).await?;
+            if o != status.offset {
+                return Err(registry_core::Error::UploadOffset {
+                    expected: status.offset,
+                    got: o,
+                }
+                .into());
             }
-            .into());
         }
+        state
+            .registry
+            .finish_upload(repo, id, &digest, None)
+            .await?;
     }
-    state
-        .registry
-        .finish_upload(repo, id, &digest, None)
-        .await?;
     state
         .audit(
             Record::request("blob_upload", ctx.as_ref())

@@ -552,6 +552,66 @@ async fn appends_that_fail_or_are_cancelled_leave_the_upload_as_it_was() {
     assert_eq!(blobs.stat(&d).await.unwrap(), None);
 }
 
+/// Bytes `from..from + len` of a sequence that shows misplaced blocks: byte `i` is
+/// `i * 31 / 7` truncated, so no two nearby blocks hold the same bytes.
+fn sequence(from: usize, len: usize) -> Vec<u8> {
+    (from..from + len).map(|i| (i * 31 / 7) as u8).collect()
+}
+
+/// `total` bytes of [`sequence`] in chunks of `chunk` (a network's uneven frames), then
+/// an error if `fail`.
+fn chunked_body(total: usize, chunk: usize, fail: bool) -> registry_core::ByteStream {
+    let chunks: Vec<std::io::Result<Bytes>> = (0..total)
+        .step_by(chunk)
+        .map(|at| Ok(Bytes::from(sequence(at, chunk.min(total - at)))))
+        .chain(fail.then(|| Err(std::io::Error::other("client went away"))))
+        .collect();
+    futures::stream::iter(chunks).boxed()
+}
+
+/// An append writes one block while it receives the next, blocks growing from 128 KiB
+/// to 1 MiB: the bytes must land whole and in order, and a body that fails after
+/// several blocks (one of them possibly still being written) must leave nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_written_while_received_land_in_order_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = FsStore::open(dir.path())
+        .await
+        .unwrap()
+        .into_storage()
+        .blobs;
+    let repo = RepoName::parse("fs/pipelined").unwrap();
+    let now = Timestamp(1_700_000_000_000);
+    // Just under, at and over a block boundary, and many blocks.
+    for total in [
+        (128 << 10) - 1,
+        128 << 10,
+        (384 << 10) + 1,
+        (3 << 20) + 12_345,
+    ] {
+        let id = UploadId::random();
+        blobs.create_upload(&id, &repo, now).await.unwrap();
+        let failed = blobs
+            .append_upload(&id, 0, chunked_body(total, 100_003, true), now)
+            .await;
+        assert!(failed.is_err(), "{total} bytes, then an error");
+        assert_eq!(blobs.upload_info(&id).await.unwrap().unwrap().len, 0);
+
+        let len = blobs
+            .append_upload(&id, 0, chunked_body(total, 100_003, false), now)
+            .await
+            .unwrap();
+        assert_eq!(len, total as u64);
+        let mut data = Vec::with_capacity(total);
+        let mut s = blobs.read_upload(&id).await.unwrap();
+        while let Some(c) = s.next().await {
+            data.extend_from_slice(&c.unwrap());
+        }
+        assert!(data == sequence(0, total), "{total} bytes read back differ");
+        assert!(blobs.delete_upload(&id).await.unwrap());
+    }
+}
+
 /// Verified reads of the fs store hash each block where it is read, with the next block
 /// read ahead: a multi-block blob must come back whole and exact, and one corrupted in
 /// a middle block must end in an error in place of its last block.

@@ -287,19 +287,58 @@ impl Registry {
         digest: &Digest,
         last_chunk: Option<(ByteStream, Option<u64>)>,
     ) -> Result<BlobInfo> {
-        self.check_writable("blob upload")?;
-        if let Some((data, declared_len)) = last_chunk {
-            self.append_upload(repo, id, None, declared_len, data)
-                .await?;
+        match last_chunk {
+            Some((data, declared_len)) => {
+                self.finish_upload_with_chunk(repo, id, digest, None, declared_len, data)
+                    .await
+            }
+            None => {
+                self.check_writable("blob upload")?;
+                let len = self.session(repo, id).await?.len;
+                self.commit_session(repo, id, digest, len).await
+            }
         }
-        let info = self.session(repo, id).await?;
+    }
+
+    /// [`finish_upload`](Self::finish_upload) with a last chunk that may claim its
+    /// position: `offset`, when given, must equal the bytes received so far, as in
+    /// [`append_upload`](Self::append_upload) (the final `PUT` of the distribution
+    /// spec, with its optional `Content-Range`).
+    pub async fn finish_upload_with_chunk(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        digest: &Digest,
+        offset: Option<u64>,
+        declared_len: Option<u64>,
+        data: ByteStream,
+    ) -> Result<BlobInfo> {
+        self.check_writable("blob upload")?;
+        // The append looked the session up and has just written to it: its length is
+        // the session's, without a second lookup (the commit checks it again anyway).
+        let len = self
+            .append_upload(repo, id, offset, declared_len, data)
+            .await?
+            .offset;
+        self.commit_session(repo, id, digest, len).await
+    }
+
+    /// Checks that the session's `len` bytes hash to `digest`, commits them and links
+    /// the blob into `repo`.
+    async fn commit_session(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        digest: &Digest,
+        len: u64,
+    ) -> Result<BlobInfo> {
         let hasher = self
             .hashers()
             .remove(id)
-            .filter(|h| h.len() == info.len && h.algorithm() == digest.algorithm());
+            .filter(|h| h.len() == len && h.algorithm() == digest.algorithm());
         let actual = match hasher {
             Some(h) => h.finish(),
-            None => self.rehash_upload(id, digest.algorithm(), info.len).await?,
+            None => self.rehash_upload(id, digest.algorithm(), len).await?,
         };
         if &actual != digest {
             self.discard_upload(repo, id).await?;
@@ -312,11 +351,8 @@ impl Registry {
             .commit_and_link(
                 Source::Upload(id),
                 digest,
-                LinkStep::Blob {
-                    repo,
-                    size: info.len,
-                },
-                info.len,
+                LinkStep::Blob { repo, size: len },
+                len,
             )
             .await;
         if let Err(e) = linked {
@@ -331,11 +367,11 @@ impl Registry {
         self.emit(Event::BlobStored {
             repo: repo.clone(),
             digest: digest.clone(),
-            size: info.len,
+            size: len,
         });
         Ok(BlobInfo {
             digest: digest.clone(),
-            size: info.len,
+            size: len,
         })
     }
 
