@@ -73,7 +73,7 @@ fn valid_component(c: &str) -> bool {
 
 /// A validated tag: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
 ///
-/// Tags of up to [`INLINE_TAG`] bytes (nearly all: `latest`, `v1.2.3`, a short commit
+/// Tags of up to 22 bytes (nearly all: `latest`, `v1.2.3`, a short commit
 /// hash) are held inline, longer ones on the heap: a listing of a thousand tags then
 /// makes no allocation per tag, which was a fifth of its CPU (malloc, free and their
 /// consolidation).
