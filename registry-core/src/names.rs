@@ -75,8 +75,8 @@ fn valid_component(c: &str) -> bool {
 ///
 /// Tags of up to 22 bytes (nearly all: `latest`, `v1.2.3`, a short commit
 /// hash) are held inline, longer ones on the heap: a listing of a thousand tags then
-/// makes no allocation per tag, which was a fifth of its CPU (malloc, free and their
-/// consolidation).
+/// makes no allocation per tag (malloc, free and their consolidation were a fifth of
+/// its samples; its CPU fell by 13%).
 #[derive(Clone)]
 pub struct Tag(TagRepr);
 
@@ -151,9 +151,10 @@ impl Tag {
     /// The tag as a string.
     pub fn as_str(&self) -> &str {
         match &self.0 {
-            TagRepr::Inline { len, bytes } => std::str::from_utf8(&bytes[..usize::from(*len)])
-                .expect("a tag is ASCII: checked by parse"),
             TagRepr::Heap(s) => s,
+            TagRepr::Inline { .. } => {
+                std::str::from_utf8(self.as_bytes()).expect("a tag is ASCII: checked by parse")
+            }
         }
     }
 }
