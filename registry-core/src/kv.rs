@@ -6,8 +6,10 @@
 //! store does it under a lock, the fs store inside a redb write transaction. Every
 //! [`MetadataStore`] write method is exactly one such transaction.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -127,6 +129,45 @@ impl Table {
     /// Position in [`Table::ALL`].
     pub const fn index(self) -> usize {
         self as usize
+    }
+}
+
+/// A set of tables: those a write transaction changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableSet(u32);
+
+impl TableSet {
+    /// Adds `table`.
+    pub fn insert(&mut self, table: Table) {
+        self.0 |= 1 << table.index();
+    }
+
+    /// Whether `table` is in the set.
+    pub fn contains(self, table: Table) -> bool {
+        self.0 & (1 << table.index()) != 0
+    }
+}
+
+/// One counter per table of the committed write transactions that changed it: what an
+/// engine that sees every write to its data keeps for [`KvEngine::table_version`].
+#[derive(Debug, Default)]
+pub struct TableVersions([AtomicU64; Table::ALL.len()]);
+
+impl TableVersions {
+    /// The counter of `table`.
+    pub fn get(&self, table: Table) -> u64 {
+        self.0[table.index()].load(Ordering::SeqCst)
+    }
+
+    /// Counts a committed change to `changed`. Call it once the change is visible to new
+    /// snapshots and before the write returns: a reader that reads the old counter may
+    /// then have seen the old data, never the other way round.
+    pub fn bump(&self, changed: TableSet) {
+        for table in Table::ALL {
+            if changed.contains(table) {
+                self.0[table.index()].fetch_add(1, Ordering::SeqCst);
+            }
+        }
     }
 }
 
@@ -251,18 +292,36 @@ pub trait KvEngine: Send + Sync + 'static {
         let _ = horizon;
         async { Ok(true) }
     }
+
+    /// A counter of the committed write transactions that changed `table`, for caches
+    /// of what was read from it: it moves on after a write's change becomes visible and
+    /// before that write returns, so something read after the counter was read is
+    /// current while the counter has not moved. Only an engine that sees every write to
+    /// its data can keep one: all writers in this process, going through this value or
+    /// its clones (the in-memory engine; a redb file, which one process holds locked).
+    /// `None`, the default: another process may write, and nothing read may be reused.
+    fn table_version(&self, table: Table) -> Option<u64> {
+        let _ = table;
+        None
+    }
 }
 
 /// A [`MetadataStore`] implemented over a [`KvEngine`].
+///
+/// Over an engine that keeps [`KvEngine::table_version`], complete tag listings are
+/// kept in memory and reused while no tag changed (tag lists are what CI tools and
+/// image updaters poll).
 #[derive(Debug)]
 pub struct KvMetadata<E> {
     engine: Arc<E>,
+    tag_lists: Arc<TagListCache>,
 }
 
 impl<E> Clone for KvMetadata<E> {
     fn clone(&self) -> Self {
         KvMetadata {
             engine: self.engine.clone(),
+            tag_lists: self.tag_lists.clone(),
         }
     }
 }
@@ -272,12 +331,94 @@ impl<E: KvEngine> KvMetadata<E> {
     pub fn new(engine: E) -> Self {
         KvMetadata {
             engine: Arc::new(engine),
+            tag_lists: Arc::default(),
         }
     }
 
-    /// The engine.
+    /// The engine. Writes made through it directly are seen by the tag-list cache as
+    /// long as the engine counts them in [`KvEngine::table_version`].
     pub fn engine(&self) -> &E {
         &self.engine
+    }
+
+    /// Tag listings answered from memory, without reading the engine.
+    pub fn tag_listings_reused(&self) -> u64 {
+        self.tag_lists.reused.load(Ordering::Relaxed)
+    }
+}
+
+/// Complete tag listings by repository, each with the [`Table::Tags`] version read
+/// before its snapshot: valid while the version has not moved. At most
+/// [`TagListCache::MAX_TAGS`] tags in all.
+#[derive(Debug, Default)]
+struct TagListCache {
+    lists: Mutex<CachedLists>,
+    reused: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct CachedLists {
+    by_repo: HashMap<RepoName, (u64, Arc<[Tag]>)>,
+    tags: usize,
+}
+
+impl TagListCache {
+    /// About 1.5 MiB of short tags.
+    const MAX_TAGS: usize = 1 << 16;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CachedLists> {
+        // A map of immutable values, consistent after any panic.
+        self.lists.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The tags of `repo` after `after`, at most `limit`, if its listing read at
+    /// `version` is held.
+    fn page(
+        &self,
+        repo: &RepoName,
+        version: u64,
+        after: Option<&Tag>,
+        limit: usize,
+    ) -> Option<Vec<Tag>> {
+        let list = match self.lock().by_repo.get(repo) {
+            Some((v, list)) if *v == version => list.clone(),
+            _ => return None,
+        };
+        self.reused.fetch_add(1, Ordering::Relaxed);
+        // The listing is in key order, which for one repository is the tags' byte order.
+        let start = after.map_or(0, |a| {
+            list.partition_point(|t| t.as_bytes() <= a.as_bytes())
+        });
+        Some(list[start..].iter().take(limit).cloned().collect())
+    }
+
+    /// Keeps `tags`, the complete listing of `repo` read after `version` was read.
+    fn keep(&self, repo: &RepoName, version: u64, tags: &[Tag]) {
+        if tags.len() > Self::MAX_TAGS / 4 {
+            return;
+        }
+        let mut lists = self.lock();
+        match lists.by_repo.get(repo) {
+            // Read at a later version than this listing: fresher.
+            Some((v, _)) if *v > version => return,
+            Some(_) => {
+                let (_, old) = lists.by_repo.remove(repo).expect("present");
+                lists.tags -= old.len();
+            }
+            None => {}
+        }
+        if lists.tags + tags.len() > Self::MAX_TAGS {
+            // Listings read at an older version are dead; if that is not enough,
+            // start again.
+            lists.by_repo.retain(|_, (v, _)| *v >= version);
+            lists.tags = lists.by_repo.values().map(|(_, l)| l.len()).sum();
+            if lists.tags + tags.len() > Self::MAX_TAGS {
+                lists.by_repo.clear();
+                lists.tags = 0;
+            }
+        }
+        lists.tags += tags.len();
+        lists.by_repo.insert(repo.clone(), (version, tags.into()));
     }
 }
 
@@ -723,6 +864,15 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
         // after the last name read, in a second snapshot: a listing's pages never were
         // one snapshot either.
         const IN_PLACE: usize = 1024;
+        // Read before the snapshots: a listing read at this version is current for as
+        // long as the version stays.
+        let version = self.engine.table_version(Table::Tags);
+        if let Some(v) = version
+            && let Some(tags) = self.tag_lists.page(repo, v, after, limit)
+        {
+            return Ok(tags);
+        }
+        let complete = after.is_none();
         let scan = |after: Option<Vec<u8>>, limit: usize| {
             let p = prefix(&[repo.as_str()]);
             move |t: &dyn KvRead| {
@@ -741,6 +891,12 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
             let after = key(&[repo.as_str(), last.as_str()]);
             let rest = self.engine.read(scan(Some(after), limit - first)).await?;
             tags.extend(rest);
+        }
+        if let Some(v) = version
+            && complete
+            && tags.len() < limit
+        {
+            self.tag_lists.keep(repo, v, &tags);
         }
         Ok(tags)
     }
@@ -1490,11 +1646,38 @@ mod tests {
     use crate::testkit::{push_image, repo};
     use crate::{MemoryBlobStore, Registry, Storage};
 
+    /// The in-memory engine without its table versions: listings are read every time,
+    /// as over an engine other processes write to.
+    struct Uncounted(MemoryKv);
+
+    impl KvEngine for Uncounted {
+        async fn read<R, F>(&self, f: F) -> Result<R>
+        where
+            F: FnOnce(&dyn KvRead) -> Result<R> + Send + 'static,
+            R: Send + 'static,
+        {
+            self.0.read(f).await
+        }
+
+        async fn write<R, F>(&self, f: F) -> Result<R>
+        where
+            F: Fn(&mut dyn KvWrite) -> Result<R> + Send + Sync + 'static,
+            R: Send + 'static,
+        {
+            self.0.write(f).await
+        }
+    }
+
     /// A listing longer than the part read in place goes on after its last name: every
-    /// name once, in order, whatever the limit and the starting point.
+    /// name once, in order, whatever the limit and the starting point; read each time,
+    /// and from a kept listing.
     #[tokio::test]
     async fn long_tag_listings_continue_after_the_part_read_in_place() {
-        let meta = KvMetadata::new(MemoryKv::default());
+        long_listings(KvMetadata::new(Uncounted(MemoryKv::default())), false).await;
+        long_listings(KvMetadata::new(MemoryKv::default()), true).await;
+    }
+
+    async fn long_listings<E: KvEngine>(meta: KvMetadata<E>, kept: bool) {
         let names: Vec<String> = (0..1100).map(|i| format!("t{i:05}")).collect();
         let written = names.clone();
         meta.engine()
@@ -1525,6 +1708,55 @@ mod tests {
         assert_eq!(list(Some("t00049"), 2000).await, names[50..]);
         assert_eq!(list(Some("t00049"), 1030).await, names[50..1080]);
         assert!(list(Some("t01099"), 2000).await.is_empty());
+        // Every listing after the first complete one came from memory, or none did.
+        assert_eq!(meta.tag_listings_reused(), if kept { 5 } else { 0 });
+    }
+
+    /// A complete listing is kept until a write changes a tag (anywhere): writes to
+    /// other tables leave it, a listing starting after a tag or cut short is answered
+    /// from it, and a listing that was not complete is not kept.
+    #[tokio::test]
+    async fn tag_listings_are_kept_until_a_tag_changes() {
+        let meta = Arc::new(KvMetadata::new(MemoryKv::default()));
+        let storage = Storage {
+            blobs: Arc::new(MemoryBlobStore::default()),
+            metadata: meta.clone(),
+        };
+        let r = Registry::builder(storage).build();
+        let repo = repo("kept/x");
+        let (d, _) = push_image(&r, &repo, "b", b"{}", &[b"layer"]).await;
+        r.tag_manifest(&repo, &Tag::parse("a").unwrap(), &d)
+            .await
+            .unwrap();
+        let names = |after: Option<&str>, limit: usize| {
+            let (meta, repo) = (&meta, &repo);
+            let after = after.map(|a| Tag::parse(a).unwrap());
+            async move {
+                let tags = meta.list_tag_names(repo, after.as_ref(), limit).await;
+                tags.unwrap()
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+            }
+        };
+        // Cut short: not kept.
+        assert_eq!(names(None, 1).await, ["a"]);
+        assert_eq!(names(None, 3).await, ["a", "b"]);
+        assert_eq!(meta.tag_listings_reused(), 0);
+        assert_eq!(names(None, 3).await, ["a", "b"]);
+        assert_eq!(names(Some("a"), 3).await, ["b"]);
+        assert_eq!(names(None, 1).await, ["a"]);
+        assert_eq!(meta.tag_listings_reused(), 3);
+        // A blob pushed and linked changes no tag.
+        crate::testkit::push_blob(&r, &repo, b"another").await;
+        assert_eq!(names(None, 3).await, ["a", "b"]);
+        assert_eq!(meta.tag_listings_reused(), 4);
+        // A tag pushed in another repository does.
+        push_image(&r, &crate::testkit::repo("kept/y"), "z", b"{}", &[]).await;
+        assert_eq!(names(None, 3).await, ["a", "b"]);
+        assert_eq!(meta.tag_listings_reused(), 4);
+        assert_eq!(names(None, 3).await, ["a", "b"]);
+        assert_eq!(meta.tag_listings_reused(), 5);
     }
 
     /// Tag index entries written before tagging times were recorded (empty values, as

@@ -10,7 +10,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::kv::{KvEngine, KvMetadata, KvPair, KvRead, KvWrite, Table};
+use crate::kv::{KvEngine, KvMetadata, KvPair, KvRead, KvWrite, Table, TableSet, TableVersions};
 use crate::names::RepoName;
 use crate::store::{
     BlobRead, BlobStore, ByteRange, ByteStream, CommitOutcome, Storage, UploadId, UploadInfo,
@@ -76,6 +76,7 @@ type Tables = [BTreeMap<Vec<u8>, Vec<u8>>; Table::ALL.len()];
 #[derive(Debug, Default)]
 pub struct MemoryKv {
     tables: RwLock<Tables>,
+    versions: TableVersions,
 }
 
 struct ReadTxn<'a>(&'a Tables);
@@ -113,6 +114,7 @@ impl KvRead for ReadTxn<'_> {
 struct WriteTxn<'a> {
     tables: &'a mut Tables,
     undo: Vec<(Table, Vec<u8>, Option<Vec<u8>>)>,
+    changed: TableSet,
 }
 
 impl KvRead for WriteTxn<'_> {
@@ -138,6 +140,7 @@ impl KvWrite for WriteTxn<'_> {
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
         let old = self.tables[table.index()].insert(key.to_vec(), value.to_vec());
         self.undo.push((table, key.to_vec(), old));
+        self.changed.insert(table);
         Ok(())
     }
     fn delete(&mut self, table: Table, key: &[u8]) -> Result<bool> {
@@ -145,6 +148,7 @@ impl KvWrite for WriteTxn<'_> {
         let existed = old.is_some();
         if existed {
             self.undo.push((table, key.to_vec(), old));
+            self.changed.insert(table);
         }
         Ok(existed)
     }
@@ -173,18 +177,32 @@ impl KvEngine for MemoryKv {
         let mut txn = WriteTxn {
             tables: &mut tables,
             undo: Vec::new(),
+            changed: TableSet::default(),
         };
         let result = f(&mut txn);
+        let WriteTxn {
+            tables,
+            undo,
+            changed,
+        } = txn;
         if result.is_err() {
-            let WriteTxn { tables, undo } = txn;
             for (table, key, old) in undo.into_iter().rev() {
                 match old {
                     Some(v) => tables[table.index()].insert(key, v),
                     None => tables[table.index()].remove(&key),
                 };
             }
+        } else {
+            // Under the write lock: a reader waiting for it may read the old counter
+            // and then the new tables, which only wastes what it keeps.
+            self.versions.bump(changed);
         }
         result
+    }
+
+    /// Every write goes through this value (it is not shared with other processes).
+    fn table_version(&self, table: Table) -> Option<u64> {
+        Some(self.versions.get(table))
     }
 }
 

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
 };
-use registry_core::kv::{KvEngine, KvPair, KvRead, KvWrite, Table, outbox};
+use registry_core::kv::{
+    KvEngine, KvPair, KvRead, KvWrite, Table, TableSet, TableVersions, outbox,
+};
 use registry_core::store::storage_error;
 use registry_core::{Error, Result};
 
@@ -36,6 +38,9 @@ pub struct RedbKv {
     /// In an [`FsStore`](crate::FsStore): its directories, made durable before any
     /// write is acknowledged (the redb file's own name is among them).
     skeleton: Option<Arc<Skeleton>>,
+    /// Counted after each commit (`KvEngine::table_version`): this process holds the
+    /// file locked, so every write to it passes here.
+    versions: Arc<TableVersions>,
 }
 
 /// The state of group commit, shared by the writers of one database.
@@ -186,6 +191,7 @@ impl RedbKv {
             db: Arc::new(db),
             group: Arc::default(),
             skeleton,
+            versions: Arc::default(),
         })
     }
 }
@@ -233,7 +239,8 @@ fn visit_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
 
 struct Read(redb::ReadTransaction);
 
-struct Write<'a>(&'a redb::WriteTransaction);
+/// A write transaction and the tables it changed.
+struct Write<'a>(&'a redb::WriteTransaction, TableSet);
 
 /// Reads are the same in both kinds of transaction; only the table types differ.
 macro_rules! kv_read {
@@ -292,6 +299,7 @@ impl KvWrite for Write<'_> {
     /// no counter to read and write in a second table on every event, which measurably
     /// slowed manifest pushes (the counter is still honoured when the table is empty).
     fn append_event(&mut self, value: &[u8]) -> Result<()> {
+        self.1.insert(Table::Outbox);
         let next = {
             let mut t = self
                 .0
@@ -320,11 +328,16 @@ impl KvWrite for Write<'_> {
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
         let mut t = self.0.open_table(def(table)).map_err(storage_error)?;
         t.insert(key, value).map_err(storage_error)?;
+        self.1.insert(table);
         Ok(())
     }
     fn delete(&mut self, table: Table, key: &[u8]) -> Result<bool> {
         let mut t = self.0.open_table(def(table)).map_err(storage_error)?;
-        Ok(t.remove(key).map_err(storage_error)?.is_some())
+        let existed = t.remove(key).map_err(storage_error)?.is_some();
+        if existed {
+            self.1.insert(table);
+        }
+        Ok(existed)
     }
 }
 
@@ -369,7 +382,17 @@ impl KvEngine for RedbKv {
         R: Send + 'static,
     {
         let kv = self.clone();
-        blocking(move || kv.write_durable(|txn| f(&mut Write(txn)))).await
+        blocking(move || {
+            kv.commit_durable(|txn| {
+                let mut w = Write(txn, TableSet::default());
+                f(&mut w).map(|r| (r, w.1))
+            })
+        })
+        .await
+    }
+
+    fn table_version(&self, table: Table) -> Option<u64> {
+        Some(self.versions.get(table))
     }
 }
 
@@ -382,6 +405,17 @@ impl RedbKv {
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<R>,
     ) -> Result<R> {
+        self.commit_durable(|txn| f(txn).map(|r| (r, TableSet::default())))
+    }
+
+    /// [`write_durable`](Self::write_durable) for a change to the metadata tables,
+    /// which `f` names beside its result: their versions move once the commit is
+    /// visible, whether or not the fsync after it succeeds (and on the blocking thread,
+    /// so also when the caller stopped waiting).
+    fn commit_durable<R>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(R, TableSet)>,
+    ) -> Result<R> {
         if let Some(s) = &self.skeleton {
             s.ensure_durable().map_err(storage_error)?;
         }
@@ -389,7 +423,7 @@ impl RedbKv {
         let committed = (|| {
             let mut txn = self.db.begin_write().map_err(storage_error)?;
             match f(&txn) {
-                Ok(r) => {
+                Ok((r, changed)) => {
                     // Not fsynced here: `wait_durable` shares one fsync among the
                     // writers that committed meanwhile, and returns only once it is
                     // done.
@@ -397,6 +431,7 @@ impl RedbKv {
                         .map_err(storage_error)?;
                     let seq = self.group.next_seq();
                     txn.commit().map_err(storage_error)?;
+                    self.versions.bump(changed);
                     Ok((r, seq))
                 }
                 Err(e) => {
@@ -450,5 +485,64 @@ mod tests {
         let kv = RedbKv::open(&path).unwrap();
         let n = kv.read(|t| t.count(Table::Tags)).await.unwrap();
         assert_eq!(n, 64);
+    }
+
+    /// Tag listings over a redb file are kept until a committed write changes a tag,
+    /// also one whose caller stopped waiting before the commit: its version moves on
+    /// the thread that commits. Writes to other tables, and a write that fails, keep
+    /// the listing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kept_tag_listings_follow_commits_also_abandoned_ones() {
+        use futures::FutureExt;
+        use registry_core::kv::KvMetadata;
+        use registry_core::names::{RepoName, Tag};
+        use registry_core::store::MetadataStore;
+
+        let dir = tempfile::tempdir().unwrap();
+        let meta = KvMetadata::new(RedbKv::open(&dir.path().join("meta.redb")).unwrap());
+        let repo = RepoName::parse("kept/x").unwrap();
+        fn put_tag(name: &str) -> impl Fn(&mut dyn KvWrite) -> Result<()> + Send + Sync + 'static {
+            let key = [b"kept/x\0".as_slice(), name.as_bytes()].concat();
+            move |t| t.put(Table::Tags, &key, b"")
+        }
+        let names = || async {
+            let tags = meta.list_tag_names(&repo, None, 100).await.unwrap();
+            tags.iter().map(Tag::to_string).collect::<Vec<_>>()
+        };
+        meta.engine().write(put_tag("a")).await.unwrap();
+        assert_eq!(names().await, ["a"]);
+        assert_eq!(names().await, ["a"]);
+        assert_eq!(meta.tag_listings_reused(), 1);
+        meta.engine()
+            .write(|t| t.put(Table::Repos, b"kept/x", b"{}"))
+            .await
+            .unwrap();
+        let failed = meta
+            .engine()
+            .write({
+                let put = put_tag("z");
+                move |t| {
+                    put(t)?;
+                    Err::<(), _>(Error::storage("refused"))
+                }
+            })
+            .await;
+        assert!(failed.is_err());
+        assert_eq!(names().await, ["a"]);
+        assert_eq!(meta.tag_listings_reused(), 2);
+
+        // Polled once (the commit starts on the blocking pool), then dropped.
+        let before = meta.engine().table_version(Table::Tags).unwrap();
+        assert!(meta.engine().write(put_tag("b")).now_or_never().is_none());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while meta.engine().table_version(Table::Tags) == Some(before) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the abandoned commit never counted"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(names().await, ["a", "b"]);
+        assert_eq!(meta.tag_listings_reused(), 2);
     }
 }

@@ -315,6 +315,7 @@ macro_rules! behaviour_suite {
             index_requires_children,
             delete_semantics,
             tag_listing_pagination,
+            tag_lists_follow_every_change,
             catalog_pagination,
             referrers_and_filter,
             reference_counts,

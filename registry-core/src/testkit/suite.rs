@@ -524,6 +524,80 @@ pub async fn tag_listing_pagination(f: Fixture) {
     assert_cleans_up(&r).await;
 }
 
+/// A tag listing shows every change acknowledged before it, however listings are
+/// kept between requests: new, moved and deleted tags, a manifest deleted with its
+/// tags, the repository deleted; with listings running alongside the changes.
+pub async fn tag_lists_follow_every_change(f: Fixture) {
+    let (r, _) = f.registry();
+    let repo = repo("suite/tag-changes");
+    let names = |r: Registry, repo: RepoName| async move {
+        let page = r.list_tags(&repo, &ListOptions::default()).await?;
+        Ok::<_, Error>(page.items.iter().map(|t| t.to_string()).collect::<Vec<_>>())
+    };
+    let (a, _) = push_image(&r, &repo, "a", b"{\"n\":1}", &[b"la"]).await;
+    assert_eq!(names(r.clone(), repo.clone()).await.unwrap(), ["a"]);
+    assert_eq!(names(r.clone(), repo.clone()).await.unwrap(), ["a"]);
+    r.tag_manifest(&repo, &tag("b"), &a).await.unwrap();
+    assert_eq!(names(r.clone(), repo.clone()).await.unwrap(), ["a", "b"]);
+    // A change elsewhere, and one that touches no tag.
+    push_image(&r, &self::repo("suite/tag-changes-other"), "x", b"{}", &[]).await;
+    push_blob(&r, &repo, b"untagged").await;
+    assert_eq!(names(r.clone(), repo.clone()).await.unwrap(), ["a", "b"]);
+    let (c, _) = push_image(&r, &repo, "c", b"{\"n\":2}", &[b"lc"]).await;
+    r.tag_manifest(&repo, &tag("b"), &c).await.unwrap();
+    assert_eq!(
+        names(r.clone(), repo.clone()).await.unwrap(),
+        ["a", "b", "c"]
+    );
+    let b = r.stat_manifest(&repo, &tag_ref("b")).await.unwrap();
+    assert_eq!(b.digest, c, "the moved tag reads the new manifest");
+    r.delete_manifest(&repo, &tag_ref("a")).await.unwrap();
+    assert_eq!(names(r.clone(), repo.clone()).await.unwrap(), ["b", "c"]);
+    r.delete_manifest(&repo, &Reference::Digest(c))
+        .await
+        .unwrap();
+    assert!(names(r.clone(), repo.clone()).await.unwrap().is_empty());
+
+    // Listings alongside: each tag is listed by the first listing after it is
+    // acknowledged, whatever the listings running meanwhile kept.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (r, repo, stop) = (r.clone(), repo.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut listings = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let got = names(r.clone(), repo.clone()).await.unwrap();
+                    assert!(got.is_sorted(), "{got:?}");
+                    listings += 1;
+                    tokio::task::yield_now().await;
+                }
+                listings
+            })
+        })
+        .collect();
+    for i in 0..60 {
+        let t = format!("t{i:03}");
+        r.tag_manifest(&repo, &tag(&t), &a).await.unwrap();
+        let got = names(r.clone(), repo.clone()).await.unwrap();
+        assert_eq!(got.len(), i + 1, "{got:?}");
+        assert!(got.contains(&t), "{t} acknowledged, not listed: {got:?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for reader in readers {
+        assert!(reader.await.unwrap() > 0);
+    }
+    r.delete_repository(&repo).await.unwrap();
+    assert!(matches!(
+        names(r.clone(), repo.clone()).await,
+        Err(Error::NameUnknown { .. })
+    ));
+    r.delete_repository(&self::repo("suite/tag-changes-other"))
+        .await
+        .unwrap();
+    assert_cleans_up(&r).await;
+}
+
 /// The catalog pages like tags and lists only repositories that hold something.
 pub async fn catalog_pagination(f: Fixture) {
     let (r, _) = f.registry();
