@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::new_database::NewDatabase;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
@@ -67,7 +68,8 @@ pub struct FsBlobStore {
 pub(crate) struct Skeleton {
     root: PathBuf,
     durable: AtomicBool,
-    lock: Mutex<()>,
+    /// Held while making things durable; a new store's database that has no name yet.
+    lock: Mutex<Option<NewDatabase>>,
 }
 
 impl Skeleton {
@@ -75,19 +77,29 @@ impl Skeleton {
         Skeleton {
             root: root.to_owned(),
             durable: AtomicBool::new(false),
-            lock: Mutex::new(()),
+            lock: Mutex::new(None),
         }
     }
 
+    /// `db` is to be published (synced and named) before anything is acknowledged.
+    pub(crate) fn publish_first(&self, db: NewDatabase) {
+        *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(db);
+    }
+
     /// Returns once the store's directories (and everything named in them so far,
-    /// among which the fan-out directories and the redb file) are durable.
+    /// among which the fan-out directories and the redb file, published first if it
+    /// is new) are durable.
     pub(crate) fn ensure_durable(&self) -> io::Result<()> {
         if self.durable.load(Ordering::Acquire) {
             return Ok(());
         }
-        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut unpublished = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         if self.durable.load(Ordering::Acquire) {
             return Ok(());
+        }
+        if let Some(db) = unpublished.as_ref() {
+            db.publish()?;
+            *unpublished = None;
         }
         let blobs = self.root.join("blobs");
         for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {

@@ -92,6 +92,7 @@
 
 mod blobs;
 mod inline;
+mod new_database;
 mod redb_kv;
 mod scrub;
 

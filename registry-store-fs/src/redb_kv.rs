@@ -16,6 +16,7 @@ use registry_core::store::storage_error;
 use registry_core::{Error, Result};
 
 use crate::blobs::Skeleton;
+use crate::new_database;
 
 fn def(table: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
     TableDefinition::new(table.name())
@@ -162,7 +163,19 @@ impl RedbKv {
     }
 
     pub(crate) fn open_with(path: &Path, skeleton: Option<Arc<Skeleton>>) -> Result<Self> {
-        let db = Database::create(path).map_err(storage_error)?;
+        let db = match &skeleton {
+            // A new store's: unnamed until the skeleton publishes it (src/new_database.rs).
+            Some(skeleton) if !path.try_exists().map_err(storage_error)? => {
+                match new_database::create_unnamed(path).map_err(storage_error)? {
+                    Some((db, unnamed)) => {
+                        skeleton.publish_first(unnamed);
+                        db
+                    }
+                    None => Database::create(path).map_err(storage_error)?,
+                }
+            }
+            _ => Database::create(path).map_err(storage_error)?,
+        };
         let missing = {
             let txn = db.begin_read().map_err(storage_error)?;
             let mut missing = false;
@@ -485,6 +498,54 @@ mod tests {
         let kv = RedbKv::open(&path).unwrap();
         let n = kv.read(|t| t.count(Table::Tags)).await.unwrap();
         assert_eq!(n, 64);
+    }
+
+    /// A new store's database has no name until its first write (or the store's
+    /// durability task) publishes it, and then holds everything acknowledged; one
+    /// dropped before that leaves nothing behind, and the next open starts afresh; one
+    /// whose name another process took meanwhile refuses every write, and the other
+    /// database is untouched.
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn new_databases_are_named_before_the_first_write_is_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        for fan in ["blobs/sha256", "blobs/sha512"] {
+            std::fs::create_dir_all(dir.path().join(fan)).unwrap();
+        }
+        let open_new = || {
+            let skeleton = Arc::new(Skeleton::new(dir.path()));
+            RedbKv::open_with(&path, Some(skeleton)).unwrap()
+        };
+        let put = |i: u8| move |t: &mut dyn KvWrite| t.put(Table::Tags, &[i], b"v");
+
+        let kv = open_new();
+        assert!(!path.exists(), "named before anything was written");
+        drop(kv);
+        assert!(!path.exists(), "an unpublished database left a file");
+
+        let kv = open_new();
+        kv.write(put(1)).await.unwrap();
+        assert!(path.exists());
+        kv.write(put(2)).await.unwrap();
+        drop(kv);
+        let kv = RedbKv::open(&path).unwrap();
+        assert_eq!(kv.read(|t| t.count(Table::Tags)).await.unwrap(), 2);
+        drop(kv);
+
+        std::fs::remove_file(&path).unwrap();
+        let late = open_new();
+        let first = RedbKv::open(&path).unwrap();
+        first.write(put(7)).await.unwrap();
+        let refused = late.write(put(8)).await.unwrap_err().to_string();
+        assert!(refused.contains("created by another process"), "{refused}");
+        drop((late, first));
+        let kv = RedbKv::open(&path).unwrap();
+        let keys = kv
+            .read(|t| t.scan(Table::Tags, b"", None, 10))
+            .await
+            .unwrap();
+        assert_eq!(keys, [(vec![7], b"v".to_vec())]);
     }
 
     /// Tag listings over a redb file are kept until a committed write changes a tag,
