@@ -21,7 +21,7 @@ use crate::events::{ConsumerRecord, Event, OutboxRead};
 use crate::names::{RepoName, Tag};
 use crate::policy::Policy;
 use crate::store::{
-    AuditReport, BlobLink, BlobRecord, BlobState, DeletedManifest, LinkOutcome,
+    AuditReport, BlobLink, BlobRecord, BlobState, CommitLog, DeletedManifest, LinkOutcome,
     ManifestCollectRule, ManifestRecord, MetaStats, MetadataStore, NewManifest, PutManifestOutcome,
     Referrer, RepoRecord, TagEntry,
 };
@@ -302,6 +302,12 @@ pub trait KvEngine: Send + Sync + 'static {
     /// `None`, the default: another process may write, and nothing read may be reused.
     fn table_version(&self, table: Table) -> Option<u64> {
         let _ = table;
+        None
+    }
+
+    /// The log of this engine's commits, if a blob store shares it
+    /// ([`MetadataStore::commit_log`]). Default: none.
+    fn commit_log(&self) -> Option<CommitLog> {
         None
     }
 }
@@ -773,6 +779,10 @@ fn delete_manifest_txn(
 
 #[async_trait]
 impl<E: KvEngine> MetadataStore for KvMetadata<E> {
+    fn commit_log(&self) -> Option<CommitLog> {
+        self.engine.commit_log()
+    }
+
     async fn blob(&self, digest: &Digest) -> Result<Option<BlobRecord>> {
         let k = key(&[digest.as_str()]);
         self.engine.lookup(move |t| get(t, Table::Blobs, &k)).await

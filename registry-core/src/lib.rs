@@ -103,6 +103,7 @@ pub use registry::{
     RegistryConfig, RegistryStats, RepositoryDeletion, UploadStatus,
 };
 pub use store::{
-    BlobStore, ByteRange, ByteStream, MetadataStore, Storage, TagEntry, UploadId, UploadOwner,
+    BlobStore, ByteRange, ByteStream, CommitLog, MetadataStore, Storage, TagEntry, UploadId,
+    UploadOwner,
 };
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};

@@ -183,6 +183,28 @@ pub enum CommitOutcome {
     AlreadyPresent,
 }
 
+/// A log of commits that become durable in order: a durable commit makes every earlier
+/// commit of the same log durable. A blob store and a metadata store that name the same
+/// log (the fs store: inline blobs and metadata in one redb file) let the registry store
+/// bytes it links right away without an fsync of their own: the link's durable commit
+/// covers them ([`BlobStore::put_bytes_before_link`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CommitLog(u64);
+
+impl CommitLog {
+    /// A log no other value names (one per database opened).
+    pub fn new() -> CommitLog {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        CommitLog(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl Default for CommitLog {
+    fn default() -> Self {
+        CommitLog::new()
+    }
+}
+
 /// Content-addressed bytes, plus the upload sessions that produce them.
 ///
 /// The store never interprets bytes and never checks digests: the
@@ -289,6 +311,31 @@ pub trait BlobStore: Send + Sync + 'static {
         let outcome = result?;
         deleted?;
         Ok(outcome)
+    }
+
+    /// The log whose durable commits make [`put_bytes_before_link`] durable, if the
+    /// store has one (the default: none). Wrappers of a store forward it, with
+    /// `put_bytes_before_link`, or neither.
+    ///
+    /// [`put_bytes_before_link`]: Self::put_bytes_before_link
+    fn commit_log(&self) -> Option<CommitLog> {
+        None
+    }
+
+    /// [`put_bytes`](Self::put_bytes), except that the bytes need not be durable when it
+    /// returns: they are once a later commit of [`commit_log`](Self::commit_log) is
+    /// durable. The [`Registry`](crate::Registry) calls it only when its metadata store
+    /// names the same log, and then links the bytes in a durable metadata commit, which
+    /// comes later in the log; should it not get there (a crash, a refused link), the
+    /// bytes were never referenced. The default is `put_bytes`.
+    async fn put_bytes_before_link(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        bytes: Bytes,
+        now: Timestamp,
+    ) -> Result<CommitOutcome> {
+        self.put_bytes(repo, digest, bytes, now).await
     }
 
     /// Every open upload session (for expiry).
@@ -505,6 +552,11 @@ pub enum LinkOutcome {
 /// object writes can each provide it, is in `docs/design.md`.
 #[async_trait]
 pub trait MetadataStore: Send + Sync + 'static {
+    /// The log this store's durable commits go to, if a blob store may share it (see
+    /// [`BlobStore::commit_log`]; the default: none). Wrappers forward it.
+    fn commit_log(&self) -> Option<CommitLog> {
+        None
+    }
     /// A blob's registry-wide record.
     async fn blob(&self, digest: &Digest) -> Result<Option<BlobRecord>>;
     /// A repository's link to a blob.

@@ -178,6 +178,16 @@ impl BlobStore for TimedBlobs {
             bytes: bytes::Bytes,
             now: Timestamp,
         ) -> CommitOutcome = PutBytes;
+        fn put_bytes_before_link<'a, 'b, 'c>(
+            &'a self,
+            repo: &'b RepoName,
+            digest: &'c Digest,
+            bytes: bytes::Bytes,
+            now: Timestamp,
+        ) -> CommitOutcome = PutBytes;
+    }
+    fn commit_log(&self) -> Option<CommitLog> {
+        self.inner.commit_log()
     }
     async fn create_upload(&self, id: &UploadId, repo: &RepoName, now: Timestamp) -> Result<()> {
         let result = self
@@ -225,6 +235,9 @@ impl BlobStore for TimedBlobs {
 
 #[async_trait]
 impl MetadataStore for TimedMeta {
+    fn commit_log(&self) -> Option<CommitLog> {
+        self.inner.commit_log()
+    }
     timed! {
         fn blob<'a, 'b>(&'a self, digest: &'b Digest) -> Option<BlobRecord> = Blob;
         fn blob_link<'a, 'b, 'c>(&'a self, repo: &'b RepoName, digest: &'c Digest)

@@ -17,7 +17,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use registry_core::store::{
     BlobRead, BlobStore, ByteRange, ByteStream, CommitOutcome, UploadId, UploadInfo,
 };
-use registry_core::{Algorithm, Digest, Error, Hasher, RepoName, Result, Timestamp};
+use registry_core::{Algorithm, CommitLog, Digest, Error, Hasher, RepoName, Result, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use crate::inline::{INLINE_MAX, InlineBlobs};
@@ -1118,7 +1118,7 @@ impl BlobStore for FsBlobStore {
             if let Some(inline) = &inline
                 && matches!(fs::symlink_metadata(&blob), Err(e) if e.kind() == io::ErrorKind::NotFound)
             {
-                return inline.put(&digest_owned, &bytes);
+                return inline.put(&digest_owned, &bytes, true);
             }
             skeleton.ensure_durable().map_err(io_err)?;
             let dir = blob.parent().expect("blob paths have a parent");
@@ -1176,6 +1176,39 @@ impl BlobStore for FsBlobStore {
             stored.map_err(io_err)
         })
         .await
+    }
+
+    fn commit_log(&self) -> Option<CommitLog> {
+        self.inline.as_ref().map(InlineBlobs::commit_log)
+    }
+
+    /// Bytes kept inline are committed without waiting for their fsync: the link that
+    /// follows is a durable commit to the same database, which covers them. Bytes kept
+    /// as a file are stored as by `put_bytes`.
+    async fn put_bytes_before_link(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        bytes: Bytes,
+        now: Timestamp,
+    ) -> Result<CommitOutcome> {
+        if let Some(inline) = self.inline.clone().filter(|_| bytes.len() <= INLINE_MAX) {
+            let blob = self.blob_path(digest);
+            let (digest, bytes) = (digest.clone(), bytes.clone());
+            // As in `put_bytes`: a file already holding the blob answers instead.
+            let stored = blocking(move || {
+                match fs::symlink_metadata(&blob) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    _ => return Ok(None),
+                }
+                inline.put(&digest, &bytes, false).map(Some)
+            })
+            .await?;
+            if let Some(outcome) = stored {
+                return Ok(outcome);
+            }
+        }
+        self.put_bytes(repo, digest, bytes, now).await
     }
 
     async fn delete_upload(&self, id: &UploadId) -> Result<bool> {

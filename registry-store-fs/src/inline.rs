@@ -13,7 +13,7 @@
 use bytes::Bytes;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use registry_core::store::{CommitOutcome, storage_error};
-use registry_core::{Digest, Error, Result};
+use registry_core::{CommitLog, Digest, Error, Result};
 
 use crate::redb_kv::RedbKv;
 
@@ -60,14 +60,25 @@ impl InlineBlobs {
         self.lookup(digest, Bytes::copy_from_slice)
     }
 
-    /// Stores `bytes` (hashed by the caller to `digest`), durable when it returns.
+    /// The log of the database the rows are in (the store's metadata's too).
+    pub(crate) fn commit_log(&self) -> CommitLog {
+        self.kv.commit_log()
+    }
+
+    /// Stores `bytes` (hashed by the caller to `digest`): durable when it returns, or
+    /// without `durable` once a later commit to the database is (a link to them).
     /// Blocks. A row already there with the same bytes: `AlreadyPresent`. One with
     /// other bytes was damaged (its digest says what it must hold): it is replaced by
     /// these, and the answer is `AlreadyPresent` too, since the blob existed and may be
     /// referenced.
-    pub(crate) fn put(&self, digest: &Digest, bytes: &[u8]) -> Result<CommitOutcome> {
+    pub(crate) fn put(
+        &self,
+        digest: &Digest,
+        bytes: &[u8],
+        durable: bool,
+    ) -> Result<CommitOutcome> {
         let key = digest.to_string();
-        self.kv.write_durable(|txn| {
+        let write = |txn: &redb::WriteTransaction| {
             let mut table = txn.open_table(TABLE).map_err(storage_error)?;
             let same = table
                 .get(key.as_str())
@@ -85,7 +96,12 @@ impl InlineBlobs {
                     Ok(CommitOutcome::Stored)
                 }
             }
-        })
+        };
+        if durable {
+            self.kv.write_durable(write)
+        } else {
+            self.kv.write_before_link(write)
+        }
     }
 
     /// Removes `digest`'s row; whether there was one. Blocks.
@@ -119,5 +135,73 @@ impl InlineBlobs {
             })?);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use registry_core::kv::KvMetadata;
+    use registry_core::manifest::media_type::OCI_MANIFEST;
+    use registry_core::testkit::{image_manifest, push_blob, repo, tag_ref};
+    use registry_core::{MemoryKv, PutManifestOptions, Registry, Storage};
+
+    use crate::redb_kv::RedbKv;
+
+    /// Durable commits made so far, and whether everything committed is durable.
+    fn flushes(kv: &RedbKv) -> (u64, bool) {
+        let state = kv.group_state();
+        (state.0, state.1 == state.2)
+    }
+
+    /// A manifest's bytes kept inline become durable with the commit that links them:
+    /// one durable commit for a manifest push, not two, and everything committed is
+    /// durable when the push returns. With the metadata in another log, the bytes get
+    /// a durable commit of their own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn manifest_bytes_become_durable_with_their_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::FsStore::open(dir.path()).await.unwrap();
+        let kv = store.metadata.engine().clone();
+        let blobs = store.blobs.clone();
+        // Durable commits made by pushing a manifest whose blobs are there.
+        let manifest_push = |r: Registry, name: &'static str, layer: &'static [u8]| {
+            let kv = kv.clone();
+            async move {
+                let repo = repo(name);
+                push_blob(&r, &repo, b"{}").await;
+                push_blob(&r, &repo, layer).await;
+                let manifest = image_manifest(b"{}", &[layer]);
+                let (before, _) = flushes(&kv);
+                r.put_manifest(
+                    &repo,
+                    &tag_ref("v1"),
+                    OCI_MANIFEST,
+                    Bytes::from(manifest),
+                    PutManifestOptions::default(),
+                )
+                .await
+                .unwrap();
+                let (after, all_durable) = flushes(&kv);
+                assert!(
+                    all_durable,
+                    "a push returned before its commits were durable"
+                );
+                assert!(r.get_manifest(&repo, &tag_ref("v1")).await.is_ok());
+                after - before
+            }
+        };
+        let r = Registry::builder(store.into_storage()).build();
+        assert_eq!(manifest_push(r.clone(), "one/log", b"layer").await, 1);
+        assert_eq!(manifest_push(r, "one/log2", b"layer2").await, 1);
+
+        let elsewhere = Registry::builder(Storage {
+            blobs,
+            metadata: Arc::new(KvMetadata::new(MemoryKv::default())),
+        })
+        .build();
+        assert_eq!(manifest_push(elsewhere, "two/logs", b"layer3").await, 1);
     }
 }

@@ -13,7 +13,7 @@ use registry_core::kv::{
     KvEngine, KvPair, KvRead, KvWrite, Table, TableSet, TableVersions, outbox,
 };
 use registry_core::store::storage_error;
-use registry_core::{Error, Result};
+use registry_core::{CommitLog, Error, Result};
 
 use crate::blobs::Skeleton;
 use crate::new_database;
@@ -42,6 +42,8 @@ pub struct RedbKv {
     /// Counted after each commit (`KvEngine::table_version`): this process holds the
     /// file locked, so every write to it passes here.
     versions: Arc<TableVersions>,
+    /// Commits are durable in order: one durable commit covers every earlier one.
+    log: CommitLog,
 }
 
 /// The state of group commit, shared by the writers of one database.
@@ -63,6 +65,8 @@ struct GroupState {
     /// Write transactions begun (or waiting for redb's writer lock) and not yet
     /// committed or aborted: a durable commit about to start waits a little for them.
     writing: u32,
+    /// Durable commits made (for tests: which writes shared one).
+    flushes: u64,
 }
 
 /// How long a durable commit waits at most for write transactions under way to commit
@@ -147,6 +151,7 @@ impl GroupCommit {
             state.flushing = false;
             if let Ok(target) = flushed {
                 state.durable = state.durable.max(target);
+                state.flushes += 1;
             }
             self.flushed.notify_all();
             // On failure this writer reports it (its change is not acknowledged); the
@@ -205,6 +210,7 @@ impl RedbKv {
             group: Arc::default(),
             skeleton,
             versions: Arc::default(),
+            log: CommitLog::new(),
         })
     }
 }
@@ -396,16 +402,24 @@ impl KvEngine for RedbKv {
     {
         let kv = self.clone();
         blocking(move || {
-            kv.commit_durable(|txn| {
-                let mut w = Write(txn, TableSet::default());
-                f(&mut w).map(|r| (r, w.1))
-            })
+            kv.commit(
+                |txn| {
+                    let mut w = Write(txn, TableSet::default());
+                    f(&mut w).map(|r| (r, w.1))
+                },
+                true,
+            )
         })
         .await
     }
 
     fn table_version(&self, table: Table) -> Option<u64> {
         Some(self.versions.get(table))
+    }
+
+    /// Shared with the fs store's inline blobs (`InlineBlobs`).
+    fn commit_log(&self) -> Option<CommitLog> {
+        Some(self.log)
     }
 }
 
@@ -418,16 +432,39 @@ impl RedbKv {
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<R>,
     ) -> Result<R> {
-        self.commit_durable(|txn| f(txn).map(|r| (r, TableSet::default())))
+        self.commit(|txn| f(txn).map(|r| (r, TableSet::default())), true)
     }
 
-    /// [`write_durable`](Self::write_durable) for a change to the metadata tables,
-    /// which `f` names beside its result: their versions move once the commit is
-    /// visible, whether or not the fsync after it succeeds (and on the blocking thread,
-    /// so also when the caller stopped waiting).
-    fn commit_durable<R>(
+    /// [`write_durable`](Self::write_durable) without the wait: the change is durable
+    /// once a later durable commit of this database is ([`CommitLog`]). Blocks only
+    /// for redb's writer lock.
+    pub(crate) fn write_before_link<R>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<R>,
+    ) -> Result<R> {
+        self.commit(|txn| f(txn).map(|r| (r, TableSet::default())), false)
+    }
+
+    /// The log of this database's commits.
+    pub(crate) fn commit_log(&self) -> CommitLog {
+        self.log
+    }
+
+    /// Durable commits made, transactions committed, and the last durable one.
+    #[cfg(test)]
+    pub(crate) fn group_state(&self) -> (u64, u64, u64) {
+        let state = self.group.lock();
+        (state.flushes, state.committed, state.durable)
+    }
+
+    /// Commits `f`'s change, and with `durable` returns once it is durable. `f` names
+    /// the metadata tables it changed beside its result: their versions move once the
+    /// commit is visible, whether or not the fsync after it succeeds (and on the
+    /// blocking thread, so also when the caller stopped waiting).
+    fn commit<R>(
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<(R, TableSet)>,
+        durable: bool,
     ) -> Result<R> {
         if let Some(s) = &self.skeleton {
             s.ensure_durable().map_err(storage_error)?;
@@ -455,7 +492,9 @@ impl RedbKv {
         })();
         drop(writing);
         let (r, seq) = committed?;
-        self.group.wait_durable(&self.db, seq)?;
+        if durable {
+            self.group.wait_durable(&self.db, seq)?;
+        }
         Ok(r)
     }
 

@@ -481,9 +481,19 @@ impl Registry {
         len: u64,
     ) -> Result<()> {
         let blobs = &self.inner.blobs;
-        let commit = || async {
+        // Bytes and metadata in one commit log: the link's durable commit, which comes
+        // after, makes the bytes durable too, so their own fsync is not waited for. Only
+        // before the link: bytes stored again after it get their own.
+        let one_log =
+            blobs.commit_log().is_some() && blobs.commit_log() == self.inner.meta.commit_log();
+        let commit = |linked: bool| async move {
             match source {
                 Source::Upload(id) => blobs.commit_upload(id, digest, len).await,
+                Source::Bytes { repo, bytes } if one_log && !linked => {
+                    blobs
+                        .put_bytes_before_link(repo, digest, bytes.clone(), self.now())
+                        .await
+                }
                 Source::Bytes { repo, bytes } => {
                     blobs
                         .put_bytes(repo, digest, bytes.clone(), self.now())
@@ -494,7 +504,7 @@ impl Registry {
         let mut linked = None;
         for _ in 0..COMMIT_ATTEMPTS {
             self.wait_for_deletion(digest).await?;
-            let committed = commit().await?;
+            let committed = commit(false).await?;
             let done = match self.link_step(digest, &step).await {
                 Ok(done) => done,
                 Err(e) => {
@@ -513,7 +523,7 @@ impl Registry {
                 // The link now pins the record; if a collection deleted the bytes between
                 // our commit and our link, commit them again (the source is still there).
                 if blobs.stat(digest).await?.is_none() {
-                    commit().await?;
+                    commit(true).await?;
                 }
                 if let Source::Upload(id) = source {
                     blobs.delete_upload(id).await?;

@@ -160,6 +160,22 @@ impl BlobStore for HookedBlobs {
         self.hooks.point("blobs.put_bytes").await;
         self.inner.put_bytes(repo, digest, bytes, now).await
     }
+    fn commit_log(&self) -> Option<CommitLog> {
+        self.inner.commit_log()
+    }
+    // The same step as `put_bytes` for the races (bytes stored before their link).
+    async fn put_bytes_before_link(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        bytes: bytes::Bytes,
+        now: Timestamp,
+    ) -> Result<CommitOutcome> {
+        self.hooks.point("blobs.put_bytes").await;
+        self.inner
+            .put_bytes_before_link(repo, digest, bytes, now)
+            .await
+    }
     async fn list_uploads(&self) -> Result<Vec<UploadInfo>> {
         self.inner.list_uploads().await
     }
@@ -174,6 +190,9 @@ impl BlobStore for HookedBlobs {
 
 #[async_trait]
 impl MetadataStore for HookedMeta {
+    fn commit_log(&self) -> Option<CommitLog> {
+        self.inner.commit_log()
+    }
     async fn blob(&self, digest: &Digest) -> Result<Option<BlobRecord>> {
         self.inner.blob(digest).await
     }

@@ -198,6 +198,20 @@ impl BlobStore for Blobs {
             .around(self.inner.put_bytes(repo, digest, bytes, now))
             .await
     }
+    fn commit_log(&self) -> Option<CommitLog> {
+        self.inner.commit_log()
+    }
+    async fn put_bytes_before_link(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        bytes: Bytes,
+        now: Timestamp,
+    ) -> Result<CommitOutcome> {
+        self.s
+            .around(self.inner.put_bytes_before_link(repo, digest, bytes, now))
+            .await
+    }
     async fn list_uploads(&self) -> Result<Vec<UploadInfo>> {
         self.s.around(self.inner.list_uploads()).await
     }
@@ -212,6 +226,9 @@ impl BlobStore for Blobs {
 
 #[async_trait]
 impl MetadataStore for Meta {
+    fn commit_log(&self) -> Option<CommitLog> {
+        self.inner.commit_log()
+    }
     async fn blob(&self, digest: &Digest) -> Result<Option<BlobRecord>> {
         self.s.around(self.inner.blob(digest)).await
     }
