@@ -104,7 +104,8 @@ mod linux {
         let fd = match rustix::fs::open(
             dir,
             OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o644),
+            // What `File::create` asks for; the umask applies.
+            Mode::from_raw_mode(0o666),
         ) {
             Ok(fd) => fd,
             // Not supported here (the kernel or the file system).
