@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::new_database::NewDatabase;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
@@ -21,6 +20,7 @@ use registry_core::{Algorithm, CommitLog, Digest, Error, Hasher, RepoName, Resul
 use serde::{Deserialize, Serialize};
 
 use crate::inline::{INLINE_MAX, InlineBlobs};
+use crate::new_database::NewDatabase;
 use crate::redb_kv::RedbKv;
 use crate::scrub::{FileStamp, VerifiedFiles, corrupt_error};
 
