@@ -97,8 +97,11 @@ mod linux {
     /// directory. `None` where the file system or the platform cannot: the caller creates
     /// it named, with redb's syncs.
     pub(crate) fn create_unnamed(path: &Path) -> io::Result<Option<(Database, NewDatabase)>> {
-        let Some(dir) = path.parent() else {
-            return Ok(None);
+        let dir = match path.parent() {
+            // A bare file name: the current directory.
+            Some(dir) if dir.as_os_str().is_empty() => Path::new("."),
+            Some(dir) => dir,
+            None => return Ok(None),
         };
         use rustix::fs::{Mode, OFlags};
         let fd = match rustix::fs::open(
