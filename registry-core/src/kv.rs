@@ -404,14 +404,12 @@ impl TagListCache {
             return;
         }
         let mut lists = self.lock();
-        match lists.by_repo.get(repo) {
-            // Read at a later version than this listing: fresher.
-            Some((v, _)) if *v > version => return,
-            Some(_) => {
-                let (_, old) = lists.by_repo.remove(repo).expect("present");
-                lists.tags -= old.len();
-            }
-            None => {}
+        if lists.by_repo.get(repo).is_some_and(|(v, _)| *v > version) {
+            // The one kept was read at a later version: fresher.
+            return;
+        }
+        if let Some((_, old)) = lists.by_repo.remove(repo) {
+            lists.tags -= old.len();
         }
         if lists.tags + tags.len() > Self::MAX_TAGS {
             // Listings read at an older version are dead; if that is not enough,

@@ -292,6 +292,90 @@ impl FsBlobStore {
         self
     }
 
+    /// `put_bytes` and `put_bytes_before_link`: with `durable`, bytes kept inline are
+    /// durable when it returns, without it once a later commit to the database is. A
+    /// file is always durable when it returns.
+    async fn store_bytes(
+        &self,
+        digest: &Digest,
+        bytes: Bytes,
+        durable: bool,
+    ) -> Result<CommitOutcome> {
+        let tmp = self.tmp_path();
+        let blob = self.blob_path(digest);
+        let fans = self.durable_fans.clone();
+        let skeleton = self.skeleton.clone();
+        let verified = self.verified.clone();
+        let gate = verified.any_corrupt().then(|| digest.clone());
+        let digest_owned = digest.clone();
+        let inline = self.inline.clone().filter(|_| bytes.len() <= INLINE_MAX);
+        blocking(move || {
+            // Small bytes go to the metadata database, unless a file already holds
+            // this blob (stored before, or uploaded): then the file path below answers
+            // (`AlreadyPresent`, or the replacement of a corrupt file).
+            if let Some(inline) = &inline
+                && matches!(fs::symlink_metadata(&blob), Err(e) if e.kind() == io::ErrorKind::NotFound)
+            {
+                return inline.put(&digest_owned, &bytes, durable);
+            }
+            skeleton.ensure_durable().map_err(io_err)?;
+            let dir = blob.parent().expect("blob paths have a parent");
+            make_durable_fan(&fans, dir).map_err(io_err)?;
+            // A file a scrub found corrupt is replaced by these bytes (just verified).
+            let replace = gate
+                .as_ref()
+                .is_some_and(|d| is_corrupt_file(&verified, d, &blob));
+            if !replace && fs::symlink_metadata(&blob).is_ok() {
+                // Blob files are immutable once named: nothing to write. Their name may
+                // not be durable yet (a concurrent commit), hence the fsync.
+                fsync_dir(dir).map_err(io_err)?;
+                return Ok(CommitOutcome::AlreadyPresent);
+            }
+            let stored = (|| {
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+                if let (true, Some(d)) = (replace, &gate) {
+                    fs::rename(&tmp, &blob)?;
+                    fsync_dir(dir)?;
+                    replaced(&verified, d, &blob);
+                    return Ok(CommitOutcome::AlreadyPresent);
+                }
+                let outcome = match fs::hard_link(&tmp, &blob) {
+                    Ok(()) => CommitOutcome::Stored,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        CommitOutcome::AlreadyPresent
+                    }
+                    Err(e) => return Err(e),
+                };
+                fsync_dir(dir)?;
+                Ok(outcome)
+            })();
+            // The bytes live on under the blob's name (or were not needed). A temporary
+            // file that cannot be removed is harmless: the next open removes it.
+            match fs::remove_file(&tmp) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    tracing::warn!(path = %tmp.display(), error = %e, "cannot remove a temporary file");
+                }
+                _ => {}
+            }
+            // A new file holds the bytes the caller hashed: verified, now that its last
+            // other name is gone (which moved its change time). One stat: whatever file
+            // is under the name now was stored by this store from hashed bytes, unless
+            // written from outside in the microseconds since.
+            if let Ok(CommitOutcome::Stored) = stored
+                && let Some(stamp) = fs::metadata(&blob).ok().and_then(|m| FileStamp::exact(&m))
+            {
+                verified.mark(digest_owned, stamp);
+            }
+            stored.map_err(io_err)
+        })
+        .await
+    }
+
     /// How many verified reads were served without hashing, their file having been
     /// verified whole by this process and unchanged since.
     pub fn reads_not_rehashed(&self) -> u64 {
@@ -1103,79 +1187,7 @@ impl BlobStore for FsBlobStore {
         bytes: Bytes,
         _now: Timestamp,
     ) -> Result<CommitOutcome> {
-        let tmp = self.tmp_path();
-        let blob = self.blob_path(digest);
-        let fans = self.durable_fans.clone();
-        let skeleton = self.skeleton.clone();
-        let verified = self.verified.clone();
-        let gate = verified.any_corrupt().then(|| digest.clone());
-        let digest_owned = digest.clone();
-        let inline = self.inline.clone().filter(|_| bytes.len() <= INLINE_MAX);
-        blocking(move || {
-            // Small bytes go to the metadata database, unless a file already holds
-            // this blob (stored before, or uploaded): then the file path below answers
-            // (`AlreadyPresent`, or the replacement of a corrupt file).
-            if let Some(inline) = &inline
-                && matches!(fs::symlink_metadata(&blob), Err(e) if e.kind() == io::ErrorKind::NotFound)
-            {
-                return inline.put(&digest_owned, &bytes, true);
-            }
-            skeleton.ensure_durable().map_err(io_err)?;
-            let dir = blob.parent().expect("blob paths have a parent");
-            make_durable_fan(&fans, dir).map_err(io_err)?;
-            // A file a scrub found corrupt is replaced by these bytes (just verified).
-            let replace = gate
-                .as_ref()
-                .is_some_and(|d| is_corrupt_file(&verified, d, &blob));
-            if !replace && fs::symlink_metadata(&blob).is_ok() {
-                // Blob files are immutable once named: nothing to write. Their name may
-                // not be durable yet (a concurrent commit), hence the fsync.
-                fsync_dir(dir).map_err(io_err)?;
-                return Ok(CommitOutcome::AlreadyPresent);
-            }
-            let stored = (|| {
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&tmp)?;
-                f.write_all(&bytes)?;
-                f.sync_all()?;
-                if let (true, Some(d)) = (replace, &gate) {
-                    fs::rename(&tmp, &blob)?;
-                    fsync_dir(dir)?;
-                    replaced(&verified, d, &blob);
-                    return Ok(CommitOutcome::AlreadyPresent);
-                }
-                let outcome = match fs::hard_link(&tmp, &blob) {
-                    Ok(()) => CommitOutcome::Stored,
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        CommitOutcome::AlreadyPresent
-                    }
-                    Err(e) => return Err(e),
-                };
-                fsync_dir(dir)?;
-                Ok(outcome)
-            })();
-            // The bytes live on under the blob's name (or were not needed). A temporary
-            // file that cannot be removed is harmless: the next open removes it.
-            match fs::remove_file(&tmp) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    tracing::warn!(path = %tmp.display(), error = %e, "cannot remove a temporary file");
-                }
-                _ => {}
-            }
-            // A new file holds the bytes the caller hashed: verified, now that its last
-            // other name is gone (which moved its change time). One stat: whatever file
-            // is under the name now was stored by this store from hashed bytes, unless
-            // written from outside in the microseconds since.
-            if let Ok(CommitOutcome::Stored) = stored
-                && let Some(stamp) = fs::metadata(&blob).ok().and_then(|m| FileStamp::exact(&m))
-            {
-                verified.mark(digest_owned, stamp);
-            }
-            stored.map_err(io_err)
-        })
-        .await
+        self.store_bytes(digest, bytes, true).await
     }
 
     fn commit_log(&self) -> Option<CommitLog> {
@@ -1187,28 +1199,12 @@ impl BlobStore for FsBlobStore {
     /// as a file are stored as by `put_bytes`.
     async fn put_bytes_before_link(
         &self,
-        repo: &RepoName,
+        _repo: &RepoName,
         digest: &Digest,
         bytes: Bytes,
-        now: Timestamp,
+        _now: Timestamp,
     ) -> Result<CommitOutcome> {
-        if let Some(inline) = self.inline.clone().filter(|_| bytes.len() <= INLINE_MAX) {
-            let blob = self.blob_path(digest);
-            let (digest, bytes) = (digest.clone(), bytes.clone());
-            // As in `put_bytes`: a file already holding the blob answers instead.
-            let stored = blocking(move || {
-                match fs::symlink_metadata(&blob) {
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    _ => return Ok(None),
-                }
-                inline.put(&digest, &bytes, false).map(Some)
-            })
-            .await?;
-            if let Some(outcome) = stored {
-                return Ok(outcome);
-            }
-        }
-        self.put_bytes(repo, digest, bytes, now).await
+        self.store_bytes(digest, bytes, false).await
     }
 
     async fn delete_upload(&self, id: &UploadId) -> Result<bool> {

@@ -58,13 +58,16 @@
 //! fsyncs the directory; only then does the registry commit the metadata that makes
 //! the blob visible. The upload stays readable until it is deleted, so a commit can be
 //! repeated. Manifests skip the session: `put_bytes` keeps bytes up to 256 KiB in
-//! `meta.redb`, committed like metadata (no file, no inode, a shared fsync); larger
+//! `meta.redb`, committed like metadata (no file, no inode, a shared fsync; for a
+//! manifest being pushed no fsync of their own, since the durable commit of its link,
+//! later in the same file, covers them: `BlobStore::put_bytes_before_link`); larger
 //! ones it writes to a temporary file, fsyncs, hard-links to the blob name and fsyncs
 //! the directory. Manifest files of a store written by an earlier version are still
 //! read. Metadata commits are
 //! durable before they return (group commit: see [`RedbKv`]). The store's own
 //! directories are made durable in the background after open, and every write waits
-//! for that before it is acknowledged (`docs/design.md` §5).
+//! for that before it is acknowledged; a new store's `meta.redb` gets its name in the
+//! same step, having been created unnamed, without redb's fsyncs (`docs/design.md` §5).
 //!
 //! ## After a crash
 //! Nothing acknowledged is lost, nothing partial is visible. What may be left:
