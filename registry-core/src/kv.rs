@@ -132,40 +132,73 @@ impl Table {
     }
 }
 
-/// A set of tables: those a write transaction changed.
+/// What a write transaction changed: per table, the groups of the keys it wrote. A
+/// key's group is its bytes before the first 0 byte (all of it if there is none):
+/// [`KvMetadata`]'s keys start with a repository's name and a 0 byte, so a group holds one
+/// repository's entries of a table. Groups are hashed onto [`KEY_GROUPS`] counters per
+/// table, so groups that hash alike share one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TableSet(u32);
+pub struct TableSet([u64; Table::ALL.len()]);
+
+/// Counters per table in [`TableVersions`]: a change to one repository's tags retires a
+/// kept listing of another one only if their names hash alike (1 in 64).
+pub const KEY_GROUPS: usize = 64;
+
+/// The counter of `key`'s group: FNV-1a over the bytes before the first 0 byte. Fixed,
+/// not seeded: a collision only costs a listing read again.
+fn key_group(key: &[u8]) -> usize {
+    let group = key.split(|b| *b == 0).next().unwrap_or_default();
+    let hash = group.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (hash % KEY_GROUPS as u64) as usize
+}
 
 impl TableSet {
-    /// Adds `table`.
-    pub fn insert(&mut self, table: Table) {
-        self.0 |= 1 << table.index();
+    /// Adds `key` of `table`.
+    pub fn insert_key(&mut self, table: Table, key: &[u8]) {
+        self.0[table.index()] |= 1 << key_group(key);
     }
 
-    /// Whether `table` is in the set.
+    /// Adds every key of `table`: for a change whose keys are not known one by one.
+    pub fn insert(&mut self, table: Table) {
+        self.0[table.index()] = u64::MAX;
+    }
+
+    /// Whether some key of `table` is in the set.
     pub fn contains(self, table: Table) -> bool {
-        self.0 & (1 << table.index()) != 0
+        self.0[table.index()] != 0
     }
 }
 
-/// One counter per table of the committed write transactions that changed it: what an
-/// engine that sees every write to its data keeps for [`KvEngine::table_version`].
-#[derive(Debug, Default)]
-pub struct TableVersions([AtomicU64; Table::ALL.len()]);
+/// Counters of the committed write transactions that changed a table, one per group of
+/// keys ([`TableSet`]): what an engine that sees every write to its data keeps for
+/// [`KvEngine::key_version`].
+#[derive(Debug)]
+pub struct TableVersions(Box<[[AtomicU64; KEY_GROUPS]; Table::ALL.len()]>);
+
+impl Default for TableVersions {
+    fn default() -> Self {
+        TableVersions(Box::new(std::array::from_fn(|_| {
+            std::array::from_fn(|_| AtomicU64::new(0))
+        })))
+    }
+}
 
 impl TableVersions {
-    /// The counter of `table`.
-    pub fn get(&self, table: Table) -> u64 {
-        self.0[table.index()].load(Ordering::SeqCst)
+    /// The counter of `key`'s group in `table`.
+    pub fn get(&self, table: Table, key: &[u8]) -> u64 {
+        self.0[table.index()][key_group(key)].load(Ordering::SeqCst)
     }
 
-    /// Counts a committed change to `changed`. Call it once the change is visible to new
-    /// snapshots and before the write returns: a reader that reads the old counter may
-    /// then have seen the old data, never the other way round.
+    /// Counts a committed change. Call it once the change is visible to new snapshots
+    /// and before the write returns: a reader that reads the old counter may then have
+    /// seen the old data, never the other way round.
     pub fn bump(&self, changed: TableSet) {
-        for table in Table::ALL {
-            if changed.contains(table) {
-                self.0[table.index()].fetch_add(1, Ordering::SeqCst);
+        for (counters, mut groups) in self.0.iter().zip(changed.0) {
+            while groups != 0 {
+                counters[groups.trailing_zeros() as usize].fetch_add(1, Ordering::SeqCst);
+                groups &= groups - 1;
             }
         }
     }
@@ -293,15 +326,17 @@ pub trait KvEngine: Send + Sync + 'static {
         async { Ok(true) }
     }
 
-    /// A counter of the committed write transactions that changed `table`, for caches
-    /// of what was read from it: it moves on after a write's change becomes visible and
-    /// before that write returns, so something read after the counter was read is
-    /// current while the counter has not moved. Only an engine that sees every write to
-    /// its data can keep one: all writers in this process, going through this value or
-    /// its clones (the in-memory engine; a redb file, which one process holds locked).
+    /// A counter of the committed write transactions that changed a key of `table` in
+    /// `key`'s group (its bytes before the first 0 byte, see [`TableSet`]), for caches
+    /// of what was read from that group: it moves on after a write's change becomes
+    /// visible and before that write returns, so something read after the counter was
+    /// read is current while the counter has not moved. It may also move for other
+    /// groups, never stay for this one. Only an engine that sees every write to its data
+    /// can keep one: all writers in this process, going through this value or its
+    /// clones (the in-memory engine; a redb file, which one process holds locked).
     /// `None`, the default: another process may write, and nothing read may be reused.
-    fn table_version(&self, table: Table) -> Option<u64> {
-        let _ = table;
+    fn key_version(&self, table: Table, key: &[u8]) -> Option<u64> {
+        let _ = (table, key);
         None
     }
 
@@ -314,9 +349,9 @@ pub trait KvEngine: Send + Sync + 'static {
 
 /// A [`MetadataStore`] implemented over a [`KvEngine`].
 ///
-/// Over an engine that keeps [`KvEngine::table_version`], complete tag listings are
-/// kept in memory and reused while no tag changed (tag lists are what CI tools and
-/// image updaters poll).
+/// Over an engine that keeps [`KvEngine::key_version`], complete tag listings are
+/// kept in memory and reused while no tag of their repository changed (tag lists are
+/// what CI tools and image updaters poll).
 #[derive(Debug)]
 pub struct KvMetadata<E> {
     engine: Arc<E>,
@@ -342,7 +377,7 @@ impl<E: KvEngine> KvMetadata<E> {
     }
 
     /// The engine. Writes made through it directly are seen by the tag-list cache as
-    /// long as the engine counts them in [`KvEngine::table_version`].
+    /// long as the engine counts them in [`KvEngine::key_version`].
     pub fn engine(&self) -> &E {
         &self.engine
     }
@@ -351,11 +386,18 @@ impl<E: KvEngine> KvMetadata<E> {
     pub fn tag_listings_reused(&self) -> u64 {
         self.tag_lists.reused.load(Ordering::Relaxed)
     }
+
+    /// The engine's version of `repo`'s tags: its keys in [`Table::Tags`] are the
+    /// repository's name, a 0 byte and the tag, so the name is their group.
+    fn tags_version(&self, repo: &RepoName) -> Option<u64> {
+        self.engine
+            .key_version(Table::Tags, repo.as_str().as_bytes())
+    }
 }
 
-/// Complete tag listings by repository, each with the [`Table::Tags`] version read
-/// before its snapshot: valid while the version has not moved. At most
-/// [`TagListCache::MAX_TAGS`] tags in all.
+/// Complete tag listings by repository, each with the version of the repository's
+/// [`Table::Tags`] entries read before its snapshot: valid while that version has not
+/// moved. At most [`TagListCache::MAX_TAGS`] tags in all.
 #[derive(Debug, Default)]
 struct TagListCache {
     lists: Mutex<CachedLists>,
@@ -398,8 +440,15 @@ impl TagListCache {
         Some(list[start..].iter().take(limit).cloned().collect())
     }
 
-    /// Keeps `tags`, the complete listing of `repo` read after `version` was read.
-    fn keep(&self, repo: &RepoName, version: u64, tags: &[Tag]) {
+    /// Keeps `tags`, the complete listing of `repo` read after `version` was read;
+    /// `current` gives a repository's version now.
+    fn keep(
+        &self,
+        repo: &RepoName,
+        version: u64,
+        tags: &[Tag],
+        current: impl Fn(&RepoName) -> Option<u64>,
+    ) {
         if tags.len() > Self::MAX_TAGS / 4 {
             return;
         }
@@ -412,9 +461,9 @@ impl TagListCache {
             lists.tags -= old.len();
         }
         if lists.tags + tags.len() > Self::MAX_TAGS {
-            // Listings read at an older version are dead; if that is not enough,
-            // start again.
-            lists.by_repo.retain(|_, (v, _)| *v >= version);
+            // Listings whose version moved are dead; if that is not enough, start
+            // again.
+            lists.by_repo.retain(|r, (v, _)| current(r) == Some(*v));
             lists.tags = lists.by_repo.values().map(|(_, l)| l.len()).sum();
             if lists.tags + tags.len() > Self::MAX_TAGS {
                 lists.by_repo.clear();
@@ -874,7 +923,7 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
         const IN_PLACE: usize = 1024;
         // Read before the snapshots: a listing read at this version is current for as
         // long as the version stays.
-        let version = self.engine.table_version(Table::Tags);
+        let version = self.tags_version(repo);
         if let Some(v) = version
             && let Some(tags) = self.tag_lists.page(repo, v, after, limit)
         {
@@ -904,7 +953,8 @@ impl<E: KvEngine> MetadataStore for KvMetadata<E> {
             && complete
             && tags.len() < limit
         {
-            self.tag_lists.keep(repo, v, &tags);
+            self.tag_lists
+                .keep(repo, v, &tags, |r| self.tags_version(r));
         }
         Ok(tags)
     }
@@ -1720,8 +1770,9 @@ mod tests {
         assert_eq!(meta.tag_listings_reused(), if kept { 5 } else { 0 });
     }
 
-    /// A complete listing is kept until a write changes a tag (anywhere): writes to
-    /// other tables leave it, a listing starting after a tag or cut short is answered
+    /// A complete listing is kept until a write changes a tag of its repository (or of
+    /// one whose name hashes alike): writes to other tables and tags of other
+    /// repositories leave it, a listing starting after a tag or cut short is answered
     /// from it, and a listing that was not complete is not kept.
     #[tokio::test]
     async fn tag_listings_are_kept_until_a_tag_changes() {
@@ -1759,12 +1810,61 @@ mod tests {
         crate::testkit::push_blob(&r, &repo, b"another").await;
         assert_eq!(names(None, 3).await, ["a", "b"]);
         assert_eq!(meta.tag_listings_reused(), 4);
-        // A tag pushed in another repository does.
-        push_image(&r, &crate::testkit::repo("kept/y"), "z", b"{}", &[]).await;
-        assert_eq!(names(None, 3).await, ["a", "b"]);
-        assert_eq!(meta.tag_listings_reused(), 4);
+        // Nor does a tag pushed in a repository of another group.
+        let group = key_group(b"kept/x");
+        let other = (0..1000)
+            .map(|i| format!("kept/other{i}"))
+            .find(|n| key_group(n.as_bytes()) != group)
+            .unwrap();
+        push_image(&r, &crate::testkit::repo(&other), "z", b"{}", &[]).await;
         assert_eq!(names(None, 3).await, ["a", "b"]);
         assert_eq!(meta.tag_listings_reused(), 5);
+        // A tag of a repository in the same group does: the counter is shared.
+        let alike = (0..1000)
+            .map(|i| format!("kept/alike{i}"))
+            .find(|n| key_group(n.as_bytes()) == group)
+            .unwrap();
+        push_image(&r, &crate::testkit::repo(&alike), "z", b"{}", &[]).await;
+        assert_eq!(names(None, 3).await, ["a", "b"]);
+        assert_eq!(meta.tag_listings_reused(), 5);
+        assert_eq!(names(None, 3).await, ["a", "b"]);
+        assert_eq!(meta.tag_listings_reused(), 6);
+        // And so, of course, does one of its own.
+        r.tag_manifest(&repo, &Tag::parse("c").unwrap(), &d)
+            .await
+            .unwrap();
+        assert_eq!(names(None, 4).await, ["a", "b", "c"]);
+        assert_eq!(meta.tag_listings_reused(), 6);
+        assert_eq!(names(None, 4).await, ["a", "b", "c"]);
+        assert_eq!(meta.tag_listings_reused(), 7);
+    }
+
+    /// A key's group is its bytes before the first 0 byte: a repository's tag keys all
+    /// count on the counter its name does, and a change counts once per group, however
+    /// many of its keys it wrote.
+    #[test]
+    fn keys_count_in_their_repository_s_group() {
+        let versions = TableVersions::default();
+        let mut changed = TableSet::default();
+        changed.insert_key(Table::Tags, &key(&["a/b", "v1"]));
+        changed.insert_key(Table::Tags, &key(&["a/b", "v2"]));
+        assert!(changed.contains(Table::Tags));
+        assert!(!changed.contains(Table::Repos));
+        versions.bump(changed);
+        assert_eq!(versions.get(Table::Tags, b"a/b"), 1);
+        assert_eq!(versions.get(Table::Tags, &key(&["a/b", "other"])), 1);
+        assert_eq!(versions.get(Table::Repos, b"a/b"), 0);
+        let elsewhere = (0..1000)
+            .map(|i| format!("c/{i}"))
+            .find(|n| key_group(n.as_bytes()) != key_group(b"a/b"))
+            .unwrap();
+        assert_eq!(versions.get(Table::Tags, elsewhere.as_bytes()), 0);
+        // A change whose keys are not known counts in every group.
+        let mut all = TableSet::default();
+        all.insert(Table::Tags);
+        versions.bump(all);
+        assert_eq!(versions.get(Table::Tags, b"a/b"), 2);
+        assert_eq!(versions.get(Table::Tags, elsewhere.as_bytes()), 1);
     }
 
     /// Tag index entries written before tagging times were recorded (empty values, as

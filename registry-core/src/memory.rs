@@ -140,7 +140,7 @@ impl KvWrite for WriteTxn<'_> {
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
         let old = self.tables[table.index()].insert(key.to_vec(), value.to_vec());
         self.undo.push((table, key.to_vec(), old));
-        self.changed.insert(table);
+        self.changed.insert_key(table, key);
         Ok(())
     }
     fn delete(&mut self, table: Table, key: &[u8]) -> Result<bool> {
@@ -148,7 +148,7 @@ impl KvWrite for WriteTxn<'_> {
         let existed = old.is_some();
         if existed {
             self.undo.push((table, key.to_vec(), old));
-            self.changed.insert(table);
+            self.changed.insert_key(table, key);
         }
         Ok(existed)
     }
@@ -201,8 +201,8 @@ impl KvEngine for MemoryKv {
     }
 
     /// Every write goes through this value (it is not shared with other processes).
-    fn table_version(&self, table: Table) -> Option<u64> {
-        Some(self.versions.get(table))
+    fn key_version(&self, table: Table, key: &[u8]) -> Option<u64> {
+        Some(self.versions.get(table, key))
     }
 }
 

@@ -39,7 +39,7 @@ pub struct RedbKv {
     /// In an [`FsStore`](crate::FsStore): its directories, made durable before any
     /// write is acknowledged (the redb file's own name is among them).
     skeleton: Option<Arc<Skeleton>>,
-    /// Counted after each commit (`KvEngine::table_version`): this process holds the
+    /// Counted after each commit (`KvEngine::key_version`): this process holds the
     /// file locked, so every write to it passes here.
     versions: Arc<TableVersions>,
     /// Commits are durable in order: one durable commit covers every earlier one.
@@ -318,7 +318,6 @@ impl KvWrite for Write<'_> {
     /// no counter to read and write in a second table on every event, which measurably
     /// slowed manifest pushes (the counter is still honoured when the table is empty).
     fn append_event(&mut self, value: &[u8]) -> Result<()> {
-        self.1.insert(Table::Outbox);
         let next = {
             let mut t = self
                 .0
@@ -329,8 +328,9 @@ impl KvWrite for Write<'_> {
                 None => None,
             };
             if let Some(last) = last {
-                t.insert(&outbox::seq_key(last + 1)[..], value)
-                    .map_err(storage_error)?;
+                let key = outbox::seq_key(last + 1);
+                t.insert(&key[..], value).map_err(storage_error)?;
+                self.1.insert_key(Table::Outbox, &key);
                 return Ok(());
             }
             drop(t);
@@ -340,21 +340,22 @@ impl KvWrite for Write<'_> {
             .0
             .open_table(def(Table::Outbox))
             .map_err(storage_error)?;
-        t.insert(&outbox::seq_key(next)[..], value)
-            .map_err(storage_error)?;
+        let key = outbox::seq_key(next);
+        t.insert(&key[..], value).map_err(storage_error)?;
+        self.1.insert_key(Table::Outbox, &key);
         Ok(())
     }
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
         let mut t = self.0.open_table(def(table)).map_err(storage_error)?;
         t.insert(key, value).map_err(storage_error)?;
-        self.1.insert(table);
+        self.1.insert_key(table, key);
         Ok(())
     }
     fn delete(&mut self, table: Table, key: &[u8]) -> Result<bool> {
         let mut t = self.0.open_table(def(table)).map_err(storage_error)?;
         let existed = t.remove(key).map_err(storage_error)?.is_some();
         if existed {
-            self.1.insert(table);
+            self.1.insert_key(table, key);
         }
         Ok(existed)
     }
@@ -413,8 +414,8 @@ impl KvEngine for RedbKv {
         .await
     }
 
-    fn table_version(&self, table: Table) -> Option<u64> {
-        Some(self.versions.get(table))
+    fn key_version(&self, table: Table, key: &[u8]) -> Option<u64> {
+        Some(self.versions.get(table, key))
     }
 
     /// Shared with the fs store's inline blobs (`InlineBlobs`).
@@ -632,10 +633,10 @@ mod tests {
         assert_eq!(meta.tag_listings_reused(), 2);
 
         // Polled once (the commit starts on the blocking pool), then dropped.
-        let before = meta.engine().table_version(Table::Tags).unwrap();
+        let before = meta.engine().key_version(Table::Tags, b"kept/x").unwrap();
         assert!(meta.engine().write(put_tag("b")).now_or_never().is_none());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while meta.engine().table_version(Table::Tags) == Some(before) {
+        while meta.engine().key_version(Table::Tags, b"kept/x") == Some(before) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the abandoned commit never counted"
